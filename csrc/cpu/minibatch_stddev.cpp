@@ -1,0 +1,202 @@
+// Minibatch standard deviation layer (StyleGAN2 discriminator, Karras et al. 2020) on CPU.
+//
+// x [N, C, H, W], G = min(group_size, N), M = N / G, F = num_channels, c = C / F, K = c * H * W.
+// Sample n = g * M + m belongs to group column m. Per (m, f) and per element k of its K features:
+//   d_gk = x_gk - mean_g x_gk,  s_k = sqrt(mean_g d_gk^2 + 1e-8),  sigma_mf = mean_k s_k.
+// Output: cat([x, sigma tiled to [N, F, H, W] (sample n takes column n % M)], dim 1).
+// Backward: with S_mf = sum of grad_out over the F-channel f of the samples of column m and H, W,
+//   dx_gk = grad_out_x_gk + S_mf / (K * G) * d_gk / s_k      (the mean's term vanishes: sum_g d_gk = 0).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+namespace mtcore {
+namespace {
+
+constexpr int64_t kChunk = 1024;  // features per task
+constexpr double kEps = 1e-8;
+
+struct Dims {
+  int64_t N, C, H, W, G, M, F, c, HW, K, nchunks;
+};
+
+Dims check_mbstd(const char* op, const at::Tensor& x, int64_t group_size, int64_t num_channels) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor for the cpp backend, got one on ", x.device());
+  auto st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+              ": x must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  TORCH_CHECK(num_channels >= 1, op, ": num_channels must be >= 1, got ", num_channels);
+  Dims d;
+  d.N = x.size(0);
+  d.C = x.size(1);
+  d.H = x.size(2);
+  d.W = x.size(3);
+  TORCH_CHECK(d.N >= 1, op, ": x has an empty batch (shape ", x.sizes(), ")");
+  d.G = std::min(group_size, d.N);
+  TORCH_CHECK(d.N % d.G == 0, op, ": the batch size N=", d.N, " of x (shape ", x.sizes(),
+              ") must be divisible by the group size G=min(group_size, N)=", d.G);
+  d.F = num_channels;
+  TORCH_CHECK(d.C % d.F == 0, op, ": the channel count C=", d.C, " of x (shape ", x.sizes(),
+              ") must be divisible by num_channels=", d.F);
+  d.M = d.N / d.G;
+  d.c = d.C / d.F;
+  d.HW = d.H * d.W;
+  d.K = d.c * d.HW;
+  d.nchunks = std::max<int64_t>(1, (d.K + kChunk - 1) / kChunk);
+  return d;
+}
+
+// Offset of feature k0 of sample n = g*M + m in channel group f of a [N, Ctot, H, W] tensor.
+inline int64_t offset(const Dims& d, int64_t ctot, int64_t g, int64_t m, int64_t f, int64_t k0) {
+  return ((g * d.M + m) * ctot + f * d.c) * d.HW + k0;
+}
+
+// mean[i] and inv_s[i] = 1 / s_k for the `len` features starting at k0 of column (m, f).
+template <typename scalar_t, typename acc_t>
+void group_stats(const Dims& d, const scalar_t* x, int64_t m, int64_t f, int64_t k0, int64_t len, acc_t* mean,
+                 acc_t* s) {
+  const acc_t inv_g = acc_t(1) / acc_t(d.G);
+  std::fill(mean, mean + len, acc_t(0));
+  for (int64_t g = 0; g < d.G; ++g) {
+    const scalar_t* xp = x + offset(d, d.C, g, m, f, k0);
+    for (int64_t i = 0; i < len; ++i) mean[i] += static_cast<acc_t>(xp[i]);
+  }
+  for (int64_t i = 0; i < len; ++i) mean[i] *= inv_g;
+  std::fill(s, s + len, acc_t(0));
+  for (int64_t g = 0; g < d.G; ++g) {
+    const scalar_t* xp = x + offset(d, d.C, g, m, f, k0);
+    for (int64_t i = 0; i < len; ++i) {
+      acc_t v = static_cast<acc_t>(xp[i]) - mean[i];
+      s[i] += v * v;
+    }
+  }
+  for (int64_t i = 0; i < len; ++i) s[i] = std::sqrt(s[i] * inv_g + acc_t(kEps));
+}
+
+at::Tensor mbstd_fwd_cpu(const at::Tensor& x_in, int64_t group_size, int64_t num_channels) {
+  const Dims d = check_mbstd("mbstd_fwd", x_in, group_size, num_channels);
+  at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({d.N, d.C + d.F, d.H, d.W}, x.options());
+  const int64_t tasks = d.M * d.F * d.nchunks;
+  std::vector<double> partial(tasks, 0.0);
+  std::vector<double> sigma(d.M * d.F, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mtcore_mbstd_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    if (d.K > 0) {
+      at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> mean(kChunk), s(kChunk);
+        for (int64_t t = begin; t < end; ++t) {
+          const int64_t mf = t / d.nchunks, k0 = (t % d.nchunks) * kChunk;
+          const int64_t len = std::min(kChunk, d.K - k0);
+          group_stats<scalar_t, acc_t>(d, xp, mf / d.F, mf % d.F, k0, len, mean.data(), s.data());
+          acc_t sum = 0;
+          for (int64_t i = 0; i < len; ++i) sum += s[i];
+          partial[t] = static_cast<double>(sum);
+        }
+      });
+    }
+    for (int64_t mf = 0; mf < d.M * d.F; ++mf) {
+      double sum = 0;
+      for (int64_t ch = 0; ch < d.nchunks; ++ch) sum += partial[mf * d.nchunks + ch];
+      sigma[mf] = sum / static_cast<double>(d.K);  // K == 0 gives NaN, like the mean of nothing
+    }
+    const int64_t ctot = d.C + d.F;
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.HW));
+    at::parallel_for(0, d.N * ctot, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t plane = begin; plane < end; ++plane) {
+        const int64_t n = plane / ctot, ch = plane % ctot;
+        scalar_t* dst = op + plane * d.HW;
+        if (ch < d.C) {
+          std::memcpy(dst, xp + (n * d.C + ch) * d.HW, sizeof(scalar_t) * d.HW);
+        } else {
+          const scalar_t v = static_cast<scalar_t>(sigma[(n % d.M) * d.F + (ch - d.C)]);
+          std::fill(dst, dst + d.HW, v);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor mbstd_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, int64_t group_size,
+                         int64_t num_channels) {
+  const Dims d = check_mbstd("mbstd_bwd", x_in, group_size, num_channels);
+  const int64_t ctot = d.C + d.F;
+  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == d.N && grad_out_in.size(1) == ctot &&
+                  grad_out_in.size(2) == d.H && grad_out_in.size(3) == d.W,
+              "mbstd_bwd: grad_out must have shape [N, C + num_channels, H, W] = [", d.N, ", ", ctot, ", ", d.H,
+              ", ", d.W, "], got ", grad_out_in.sizes());
+  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(), "mbstd_bwd: grad_out has dtype ",
+              grad_out_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
+  TORCH_CHECK(grad_out_in.device() == x_in.device(), "mbstd_bwd: grad_out is on ", grad_out_in.device(),
+              " but x is on ", x_in.device());
+  at::Tensor x = x_in.contiguous();
+  at::Tensor go = grad_out_in.contiguous();
+  at::Tensor dx = at::empty({d.N, d.C, d.H, d.W}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mtcore_mbstd_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    // S_mf: the gradient reaching sigma_mf, summed over the G samples of column m and over H, W.
+    std::vector<double> S(d.M * d.F, 0.0);
+    for (int64_t n = 0; n < d.N; ++n) {
+      for (int64_t f = 0; f < d.F; ++f) {
+        const scalar_t* p = gp + (n * ctot + d.C + f) * d.HW;
+        double sum = 0;
+        for (int64_t i = 0; i < d.HW; ++i) sum += static_cast<double>(p[i]);
+        S[(n % d.M) * d.F + f] += sum;
+      }
+    }
+    const int64_t tasks = d.M * d.F * d.nchunks;
+    const double scale = d.K > 0 ? 1.0 / (static_cast<double>(d.K) * static_cast<double>(d.G)) : 0.0;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> mean(kChunk), s(kChunk);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t mf = t / d.nchunks, k0 = (t % d.nchunks) * kChunk;
+        const int64_t len = std::min(kChunk, d.K - k0);
+        if (len <= 0) continue;
+        const int64_t m = mf / d.F, f = mf % d.F;
+        group_stats<scalar_t, acc_t>(d, xp, m, f, k0, len, mean.data(), s.data());
+        const acc_t a = static_cast<acc_t>(S[mf] * scale);
+        for (int64_t i = 0; i < len; ++i) s[i] = a / s[i];  // s now holds A / s_k
+        for (int64_t g = 0; g < d.G; ++g) {
+          const scalar_t* xr = xp + offset(d, d.C, g, m, f, k0);
+          const scalar_t* gr = gp + offset(d, ctot, g, m, f, k0);
+          scalar_t* dr = dxp + offset(d, d.C, g, m, f, k0);
+          for (int64_t i = 0; i < len; ++i) {
+            acc_t v = static_cast<acc_t>(gr[i]) + (static_cast<acc_t>(xr[i]) - mean[i]) * s[i];
+            dr[i] = static_cast<scalar_t>(v);
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(mtcore, m) {
+  m.def("mbstd_fwd(Tensor x, int group_size, int num_channels) -> Tensor");
+  m.def("mbstd_bwd(Tensor grad_out, Tensor x, int group_size, int num_channels) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(mtcore, CPU, m) {
+  m.impl("mbstd_fwd", &mbstd_fwd_cpu);
+  m.impl("mbstd_bwd", &mbstd_bwd_cpu);
+}
+
+}  // namespace mtcore

@@ -1,0 +1,7 @@
+"""mtcore: multi-task vision learning on one shared backbone, built from pluggy plugins."""
+
+__version__ = "0.1.0"
+
+from mtcore.api import build, evaluate, fit, load, sample  # noqa: E402
+
+__all__ = ["__version__", "build", "evaluate", "fit", "load", "sample"]

@@ -1,0 +1,118 @@
+"""Pictures a run writes: sample grids (generated, reconstructed, predicted masks) and curves."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+if TYPE_CHECKING:
+    from mtcore.trainer import Trainer
+
+LABEL_W = 96
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [0, 1] (C = 1 or 3) -> [N, H, W, 3] uint8."""
+    x = images.detach().float().cpu().clamp(0, 1)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return (x.permute(0, 2, 3, 1).numpy() * 255 + 0.5).astype(np.uint8)
+
+
+def grid_image(rows: Mapping[str, torch.Tensor], scale: int = 2, pad: int = 2) -> Image.Image:
+    """One titled row per entry; images scaled up ``scale`` times (nearest) for visibility."""
+    rows = {k: v for k, v in rows.items() if v is not None and len(v)}
+    if not rows:
+        raise ValueError("grid_image: nothing to draw")
+    h, w = next(iter(rows.values())).shape[-2:]
+    h, w = h * scale, w * scale
+    ncol = max(len(v) for v in rows.values())
+    canvas = Image.new("RGB", (LABEL_W + ncol * (w + pad) + pad, len(rows) * (h + pad) + pad),
+                       (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, (title, imgs) in enumerate(rows.items()):
+        y = pad + r * (h + pad)
+        draw.text((4, y + h // 2 - 6), title[:16], fill=(0, 0, 0))
+        for c, arr in enumerate(to_uint8(imgs)):
+            tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
+            canvas.paste(tile, (LABEL_W + pad + c * (w + pad), y))
+    return canvas
+
+
+def save_grid(rows: Mapping[str, torch.Tensor], path: str | Path, **kw: Any) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid_image(rows, **kw).save(path)
+    return path
+
+
+@torch.no_grad()
+def write_samples(trainer: Trainer, path: Path) -> Path:
+    """Inputs and what every head made of them (masks, reconstructions), then generated samples."""
+    n = trainer.cfg["train"]["num_samples"]
+    ds = trainer.val_set if trainer.val_set is not None else trainer.train_set
+    batch = {k: torch.stack([ds[i][k] for i in range(min(n, len(ds)))]).to(trainer.device)
+             for k in ds[0]}
+    model = trainer.model
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(trainer.cfg["seed"] + 2)
+        outputs = model(batch)
+        rows: dict[str, torch.Tensor] = {"input": batch["image"]}
+        for name, head in model.heads.items():
+            for title, imgs in head.visuals(outputs[name], batch).items():
+                rows[f"{name} {title}"] = imgs
+        gen = torch.Generator(device="cpu").manual_seed(trainer.cfg["seed"])
+        for name, head in model.generative_heads().items():
+            labels = None
+            if trainer.exp.info.num_labels:
+                labels = torch.arange(n) % trainer.exp.info.num_labels
+            imgs = head.sample(n, labels=labels, generator=gen)
+            if imgs is not None:
+                rows[f"{name} samples"] = imgs
+    return save_grid(rows, path)
+
+
+def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Loss curves (train and validation) and every validation metric, one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    train = [h for h in history if h.get("split") == "train"]
+    val = [h for h in history if h.get("split") not in ("train", "init")]
+    loss_keys = sorted({k for h in train for k in h if k.endswith(".loss")})
+    metric_keys = sorted({k for h in val for k, v in h.items()
+                          if not k.endswith(".loss") and k not in ("epoch", "split")
+                          and isinstance(v, int | float)})
+    panels = 1 + len(metric_keys)
+    cols = min(4, panels)
+    rows = (panels + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    ax = axes[0][0]
+    for k in loss_keys:
+        ax.plot([h["epoch"] for h in train if k in h], [h[k] for h in train if k in h], label=k)
+        ax.plot([h["epoch"] for h in val if k in h], [h[k] for h in val if k in h], "--",
+                label=f"val {k}")
+    ax.set_title("losses (solid: train, dashed: val)")
+    ax.set_xlabel("epoch")
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.legend(fontsize=6)
+    for i, k in enumerate(metric_keys, start=1):
+        a = axes[i // cols][i % cols]
+        a.plot([h["epoch"] for h in val if k in h], [h[k] for h in val if k in h], marker="o")
+        a.set_title(k)
+        a.set_xlabel("epoch")
+    for j in range(panels, rows * cols):
+        axes[j // cols][j % cols].axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,113 @@
+"""Checkpoints written atomically and read safely (``torch.load(weights_only=True)``)."""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mtcore.errors import CheckpointError
+
+FORMAT_VERSION = 1
+
+
+def save_atomic(obj: Any, path: str | Path) -> Path:
+    """Write ``obj`` to ``path`` via a temp file in the same folder and ``os.replace``: a crash
+    mid-write leaves the previous checkpoint intact, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; clear errors for missing or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} could not be read safely ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); is it an mtcore checkpoint?"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "mtcore" or "model" not in ckpt:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not an mtcore checkpoint")
+    if ckpt.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}; "
+                              f"this mtcore reads up to {FORMAT_VERSION}: upgrade mtcore")
+    return ckpt
+
+
+def rng_state() -> dict[str, Any]:
+    """Every RNG a run draws from, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+        "python": list(_to_lists(random.getstate())),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached"]))
+    random.setstate(_to_tuples(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _to_lists(x: Any) -> Any:
+    return [_to_lists(v) for v in x] if isinstance(x, tuple | list) else x
+
+
+def _to_tuples(x: Any) -> Any:
+    return tuple(_to_tuples(v) for v in x) if isinstance(x, list) else x
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], path: str,
+                       prefix: str = "", strict: bool = True) -> list[str]:
+    """Load ``state`` (optionally only keys under ``prefix``) into ``model``; on a mismatch raise
+    an error naming the missing/unexpected keys and shape differences. Returns the loaded keys."""
+    if prefix:
+        state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise CheckpointError(f"checkpoint {path!r} has no weights under {prefix!r}")
+    own = model.state_dict()
+    bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+           for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if bad or (strict and (missing or unexpected)):
+        parts = []
+        if bad:
+            parts.append("shape mismatch: " + "; ".join(bad[:5]))
+        if strict and missing:
+            parts.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if strict and unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected[:5])}"
+                         f"{' ...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"checkpoint {path!r} does not fit the model: " + " | ".join(parts))
+    model.load_state_dict(state, strict=False)
+    return sorted(set(state) & set(own))

@@ -1,0 +1,1 @@
+"""The ``mtcore`` command line: one module per command, registered in ``main.COMMANDS``."""

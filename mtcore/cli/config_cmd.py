@@ -1,0 +1,31 @@
+"""``mtcore config``: print the resolved config (defaults + file + --set) as TOML."""
+
+from __future__ import annotations
+
+import argparse
+
+from mtcore.config import dumps, load_toml, resolve_config
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """--config and --set, shared by every command that builds an experiment."""
+    p.add_argument("--config", metavar="FILE", help="experiment TOML (default: the built-in one)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=0.001; repeatable")
+
+
+def resolved(args: argparse.Namespace) -> dict:
+    return resolve_config(load_toml(args.config) if args.config else None, args.overrides)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("config", help="print the resolved experiment config",
+                       description="Print the config a run would use, after defaults, the file "
+                       "and --set overrides, as TOML.")
+    add_config_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    print(dumps(resolved(args)), end="")
+    return 0

@@ -1,0 +1,35 @@
+"""``mtcore sample``: a grid of generated images from a checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from mtcore.errors import ConfigError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="draw generated images from a checkpoint",
+                       description="Write a grid PNG of n generated images (optionally all of "
+                       "one class) from the checkpoint's generative head.")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
+    p.add_argument("--out", default="samples.png", metavar="PNG")
+    p.add_argument("--label", type=int, default=None, help="class to condition on")
+    p.add_argument("--task", default=None, help="which generative task (default: the GAN)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtcore.api import sample
+    from mtcore.artifacts import save_grid
+
+    if args.n < 1:
+        raise ConfigError(f"-n: expected a positive number of images, got {args.n}")
+    images = sample(args.checkpoint, args.n, label=args.label, task=args.task, seed=args.seed)
+    cols = math.ceil(math.sqrt(args.n))
+    rows = {f"{i * cols}": images[i * cols:(i + 1) * cols] for i in range(math.ceil(args.n / cols))}
+    path = save_grid(rows, args.out)
+    print(f"wrote {args.n} samples to {path}")
+    return 0

@@ -1,0 +1,100 @@
+"""The task-head contract: a head owns one task (module, loss, metrics and the target it reads).
+
+The trainer drives every head through this interface only. Heads with an adversarial part (a GAN
+discriminator) expose it as *auxiliary* parameters trained by their own optimizer in steps that
+alternate with the main multi-task step; the trainer never knows which head is a GAN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+Batch = Mapping[str, torch.Tensor]
+Outputs = dict[str, torch.Tensor]
+
+
+class Metric(Protocol):
+    """A streaming metric: ``update`` per batch, ``compute`` once per split."""
+
+    def update(self, outputs: Outputs, batch: Batch) -> None: ...
+    def compute(self) -> dict[str, float]: ...
+
+
+class TaskHead(nn.Module):
+    """Base class for task heads.
+
+    Subclasses set ``task_type`` (the losses they accept declare the same) and ``targets`` (batch
+    keys they need for the loss), and implement ``forward``, ``compute_loss`` and ``new_metric``.
+    """
+
+    task_type: ClassVar[str] = ""
+    targets: ClassVar[tuple[str, ...]] = ()
+    #: the name of the metric (as returned by ``compute``) that says how good the head is, and
+    #: whether higher is better; the trainer's "best" checkpoint uses the first head's.
+    primary_metric: ClassVar[tuple[str, bool] | None] = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.task_name = ""  # set by the model builder
+
+    def forward(self, features: Mapping[str, torch.Tensor], batch: Batch) -> Outputs:
+        raise NotImplementedError
+
+    def compute_loss(self, outputs: Outputs, batch: Batch) -> torch.Tensor:
+        """This task's scalar loss ``L_k`` for the joint objective."""
+        raise NotImplementedError
+
+    def new_metric(self) -> Metric:
+        """A fresh metric accumulator for one evaluation pass."""
+        raise NotImplementedError
+
+    # -- wiring -------------------------------------------------------------------------------
+    def link(self, heads: Mapping[str, TaskHead]) -> None:
+        """Called once after all heads are built, e.g. for a GAN to share the VAE's decoder."""
+
+    def main_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters trained by the multi-task optimizer (everything not auxiliary)."""
+        aux = {id(p) for ps in self.auxiliary_parameters().values() for p in ps}
+        return (p for p in self.parameters() if id(p) not in aux)
+
+    # -- auxiliary (adversarial) training -----------------------------------------------------
+    def auxiliary_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """Parameter groups trained by their own optimizer, e.g. ``{"discriminator": [...]}``."""
+        return {}
+
+    @property
+    def auxiliary_steps(self) -> int:
+        """How many auxiliary (D) steps to take before each main (G) step."""
+        return 1
+
+    def auxiliary_loss(self, features: Mapping[str, torch.Tensor], batch: Batch,
+                       step: int) -> dict[str, torch.Tensor]:
+        """Losses of one auxiliary step; key ``"loss"`` is minimised, the rest are logged."""
+        raise NotImplementedError
+
+    def after_main_step(self) -> None:
+        """Called after every main optimizer step (e.g. to update a generator's EMA)."""
+
+    # -- generation and pictures --------------------------------------------------------------
+    def sample(self, n: int, labels: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """``n`` generated images in [0, 1], or None if the head does not generate."""
+        return None
+
+    def generation_metrics(self, datasets: Mapping[str, Any], split: str, num_samples: int,
+                           seed: int) -> dict[str, float]:
+        """Metrics of generated samples against ``datasets[split]`` (e.g. FID; an evaluator may be
+        trained on ``datasets["train"]``); {} if the head does not generate."""
+        return {}
+
+    def visuals(self, outputs: Outputs, batch: Batch) -> dict[str, torch.Tensor]:
+        """Images in [0, 1] ([N, 3, H, W]) that show what the head predicted, by row title."""
+        return {}
+
+    def describe(self) -> dict[str, Any]:
+        """Facts shown in logs: what the head consumes and produces."""
+        return {"task_type": self.task_type}

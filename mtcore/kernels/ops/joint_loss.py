@@ -1,0 +1,119 @@
+"""Fused four-task objective (seg CE, cls CE, VAE, GAN generator loss) with fixed or uncertainty weights.
+
+``mtcore::joint_loss_fwd`` computes every term and the gradient of the weighted total w.r.t. every
+input in one call (each input tensor read once), instead of four losses plus a weighted sum and
+their separate backward passes. First derivatives only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import losses as ref
+from . import backend_for, native_ready
+
+__all__ = ["joint_loss"]
+
+
+def joint_loss(
+    seg_logits: torch.Tensor,
+    seg_target: torch.Tensor,
+    cls_logits: torch.Tensor,
+    cls_target: torch.Tensor,
+    recon: torch.Tensor,
+    image: torch.Tensor,
+    mu: torch.Tensor,
+    logvar: torch.Tensor,
+    fake_logits: torch.Tensor,
+    weights: torch.Tensor,
+    mode: str = "fixed",
+    *,
+    beta: float = 1.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    recon_kind: str = "mse",
+    adv_kind: str = "non_saturating",
+    backend: str | None = None,
+) -> ref.JointLoss:
+    """Terms [seg, cls, vae, gan] and total = sum w_k L_k ("fixed") or sum exp(-s_k) L_k + s_k
+    ("uncertainty", Kendall et al. 2018). See :func:`mtcore.kernels.reference.joint_loss`.
+
+    Gradients reaching ``terms`` (not only ``total``) are exact except for a task whose fixed
+    weight is exactly 0, where they are dropped (the fused gradient is stored pre-weighted).
+    """
+    m = ref.check_joint_args(weights, mode)
+    ref.check_seg_ce_args(seg_logits, seg_target, None, 0.0, "mean")
+    ref.check_seg_ce_args(cls_logits, cls_target, None, label_smoothing, "mean")
+    ref.check_vae_args(recon, image, mu, logvar)
+    ref.check_tensor("fake_logits", fake_logits)
+    rk = ref.check_choice("recon_kind", recon_kind, ref.RECON_KINDS)
+    ak = ref.check_choice("adv_kind", adv_kind, ref.ADV_KINDS)
+    ref.check_same_device(
+        seg_logits=seg_logits, cls_logits=cls_logits, recon=recon, mu=mu,
+        fake_logits=fake_logits, weights=weights,
+    )
+    if image.dtype != recon.dtype or logvar.dtype != mu.dtype:
+        raise TypeError(
+            f"image must have recon's dtype ({recon.dtype}, got {image.dtype}) and logvar "
+            f"mu's dtype ({mu.dtype}, got {logvar.dtype})"
+        )
+    name = backend_for(seg_logits, backend, "joint_loss_fwd")
+    kwargs = dict(
+        beta=beta, label_smoothing=label_smoothing, ignore_index=ignore_index,
+        recon_kind=recon_kind, adv_kind=adv_kind,
+    )
+    args = (seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logvar,
+            fake_logits, weights, mode)
+    if name == "reference":
+        return ref.joint_loss(*args, **kwargs)
+    if name == "triton":
+        if not torch.compiler.is_compiling():
+            ref.check_target_values(seg_target, seg_logits.shape[1], ignore_index)
+            ref.check_target_values(cls_target, cls_logits.shape[1], ignore_index)
+        return _backend.triton_function("joint_loss")(*args, **kwargs)
+    native_ready("joint_loss_fwd", _register)
+    grads = (seg_logits, cls_logits, recon, mu, logvar, fake_logits, weights)
+    compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in grads)
+    out = torch.ops.mtcore.joint_loss_fwd(
+        *args[:10], m, float(beta), float(label_smoothing), int(ignore_index), rk, ak,
+        compute_grad,
+    )
+    return ref.JointLoss(out[0], out[1])
+
+
+def _fake(seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logvar, fake_logits,
+          weights, mode, beta, label_smoothing, ignore_index, recon_kind, adv_kind, compute_grad):
+    def grad_like(t):
+        return t.new_empty(t.shape) if compute_grad else t.new_empty((0,))
+
+    grads = [grad_like(t) for t in (seg_logits, cls_logits, recon, mu, logvar, fake_logits,
+                                    weights)]
+    return (weights.new_empty((4,)), weights.new_empty(()), *grads)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.mode = inputs[10]
+    ctx.numel = inputs[0].numel()
+    ctx.save_for_backward(inputs[9], *output[2:])
+
+
+def _backward(ctx, g_terms, g_total, *_unused):
+    weights, g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w = ctx.saved_tensors
+    if g_seg.numel() != ctx.numel:
+        raise RuntimeError("mtcore::joint_loss_fwd was run with compute_grad=False; cannot backward")
+    c = weights if ctx.mode == 0 else torch.exp(-weights)
+    nonzero = c != 0
+    per_term = torch.where(nonzero, g_terms / torch.where(nonzero, c, torch.ones_like(c)), 0.0)
+    s = g_total + per_term  # d(out)/d(L_k) relative to the stored, pre-weighted gradients
+    return (
+        g_seg * s[0], None, g_cls * s[1], None, g_rec * s[2], None, g_mu * s[2], g_lv * s[2],
+        g_fake * s[3], g_w * g_total, None, None, None, None, None, None, None,
+    )
+
+
+def _register() -> None:
+    torch.library.register_fake("mtcore::joint_loss_fwd", _fake)
+    torch.library.register_autograd(
+        "mtcore::joint_loss_fwd", _backward, setup_context=_setup_context
+    )

@@ -1,0 +1,81 @@
+"""Fused cross entropy for segmentation ([N, C, *spatial]) and classification ([N, C]) logits.
+
+The C++/CUDA op ``mtcore::seg_ce_fwd`` returns the loss and d(loss)/d(logits) from one pass (no
+softmax is kept); the autograd backward only scales that gradient. First derivatives only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ..reference import losses as ref
+from . import backend_for, native_ready
+
+__all__ = ["seg_cross_entropy"]
+
+
+def seg_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Cross entropy over dim 1, equal to ``F.cross_entropy`` except: a mean over zero targets is 0.
+
+    ``weight`` (per-class) gets no gradient on the fused backends. ``backend`` overrides the
+    configured kernel backend (see :mod:`mtcore.kernels`).
+    """
+    ref.check_seg_ce_args(logits, target, weight, label_smoothing, reduction)
+    name = backend_for(logits, backend, "seg_ce_fwd")
+    if name == "reference":
+        return ref.seg_cross_entropy(
+            logits, target, weight, ignore_index, label_smoothing, reduction
+        )
+    if name == "triton":
+        if not torch.compiler.is_compiling():
+            ref.check_target_values(target, logits.shape[1], ignore_index)
+        fn = _backend.triton_function("seg_cross_entropy")
+        return fn(logits, target, weight, ignore_index, label_smoothing, reduction)
+    native_ready("seg_ce_fwd", _register)
+    compute_grad = torch.is_grad_enabled() and logits.requires_grad
+    loss, _ = torch.ops.mtcore.seg_ce_fwd(
+        logits,
+        target,
+        weight,
+        int(ignore_index),
+        float(label_smoothing),
+        ref.REDUCTIONS.index(reduction),
+        compute_grad,
+    )
+    return loss
+
+
+def _fake(logits, target, weight, ignore_index, label_smoothing, reduction, compute_grad):
+    loss = logits.new_empty(target.shape) if reduction == 0 else logits.new_empty(())
+    grad = logits.new_empty(logits.shape) if compute_grad else logits.new_empty((0,))
+    return loss, grad
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.reduction = inputs[5]
+    ctx.numel = inputs[0].numel()
+    ctx.save_for_backward(output[1])
+
+
+def _backward(ctx, grad_loss, _grad_grad):
+    (grad,) = ctx.saved_tensors
+    if grad.numel() != ctx.numel:
+        raise RuntimeError("mtcore::seg_ce_fwd was run with compute_grad=False; cannot backward")
+    g = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss
+    return grad * g, None, None, None, None, None, None
+
+
+def _register() -> None:
+    torch.library.register_fake("mtcore::seg_ce_fwd", _fake)
+    torch.library.register_autograd(
+        "mtcore::seg_ce_fwd", _backward, setup_context=_setup_context
+    )

@@ -1,0 +1,115 @@
+"""Resolves component names to specs and builds components with validated parameters.
+
+Names resolve only through the registries, never through import paths, so a config cannot run
+arbitrary code. A name provided by two plugins is an error when it is used (not when it is
+installed), and ``provider:name`` always resolves.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+from mtcore.errors import ComponentClashError, ComponentNotFoundError, ConfigError
+from mtcore.plugin_manager import PluginManager, Provided, default_manager
+from mtcore.specs import KINDS, ComponentSpec
+
+
+def suggest(name: str, choices: list[str]) -> str:
+    """' Did you mean ...?' for the closest choices, or ''."""
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
+class Registry:
+    """All component registries of one plugin manager (one per kind)."""
+
+    def __init__(self, manager: PluginManager | None = None) -> None:
+        self.manager = manager if manager is not None else default_manager()
+
+    def available(self, kind: str) -> list[Provided]:
+        return self.manager.provided(kind)
+
+    def names(self, kind: str) -> list[str]:
+        return sorted({p.spec.name for p in self.available(kind)})
+
+    def resolve(self, kind: str, name: str) -> Provided:
+        """The one provider of ``name`` (or ``provider:name``) in ``kind``."""
+        if not isinstance(name, str) or not name:
+            raise ComponentNotFoundError(f"{kind} name must be a non-empty string, got {name!r}")
+        provided = self.available(kind)
+        provider, _, short = name.rpartition(":")
+        matches = [p for p in provided if p.spec.name == short]
+        if provider:
+            matches = [p for p in matches if provider in (p.plugin.name, p.plugin.distribution)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            names = self.names(kind)
+            hint = suggest(short, names)
+            where = f" from provider {provider!r}" if provider else ""
+            raise ComponentNotFoundError(
+                f"unknown {kind} {name!r}{where}.{hint} Available {kind}s: "
+                f"{', '.join(names) or '(none: is a plugin disabled or broken? see mtcore plugins)'}"
+            )
+        who = " and ".join(
+            f"{p.plugin.distribution or '?'} {p.plugin.version or ''} (plugin {p.plugin.name!r})".replace("  ", " ")
+            for p in matches
+        )
+        picks = " or ".join(f"'{p.plugin.name}:{short}'" for p in matches)
+        raise ComponentClashError(
+            f"{kind} {short!r} is provided by {who}; pick one with {picks}, or disable a plugin "
+            "with MTCORE_DISABLE_PLUGINS / --disable-plugin"
+        )
+
+    def spec(self, kind: str, name: str) -> ComponentSpec:
+        return self.resolve(kind, name).spec
+
+    def build(self, kind: str, name: str, params: Mapping[str, Any] | None = None, *args: Any,
+              key: str | None = None, **context: Any) -> Any:
+        """Build component ``name`` with ``defaults | params``; ``args``/``context`` come from mtcore.
+
+        ``key`` is the config key path used in error messages (e.g. ``tasks.seg.head``).
+        """
+        spec = self.spec(kind, name)
+        merged = {**spec.defaults, **dict(params or {})}
+        check_params(spec, merged, key or kind, reserved=set(context), n_positional=len(args))
+        return spec.factory(*args, **context, **merged)
+
+
+def accepted_params(spec: ComponentSpec, n_positional: int = 0) -> tuple[set[str], bool]:
+    """The keyword parameters a spec's factory accepts (after the ``n_positional`` arguments
+    mtcore passes itself), and whether it takes ``**kwargs``."""
+    try:
+        sig = inspect.signature(spec.factory)
+    except (TypeError, ValueError):
+        return set(spec.defaults), True
+    names: set[str] = set()
+    var_kw = False
+    for i, p in enumerate(sig.parameters.values()):
+        if p.kind is p.VAR_KEYWORD:
+            var_kw = True
+        elif p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and i >= n_positional):
+            names.add(p.name)
+    return names | set(spec.defaults), var_kw
+
+
+def check_params(spec: ComponentSpec, params: Mapping[str, Any], key: str,
+                 reserved: set[str] = frozenset(), n_positional: int = 0) -> None:
+    """Reject parameters the factory does not take, naming the key and the accepted ones."""
+    accepted, var_kw = accepted_params(spec, n_positional)
+    accepted -= set(reserved)
+    if var_kw:
+        return
+    for p in params:
+        if p not in accepted:
+            raise ConfigError(
+                f"{key}.params.{p}: {spec.kind} {spec.name!r} has no parameter {p!r}."
+                f"{suggest(p, sorted(accepted))} Accepted: {', '.join(sorted(accepted)) or '(none)'}"
+            )
+
+
+def kinds() -> list[str]:
+    return list(KINDS)

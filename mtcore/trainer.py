@@ -1,0 +1,408 @@
+"""The multi-task training loop: alternating auxiliary (discriminator) and main steps, balanced
+joint loss, evaluation every epoch, atomic checkpoints and exact resume."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from mtcore import checkpoint as ckpt_io
+from mtcore.config import dumps
+from mtcore.errors import CheckpointError, ConfigError
+from mtcore.experiment import Experiment
+from mtcore.heads import TaskHead
+from mtcore.optim import clip, make_optimizer, make_schedule
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v)
+            for k, v in batch.items()}
+
+
+@contextlib.contextmanager
+def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Temporarily stop gradients to ``params`` (e.g. the discriminator during a G step)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)
+
+
+class Trainer:
+    """Trains an :class:`Experiment`; writes artefacts to ``out_dir`` when given."""
+
+    def __init__(self, exp: Experiment, out_dir: str | Path | None = None, *,
+                 progress: bool | None = None, log: Callable[[str], None] = print) -> None:
+        self.exp = exp
+        self.cfg = exp.config
+        self.device = exp.device
+        self.out = Path(out_dir) if out_dir is not None else None
+        tcfg = self.cfg["train"]
+        self.progress = tcfg["progress"] if progress is None else progress
+        self.log = log
+        self.model = exp.model.to(self.device)
+        if self.cfg["model"].get("channels_last"):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.balancer = exp.balancer.to(self.device)
+        self.heads: dict[str, TaskHead] = dict(self.model.heads.items())
+        self.amp = tcfg["amp"]
+        if self.amp == "fp16" and self.device.type != "cuda":
+            raise ConfigError("train.amp: 'fp16' needs a CUDA device; use 'bf16' on the CPU")
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        if tcfg.get("deterministic", True) and self.device.type == "cpu":
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.train_set = exp.datasets.get("train")
+        self.val_split = self.cfg["data"]["val_split"]
+        self.val_set = exp.datasets.get(self.val_split)
+        self.steps_per_epoch = self._steps_per_epoch()
+        self._build_optimizers()
+        self.epoch = 0
+        self.global_step = 0
+        self.best: float | None = None
+        self.history: list[dict[str, Any]] = []
+
+    # -- setup --------------------------------------------------------------------------------
+    def _steps_per_epoch(self) -> int:
+        if self.train_set is None:
+            return 1
+        n = math.ceil(len(self.train_set) / self.cfg["data"]["batch_size"])
+        cap = self.cfg["train"]["max_steps_per_epoch"]
+        return min(n, cap) if cap else n
+
+    def _build_optimizers(self) -> None:
+        ocfg = self.cfg["optim"]
+        groups_cfg = ocfg.get("groups", {})
+        aux_ids = self.model.auxiliary_parameter_ids()
+        seen: set[int] = set()
+
+        def take(params) -> list[torch.nn.Parameter]:
+            out = []
+            for p in params:
+                if id(p) not in seen and id(p) not in aux_ids:
+                    seen.add(id(p))
+                    out.append(p)
+            return out
+
+        groups = [{"name": "backbone", "params": take(self.model.backbone.parameters()),
+                   "options": groups_cfg.get("backbone", {})}]
+        for name, head in self.heads.items():
+            groups.append({"name": f"head.{name}", "params": take(head.main_parameters()),
+                           "options": groups_cfg.get("heads", {})})
+        bal = take(self.balancer.parameters())
+        if bal:
+            groups.append({"name": "balancer", "params": bal,
+                           "options": groups_cfg.get("balancer", {})})
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = make_optimizer(groups, ocfg)
+        self.clip_norms = {g["name"]: g["options"].get("grad_clip", ocfg.get("grad_clip", 0.0))
+                           for g in groups}
+        stage_scale = lambda step: self.exp.transfer.stage(step // self.steps_per_epoch).lr_scale  # noqa: E731
+        self.scheduler = make_schedule(self.optimizer, ocfg, self.steps_per_epoch, stage_scale)
+        self.aux: dict[tuple[str, str], tuple[torch.optim.Optimizer, Any, list]] = {}
+        for name, head in self.heads.items():
+            for gname, params in head.auxiliary_parameters().items():
+                opts = groups_cfg.get(gname, {})
+                opt = make_optimizer([{"name": f"{name}.{gname}", "params": params,
+                                       "options": opts}], ocfg)
+                sched = make_schedule(opt, ocfg, self.steps_per_epoch)
+                self.aux[(name, gname)] = (opt, sched, params)
+
+    def _autocast(self):
+        if self.amp == "none":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _loader(self, dataset, train: bool, epoch: int = 0) -> DataLoader:
+        dcfg = self.cfg["data"]
+        gen = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + epoch)
+        return DataLoader(dataset, batch_size=dcfg["batch_size"] if train else dcfg["eval_batch_size"],
+                          shuffle=train, drop_last=train and len(dataset) > dcfg["batch_size"],
+                          generator=gen, num_workers=dcfg["num_workers"],
+                          pin_memory=self.device.type == "cuda")
+
+    def _apply_stage(self, epoch: int) -> str:
+        """Train mode everywhere, then freeze (and put in eval mode) what the stage says."""
+        stage = self.exp.transfer.stage(epoch)
+        self.model.train()
+        aux_ids = self.model.auxiliary_parameter_ids()
+        for p in self.model.parameters():
+            if id(p) not in aux_ids:
+                p.requires_grad_(True)
+        for prefix in stage.freeze:
+            module = self.model.get_submodule(prefix)
+            module.requires_grad_(False)
+            module.eval()
+        return stage.name
+
+    # -- steps --------------------------------------------------------------------------------
+    def _losses(self, batch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        with self._autocast():
+            outputs = self.model(batch)
+            losses = {k: self.heads[k].compute_loss(outputs[k], batch).float() for k in self.heads}
+        return outputs, losses
+
+    def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """One multi-task step: each head's auxiliary (D) steps, then the balanced main step."""
+        logs: dict[str, float] = {}
+        for (name, gname), (opt, sched, params) in self.aux.items():
+            head = self.heads[name]
+            for _ in range(head.auxiliary_steps):
+                opt.zero_grad(set_to_none=True)
+                with self._autocast():
+                    aux = head.auxiliary_loss(batch, self.global_step)
+                loss = aux["loss"].float()
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                if self.scaler:
+                    self.scaler.unscale_(opt)
+                clip(params, self.cfg["optim"].get("groups", {}).get(gname, {}).get(
+                    "grad_clip", self.cfg["optim"]["grad_clip"]))
+                (self.scaler.step(opt) if self.scaler else opt.step())
+                if self.scaler:
+                    self.scaler.update()
+                for k, v in aux.items():
+                    logs[f"{name}.{k}"] = float(v.detach())
+            sched.step()
+        aux_params = [p for (_, _, ps) in self.aux.values() for p in ps]
+        with frozen(aux_params):
+            self.optimizer.zero_grad(set_to_none=True)
+            _, losses = self._losses(batch)
+            for k, v in losses.items():
+                if not torch.isfinite(v):
+                    raise FloatingPointError(
+                        f"loss of task {k!r} is {float(v)} at step {self.global_step}; "
+                        "lower optim.lr, enable optim.grad_clip, or check the data")
+            scale = self.scaler.scale if self.scaler else None
+            result = self.balancer.backward(losses, self.model.shared_parameters(), scale)
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            for g in self.optimizer.param_groups:
+                clip(g["params"], self.clip_norms.get(g["name"], 0.0))
+            (self.scaler.step(self.optimizer) if self.scaler else self.optimizer.step())
+            if self.scaler:
+                self.scaler.update()
+            self.scheduler.step()
+        for head in self.heads.values():
+            head.after_main_step()
+
+        def recompute() -> dict[str, torch.Tensor]:
+            with torch.no_grad():
+                return self._losses(batch)[1]
+
+        self.balancer.after_step(losses, recompute)
+        self.global_step += 1
+        for k, v in losses.items():
+            logs[f"{k}.loss"] = float(v.detach())
+            logs[f"{k}.weight"] = float(result.weights.get(k, float("nan")))
+        logs["total"] = result.total
+        return logs
+
+    # -- epochs -------------------------------------------------------------------------------
+    def train_epoch(self, epoch: int) -> dict[str, float]:
+        stage = self._apply_stage(epoch)
+        loader = self._loader(self.train_set, train=True, epoch=epoch)
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch + 1}/{self.cfg['optim']['epochs']}",
+                   disable=not self.progress, leave=False, dynamic_ncols=True)
+        for i, batch in enumerate(loader):
+            if i >= self.steps_per_epoch:
+                break
+            logs = self.train_step(to_device(batch, self.device))
+            n += 1
+            for k, v in logs.items():
+                sums[k] += v
+            bar.update(1)
+            bar.set_postfix({k.split(".")[0]: f"{sums[k] / n:.3f}" for k in sums
+                             if k.endswith(".loss")}, refresh=False)
+        bar.close()
+        out = {k: v / max(n, 1) for k, v in sums.items()}
+        out["stage"] = stage
+        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        return out
+
+    @torch.no_grad()
+    def evaluate(self, split: str | None = None, dataset=None) -> dict[str, float]:
+        """Every head's metrics and mean loss on a split."""
+        dataset = dataset if dataset is not None else (
+            self.val_set if split in (None, self.val_split) else self.exp.datasets[split])
+        self.model.eval()
+        metrics = {k: h.new_metric() for k, h in self.heads.items()}
+        loss_sums: dict[str, float] = defaultdict(float)
+        n = 0
+        # Evaluation draws noise (VAE samples, GAN z); keep the training RNG stream untouched.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.cfg["seed"] + 1)
+            for batch in self._loader(dataset, train=False):
+                batch = to_device(batch, self.device)
+                outputs, losses = self._losses(batch)
+                bs = batch["image"].shape[0]
+                n += bs
+                for k in self.heads:
+                    metrics[k].update(outputs[k], batch)
+                    loss_sums[k] += float(losses[k]) * bs
+        out: dict[str, float] = {}
+        for k in self.heads:
+            out[f"{k}.loss"] = loss_sums[k] / max(n, 1)
+            for m, v in metrics[k].compute().items():
+                out[f"{k}.{m}"] = v
+        return out
+
+    @torch.no_grad()
+    def generation_metrics(self, split: str | None = None) -> dict[str, float]:
+        """FID/precision/recall etc. of every generative head, in the evaluator's feature space."""
+        split = split or self.val_split
+        self.model.eval()
+        out: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            for name, head in self.heads.items():
+                vals = head.generation_metrics(self.exp.datasets, split,
+                                               self.cfg["train"]["gen_metric_samples"],
+                                               seed=self.cfg["seed"])
+                out.update({f"{name}.{k}": v for k, v in vals.items()})
+        return out
+
+    # -- the run ------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict[str, Any]:
+        """Train for ``optim.epochs`` epochs (continuing from ``last.pt`` when ``resume``)."""
+        from mtcore import artifacts
+
+        if self.train_set is None:
+            raise ConfigError("fit() needs a 'train' dataset in the experiment")
+        epochs = self.cfg["optim"]["epochs"]
+        tcfg = self.cfg["train"]
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(dumps(self.cfg))
+        if resume:
+            self._resume()
+        elif self.out is not None and (self.out / "metrics.jsonl").exists():
+            (self.out / "metrics.jsonl").unlink()
+        if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():
+            init = self.generation_metrics()
+            self._record({"epoch": 0, "split": "init", **init})
+            self.log("untrained generator: " + _fmt(init))
+        t0 = time.perf_counter()
+        while self.epoch < epochs:
+            e = self.epoch
+            tr = self.train_epoch(e)
+            self._record({"epoch": e + 1, "split": "train", **tr})
+            val: dict[str, Any] = {}
+            last = e + 1 == epochs
+            if (e + 1) % tcfg["eval_every"] == 0 or last:
+                val = self.evaluate()
+                if tcfg["gen_metrics"] == "every" or (tcfg["gen_metrics"] == "final" and last):
+                    val.update(self.generation_metrics())
+                self._record({"epoch": e + 1, "split": self.val_split, **val})
+            self.epoch = e + 1
+            if self.out is not None:
+                every = tcfg["samples_every"]
+                if every and ((e + 1) % every == 0 or last):
+                    artifacts.write_samples(self, self.out / "samples" / f"epoch_{e + 1:03d}.png")
+                self._checkpoint(val)
+            self.log(f"epoch {e + 1}/{epochs} [{tr['stage']}] {time.perf_counter() - t0:.0f}s "
+                     f"train: {_fmt({k: v for k, v in tr.items() if k.endswith('.loss')})} | "
+                     f"{self.val_split}: {_fmt(_headline(val))}")
+        final = self.history[-1] if self.history else {}
+        final = {k: v for k, v in final.items() if k not in ("epoch", "split")}
+        init = next((h for h in self.history if h["split"] == "init"), None)
+        result = {"epochs": self.epoch, "split": self.val_split, "metrics": final,
+                  "train_seconds": round(time.perf_counter() - t0, 1)}
+        if init:
+            result["untrained"] = {k: v for k, v in init.items() if k not in ("epoch", "split")}
+        if self.out is not None:
+            (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+            artifacts.plot_curves(self.history, self.out / "curves.png")
+        return result
+
+    def _record(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        if self.out is not None:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "format": "mtcore", "version": ckpt_io.FORMAT_VERSION,
+            "config": self.cfg, "epoch": self.epoch, "global_step": self.global_step,
+            "model": self.model.state_dict(), "balancer": self.balancer.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "aux": {f"{n}/{g}": {"optimizer": o.state_dict(), "scheduler": s.state_dict()}
+                    for (n, g), (o, s, _) in self.aux.items()},
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "rng": ckpt_io.rng_state(), "best": self.best, "history": self.history,
+        }
+
+    def _checkpoint(self, val: dict[str, Any]) -> None:
+        """``last.pt`` every epoch; ``best.pt`` when the score improved (both atomic)."""
+        score = self._score(val)
+        improved = score is not None and (self.best is None or score > self.best)
+        if improved:
+            self.best = score
+        state = self.state()
+        ckpt_io.save_atomic(state, self.out / "checkpoints" / "last.pt")
+        if improved:
+            ckpt_io.save_atomic(state, self.out / "checkpoints" / "best.pt")
+
+    def _score(self, val: dict[str, Any]) -> float | None:
+        """Higher is better: the first head's primary metric, else minus the mean val loss."""
+        if not val:
+            return None
+        for name, head in self.heads.items():
+            if head.primary_metric and f"{name}.{head.primary_metric[0]}" in val:
+                v = val[f"{name}.{head.primary_metric[0]}"]
+                return v if head.primary_metric[1] else -v
+        losses = [v for k, v in val.items() if k.endswith(".loss")]
+        return -sum(losses) / len(losses) if losses else None
+
+    def _resume(self) -> None:
+        path = self.out / "checkpoints" / "last.pt" if self.out else None
+        if path is None or not path.exists():
+            raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume first")
+        state = ckpt_io.load(path, map_location=self.device)
+        self.load_state(state, str(path))
+
+    def load_state(self, state: dict[str, Any], path: str) -> None:
+        if state["config"].get("tasks") != self.cfg.get("tasks") or \
+                state["config"].get("model") != self.cfg.get("model"):
+            raise CheckpointError(f"{path}: was written for a different model/tasks config; "
+                                  "resume with the run's own config.toml")
+        ckpt_io.load_model_weights(self.model, state["model"], path)
+        self.balancer.load_state_dict(state["balancer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        for (n, g), (o, s, _) in self.aux.items():
+            o.load_state_dict(state["aux"][f"{n}/{g}"]["optimizer"])
+            s.load_state_dict(state["aux"][f"{n}/{g}"]["scheduler"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.global_step = state["epoch"], state["global_step"]
+        self.best, self.history = state["best"], list(state["history"])
+        ckpt_io.set_rng_state(state["rng"])
+        if self.out is not None:  # metrics.jsonl continues from the checkpoint's history
+            with open(self.out / "metrics.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+
+def _headline(val: Mapping[str, Any]) -> dict[str, Any]:
+    keys = ("miou", "accuracy", "psnr", "fid")
+    return {k: v for k, v in val.items() if k.split(".")[-1] in keys}
+
+
+def _fmt(d: Mapping[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in d.items())

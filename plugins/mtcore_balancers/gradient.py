@@ -1,0 +1,219 @@
+"""Gradient-combining balancers: PCGrad and MGDA replace the shared parameters' gradient.
+
+Each method is a pure function on the ``[K, P]`` matrix of per-task gradients (``pcgrad_combine``,
+``min_norm_weights``), so it can be tested on fixed small matrices; the balancer classes only do
+the autograd plumbing, in :class:`GradientCombiner`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtcore.balancer import BalanceResult, LossBalancer
+
+__all__ = ["MGDA", "NORMALIZATIONS", "GradientCombiner", "PCGrad", "min_norm_weights",
+           "pcgrad_combine", "two_task_min_norm"]
+
+
+# -- pure math ----------------------------------------------------------------------------------
+def pcgrad_combine(grads: torch.Tensor, orders: Sequence[Sequence[int]]) -> torch.Tensor:
+    """PCGrad (Yu et al. 2020, "Gradient Surgery for Multi-Task Learning"): for each task ``i``,
+    visit the other tasks in ``orders[i]`` and, where the (partly projected) ``g_i`` conflicts with
+    the original ``g_j`` (``<g_i, g_j> < 0``), remove its component along ``g_j``; return the sum
+    of the projected gradients. ``grads`` is ``[K, P]``."""
+    if grads.dim() != 2:
+        raise ValueError(f"pcgrad_combine: grads must be [K, P], got shape {tuple(grads.shape)}")
+    sq_norms = (grads * grads).sum(dim=1)
+    tiny = torch.finfo(grads.dtype).tiny
+    projected = []
+    for i in range(grads.shape[0]):
+        g = grads[i].clone()
+        for j in orders[i]:
+            if j == i:
+                continue
+            dot = torch.dot(g, grads[j])
+            # branch-free: no host sync per pair; a zero g_j gives dot == 0 and no change
+            g = g - torch.clamp(dot, max=0.0) / sq_norms[j].clamp_min(tiny) * grads[j]
+        projected.append(g)
+    return torch.stack(projected).sum(dim=0)
+
+
+def two_task_min_norm(g11: float, g12: float, g22: float) -> float:
+    """The ``gamma`` in [0, 1] minimising ``||gamma g1 + (1 - gamma) g2||^2`` given the Gram
+    entries (Sener & Koltun 2018, Algorithm 1); 0.5 when ``g1 == g2``."""
+    denom = g11 + g22 - 2.0 * g12
+    if denom <= 0.0:  # g1 == g2: every gamma gives the same point
+        return 0.5
+    return min(1.0, max(0.0, (g11 - g12) / denom))
+
+
+def min_norm_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-6) -> torch.Tensor:
+    """The convex weights ``alpha`` of the min-norm point of the convex hull of the gradients whose
+    Gram matrix is ``gram`` (Sener & Koltun 2018, "Multi-Task Learning as Multi-Objective
+    Optimization"): exact for 2 tasks, Frank-Wolfe with exact line search (started from the best
+    pair) for more. Returns a float64 CPU vector summing to 1."""
+    if gram.dim() != 2 or gram.shape[0] != gram.shape[1] or gram.shape[0] == 0:
+        raise ValueError(f"min_norm_weights: gram must be [K, K], got shape {tuple(gram.shape)}")
+    m = gram.detach().to(device="cpu", dtype=torch.float64)
+    k = m.shape[0]
+    alpha = torch.zeros(k, dtype=torch.float64)
+    if k == 1:
+        alpha[0] = 1.0
+        return alpha
+    # best pair by the closed form: the start of Frank-Wolfe, and the answer for K == 2
+    best = math.inf
+    for i in range(k):
+        for j in range(i + 1, k):
+            g11, g12, g22 = float(m[i, i]), float(m[i, j]), float(m[j, j])
+            gamma = two_task_min_norm(g11, g12, g22)
+            norm = gamma**2 * g11 + 2 * gamma * (1 - gamma) * g12 + (1 - gamma) ** 2 * g22
+            if norm < best:
+                best = norm
+                alpha.zero_()
+                alpha[i], alpha[j] = gamma, 1.0 - gamma
+    if k == 2:
+        return alpha
+    for _ in range(max_iter):
+        grad = m @ alpha  # <v, g_t> for every t, with v = sum_k alpha_k g_k
+        t = int(torch.argmin(grad))
+        vv, vt, tt = float(alpha @ grad), float(grad[t]), float(m[t, t])
+        gamma = two_task_min_norm(tt, vt, vv)  # weight on g_t versus the current point v
+        new = (1.0 - gamma) * alpha
+        new[t] += gamma
+        change = float((new - alpha).abs().sum())
+        alpha = new
+        if change < tol:
+            break
+    return alpha
+
+
+# -- the balancers ------------------------------------------------------------------------------
+class GradientCombiner(LossBalancer):
+    """Base of methods that combine per-task gradients of the shared parameters.
+
+    ``backward`` computes the ``[K, P]`` task-gradient matrix of the shared parameters, lets
+    :meth:`combine` turn it into one gradient, and writes that into their ``.grad``; every other
+    parameter (the heads) gets the plain sum of its tasks' gradients. A ``scale`` (AMP grad
+    scaler) is applied to every loss; PCGrad and MGDA are invariant to a common scale, so the
+    scaler's later unscale stays correct. Costs K + 1 backward passes.
+    """
+
+    def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The combined ``[P]`` gradient and the weight reported for each task."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        shared_params: Sequence[nn.Parameter],
+        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> BalanceResult:
+        self._check(losses)
+        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
+        total = sum(scaled[k] for k in self.task_names)
+        detached = {k: losses[k].detach() for k in self.task_names}
+        value = float(sum(detached[k] for k in self.task_names))
+        params = [p for p in shared_params if p.requires_grad]
+        if not params:  # e.g. a frozen backbone: nothing to combine
+            if total.requires_grad:
+                total.backward()
+            return BalanceResult(total=value, weights={k: 1.0 for k in self.task_names})
+        grads = self._task_gradients(scaled, params)
+        combined, weights = self.combine(grads, detached)
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if total.requires_grad:
+            total.backward()  # the heads' gradients: the plain sum over their tasks
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+        self.set_shared_gradient(params, combined)
+        return BalanceResult(total=value, weights=weights)
+
+    def _task_gradients(self, losses: Mapping[str, torch.Tensor],
+                        params: Sequence[nn.Parameter]) -> torch.Tensor:
+        """Like ``LossBalancer.task_gradients`` but a loss that reaches no parameter (or does not
+        require grad at all) gives a zero row instead of an autograd error."""
+        rows = []
+        for k in self.task_names:
+            if losses[k].requires_grad:
+                grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
+            else:
+                grads = (None,) * len(params)
+            rows.append(torch.cat([
+                (g if g is not None else torch.zeros_like(p)).reshape(-1)
+                for g, p in zip(grads, params, strict=True)
+            ]))
+        return torch.stack(rows)
+
+
+class PCGrad(GradientCombiner):
+    """Projecting conflicting gradients (Yu et al. 2020), the task order drawn per task and step
+    from a ``torch.Generator`` seeded with ``seed`` (its state is saved in the state dict)."""
+
+    def __init__(self, task_names: Sequence[str], seed: int = 0) -> None:
+        super().__init__(task_names)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"PCGrad: seed must be an int, got {seed!r}")
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        k = len(self.task_names)
+        orders = [torch.randperm(k, generator=self.generator).tolist() for _ in range(k)]
+        return pcgrad_combine(grads, orders), {t: 1.0 for t in self.task_names}
+
+    def get_extra_state(self) -> Any:
+        return {"generator": self.generator.get_state()}
+
+    def set_extra_state(self, state: Any) -> None:
+        self.generator.set_state(state["generator"])
+
+
+NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss")
+
+
+class MGDA(GradientCombiner):
+    """MGDA-UB's min-norm solver (Sener & Koltun 2018): ``alpha`` = min-norm convex weights of the
+    per-task gradients, each first divided by its normaliser (``"none"``: 1, ``"l2"``: its norm,
+    ``"loss"``: its loss); the shared gradient is ``sum_k alpha_k g_k`` of the raw gradients, as
+    in the paper's code, and the reported weights are the ``alpha_k``. With ``"none"`` the result
+    is the min-norm point, which no task's gradient conflicts with."""
+
+    def __init__(self, task_names: Sequence[str], normalization: str = "none",
+                 max_iter: int = 250, tol: float = 1e-6) -> None:
+        super().__init__(task_names)
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"MGDA: normalization must be one of {list(NORMALIZATIONS)}, got {normalization!r}"
+            )
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"MGDA: max_iter must be an int >= 1, got {max_iter!r}")
+        if not isinstance(tol, (int, float)) or not tol >= 0:
+            raise ValueError(f"MGDA: tol must be a number >= 0, got {tol!r}")
+        self.normalization = normalization
+        self.max_iter = max_iter
+        self.tol = float(tol)
+
+    def normalizers(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The ``[K]`` divisors of the task gradients before the min-norm solve."""
+        eps = 1e-12
+        if self.normalization == "l2":
+            return grads.double().norm(dim=1).clamp_min(eps)
+        if self.normalization == "loss":
+            vals = torch.stack([losses[k].double().to(grads.device) for k in self.task_names])
+            return vals.abs().clamp_min(eps)
+        return torch.ones(grads.shape[0], dtype=torch.float64, device=grads.device)
+
+    def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        normed = grads.double() / self.normalizers(grads, losses)[:, None]
+        alpha = min_norm_weights(normed @ normed.T, self.max_iter, self.tol)
+        combined = alpha.to(device=grads.device, dtype=grads.dtype) @ grads
+        return combined, {k: float(a) for k, a in zip(self.task_names, alpha, strict=True)}

@@ -1,0 +1,18 @@
+"""Registers the first-party loss balancers (entry point ``mtcore = balancers``)."""
+
+from mtcore.plugin import BalancerSpec, hookimpl
+
+from .famo import FAMO
+from .gradient import MGDA, PCGrad
+from .weighting import EqualWeighting, FixedWeighting, UncertaintyWeighting
+
+
+@hookimpl
+def mtcore_balancers():
+    yield BalancerSpec("equal", EqualWeighting, "Every task weight 1: L = sum_k L_k.")
+    yield BalancerSpec("fixed", FixedWeighting, "User-given constant weight per task.")
+    yield BalancerSpec("uncertainty", UncertaintyWeighting,
+                       "Learned homoscedastic-uncertainty weights (Kendall et al. 2018).")
+    yield BalancerSpec("pcgrad", PCGrad, "Project conflicting task gradients (Yu et al. 2020).")
+    yield BalancerSpec("mgda", MGDA, "Min-norm common descent direction (Sener & Koltun 2018).")
+    yield BalancerSpec("famo", FAMO, "Fast adaptive multitask optimization (Liu et al. 2023).")

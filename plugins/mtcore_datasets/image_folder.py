@@ -1,0 +1,351 @@
+"""The user's own images, with optional index masks and a labels CSV, from a plain folder.
+
+Layout (per split folder, or at the root when there are no split folders)::
+
+    images/<stem>.{png,jpg,jpeg,bmp}
+    masks/<stem>.png        optional; pixel value = class index, 255 = ignore
+    labels.csv              optional; header ``filename,label``
+
+Every problem found is reported with the file it concerns, since a user's folder is the input.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from mtcore.data import SPLITS, DatasetInfo
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+IGNORE_INDEX = 255
+_INDEX_MODES = ("1", "L", "P", "I", "I;16")
+
+
+@dataclass(frozen=True)
+class _Folder:
+    """One split's files: images by stem, and the optional masks folder and labels CSV."""
+
+    root: Path
+    images: dict[str, Path]
+    masks_dir: Path | None
+    labels_csv: Path | None
+
+
+def _scan(root: Path) -> _Folder:
+    """List ``root/images`` and check that masks pair one-to-one with images."""
+    image_dir = root / "images"
+    if not image_dir.is_dir():
+        raise ValueError(f"image folder {image_dir} does not exist (expected images/ inside {root})")
+    images: dict[str, Path] = {}
+    for path in sorted(image_dir.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
+            continue
+        if path.stem in images:
+            raise ValueError(
+                f"two images share the stem {path.stem!r}: {images[path.stem]} and {path}; "
+                "masks and labels are matched by stem, so rename one"
+            )
+        images[path.stem] = path
+    if not images:
+        raise ValueError(
+            f"empty folder: no images ({', '.join(IMAGE_EXTENSIONS)}) found in {image_dir}"
+        )
+    masks_dir = root / "masks" if (root / "masks").is_dir() else None
+    if masks_dir is not None:
+        for path in sorted(masks_dir.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if path.suffix.lower() != ".png":
+                raise ValueError(f"mask {path} is not a .png; masks must be lossless PNG files")
+            if path.stem not in images:
+                raise ValueError(f"mask {path} has no image: no {image_dir}/{path.stem}.* file")
+        for stem, path in images.items():
+            if not (masks_dir / f"{stem}.png").is_file():
+                raise ValueError(f"missing mask for image {path}: expected {masks_dir}/{stem}.png")
+    labels_csv = root / "labels.csv" if (root / "labels.csv").is_file() else None
+    return _Folder(root, images, masks_dir, labels_csv)
+
+
+def _read_labels(folder: _Folder, label_names: Sequence[str] | None) -> dict[str, int]:
+    """Map each image stem to its label from ``labels.csv``; every image must have exactly one."""
+    assert folder.labels_csv is not None
+    path = folder.labels_csv
+    by_name = {name: i for i, name in enumerate(label_names)} if label_names else {}
+    file_names = {p.name: stem for stem, p in folder.images.items()}
+    labels: dict[str, int] = {}
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        fields = [f.strip() for f in reader.fieldnames or []]
+        if "filename" not in fields or "label" not in fields:
+            raise ValueError(f"{path}: header must be 'filename,label', got {fields}")
+        reader.fieldnames = fields
+        for line, row in enumerate(reader, start=2):
+            name, value = (row["filename"] or "").strip(), (row["label"] or "").strip()
+            if name not in file_names:
+                raise ValueError(
+                    f"{path} line {line}: row for a missing file {name!r} "
+                    f"(no such image in {folder.root / 'images'})"
+                )
+            stem = file_names[name]
+            if stem in labels:
+                raise ValueError(f"{path} line {line}: {name!r} is listed twice")
+            try:
+                label = int(value)
+            except ValueError:
+                if value not in by_name:
+                    known = f"label_names={list(label_names)}" if label_names else "no label_names"
+                    raise ValueError(
+                        f"{path} line {line}: unknown label name {value!r} for {name!r} "
+                        f"({known}; a label is an int or one of label_names)"
+                    ) from None
+                label = by_name[value]
+            if label < 0 or (label_names and label >= len(label_names)):
+                raise ValueError(
+                    f"{path} line {line}: label {label} for {name!r} is out of range "
+                    f"[0, {len(label_names) if label_names else 'inf'})"
+                )
+            labels[stem] = label
+    for stem, image_path in folder.images.items():
+        if stem not in labels:
+            raise ValueError(f"image {image_path} is missing from {path}")
+    return labels
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        image = Image.open(path)
+        image.load()
+    except (OSError, UnidentifiedImageError) as err:
+        raise ValueError(f"unreadable image {path}: {err}") from err
+    return image
+
+
+def _mask_indices(path: Path, palette: np.ndarray | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Read a mask PNG as class indices [H, W] (int64) and return them with the PIL size."""
+    mask = _open_image(path)
+    if mask.mode in _INDEX_MODES:
+        return np.asarray(mask, dtype=np.int64), mask.size
+    if mask.mode in ("RGB", "RGBA"):
+        if palette is None:
+            raise ValueError(
+                f"mask {path} is an {mask.mode} colour image; save it as an index PNG (mode L or "
+                "P, pixel value = class) or pass palette=[[r, g, b], ...] (one colour per class)"
+            )
+        rgb = np.asarray(mask.convert("RGB"), dtype=np.int64)
+        codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        keys = (palette[:, 0] << 16) | (palette[:, 1] << 8) | palette[:, 2]
+        order = np.argsort(keys)
+        pos = np.clip(np.searchsorted(keys[order], codes), 0, len(keys) - 1)
+        found = keys[order][pos] == codes
+        if not found.all():
+            y, x = np.argwhere(~found)[0]
+            raise ValueError(
+                f"mask {path} has colour {tuple(int(c) for c in rgb[y, x])} at (x={x}, y={y}) "
+                "that is not in palette"
+            )
+        return order[pos], mask.size
+    raise ValueError(f"mask {path} has unsupported PNG mode {mask.mode!r}; use L or P (indices)")
+
+
+def _check_palette(palette: Sequence[Sequence[int]] | None) -> np.ndarray | None:
+    if palette is None:
+        return None
+    array = np.asarray(palette)
+    if array.ndim != 2 or array.shape[1] != 3 or len(array) == 0 or array.dtype.kind not in "iu":
+        raise ValueError(f"palette must be a non-empty list of [r, g, b] ints, got {palette!r}")
+    if array.min() < 0 or array.max() > 255:
+        raise ValueError(f"palette colours must be in 0..255, got {palette!r}")
+    if len({tuple(c) for c in array.tolist()}) != len(array):
+        raise ValueError(f"palette has a repeated colour: {palette!r}")
+    if len(array) > IGNORE_INDEX:
+        raise ValueError(f"palette has {len(array)} colours; at most {IGNORE_INDEX} classes")
+    return array.astype(np.int64)
+
+
+def _max_mask_value(paths: Sequence[Path], palette: np.ndarray | None) -> int:
+    """Largest class index in the masks, not counting the ignore value (-1 when none)."""
+    best = -1
+    for path in paths:
+        values = _mask_indices(path, palette)[0]
+        values = values[values != IGNORE_INDEX]
+        if values.size:
+            best = max(best, int(values.max()))
+    return best
+
+
+class ImageFolderDataset(Dataset):
+    """A user's images (and optional masks/labels) from ``root``, loaded eagerly into tensors.
+
+    If ``root/train/`` exists, each split reads ``root/<split>/``; otherwise the files under
+    ``root`` are split into train/val by a seeded shuffle (``val_fraction``; no test split).
+    ``num_seg_classes``, when not given, is ``len(palette)`` with a palette, else the largest
+    mask value (255 = ignore excluded) + 1 over all splits' masks; labels without
+    ``label_names`` are ints and count max + 1 over all splits. Images are resized bilinear and
+    masks nearest to ``size`` (an int or (height, width)). Everything is loaded at construction,
+    which suits the small sets this is for; past ~5000 images, expect high memory use (a lazy
+    loader is not implemented yet).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        size: int | tuple[int, int] = 32,
+        num_seg_classes: int | None = None,
+        label_names: Sequence[str] | None = None,
+        val_fraction: float = 0.2,
+        seed: int = 0,
+        channels: int = 3,
+        palette: Sequence[Sequence[int]] | None = None,
+    ) -> None:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        height, width = (size, size) if isinstance(size, int) else tuple(size)
+        if not all(isinstance(s, int) and s >= 1 for s in (height, width)):
+            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        if num_seg_classes is not None and not 1 <= num_seg_classes <= IGNORE_INDEX:
+            raise ValueError(f"num_seg_classes must be in 1..{IGNORE_INDEX}, got {num_seg_classes}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        if label_names is not None and (
+            isinstance(label_names, str) or len(set(label_names)) != len(label_names)
+        ):
+            raise ValueError(f"label_names must be a list of distinct names, got {label_names!r}")
+        pal = _check_palette(palette)
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"root {root} is not a directory")
+
+        # Every split folder is scanned so class counts agree between train, val and test.
+        split_layout = (root / "train").is_dir()
+        if split_layout:
+            present = [s for s in SPLITS if (root / s).is_dir()]
+            if split not in present:
+                raise ValueError(f"split {split!r} requested but {root / split} does not exist")
+            folders = [_scan(root / s) for s in present]
+            folder = folders[present.index(split)]
+        else:
+            if split == "test":
+                raise ValueError(
+                    f"{root} has no split folders, so only 'train' and 'val' exist (split by "
+                    f"val_fraction); create {root}/train, {root}/val and {root}/test to have a test set"
+                )
+            folder = _scan(root)
+            folders = [folder]
+        has_masks = [f.masks_dir is not None for f in folders]
+        has_labels = [f.labels_csv is not None for f in folders]
+        for what, flags in (("masks/", has_masks), ("labels.csv", has_labels)):
+            if any(flags) and not all(flags):
+                raise ValueError(f"{what} exists in some split folders of {root} but not all")
+        if not has_masks[0] and (num_seg_classes is not None or palette is not None):
+            raise ValueError(f"num_seg_classes/palette given but {folder.root}/masks does not exist")
+        if not has_labels[0] and label_names is not None:
+            raise ValueError(f"label_names given but {folder.root}/labels.csv does not exist")
+
+        labels_all = [_read_labels(f, label_names) for f in folders] if has_labels[0] else None
+        stems = list(folder.images)
+        if not split_layout:
+            stems = self._seeded_split(stems, split, val_fraction, seed, folder.root)
+
+        # Class counts, inferred over all splits when not given.
+        if has_masks[0] and num_seg_classes is None:
+            if pal is not None:
+                num_seg_classes = len(pal)
+            else:
+                paths = [f.masks_dir / f"{s}.png" for f in folders for s in f.images]
+                num_seg_classes = _max_mask_value(paths, None) + 1
+                if num_seg_classes < 1:
+                    raise ValueError(f"every mask under {root} is all ignore ({IGNORE_INDEX})")
+        num_labels = 0
+        if labels_all is not None:
+            num_labels = (
+                len(label_names)
+                if label_names
+                else max(v for labels in labels_all for v in labels.values()) + 1
+            )
+
+        images, masks = [], []
+        for stem in stems:
+            image_path = folder.images[stem]
+            image = _open_image(image_path)
+            if folder.masks_dir is not None:
+                mask_path = folder.masks_dir / f"{stem}.png"
+                values, mask_size = _mask_indices(mask_path, pal)
+                if mask_size != image.size:
+                    raise ValueError(
+                        f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image "
+                        f"{image_path} is {image.size[0]}x{image.size[1]}"
+                    )
+                bad = ((values >= num_seg_classes) & (values != IGNORE_INDEX)) | (values < 0)
+                if bad.any():
+                    raise ValueError(
+                        f"mask {mask_path} has value {int(values[bad][0])}, outside 0.."
+                        f"{num_seg_classes - 1} (num_seg_classes={num_seg_classes}) and not the "
+                        f"ignore value {IGNORE_INDEX}"
+                    )
+                small = Image.fromarray(values.astype(np.uint8))
+                small = small.resize((width, height), Image.Resampling.NEAREST)
+                masks.append(torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()))
+            image = image.convert("RGB" if channels == 3 else "L")
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
+
+        self.split = split
+        self.root = root
+        self.files: list[Path] = [folder.images[s] for s in stems]
+        self.images: torch.Tensor = torch.stack(images).float().div_(255.0)  # [N, C, H, W]
+        self.masks: torch.Tensor | None = torch.stack(masks) if masks else None  # uint8 [N, H, W]
+        self.labels: torch.Tensor | None = None
+        if labels_all is not None:
+            labels = labels_all[folders.index(folder)]
+            self.labels = torch.tensor([labels[s] for s in stems], dtype=torch.int64)
+        names = tuple(label_names) if label_names else tuple(str(i) for i in range(num_labels))
+        self.info = DatasetInfo(
+            name=f"image_folder:{root.name}",
+            channels=channels,
+            image_size=(height, width),
+            num_seg_classes=num_seg_classes or 0,
+            num_labels=num_labels,
+            seg_class_names=tuple(f"class_{i}" for i in range(num_seg_classes or 0)),
+            label_names=names,
+            ignore_index=IGNORE_INDEX,
+        )
+
+    @staticmethod
+    def _seeded_split(
+        stems: list[str], split: str, val_fraction: float, seed: int, root: Path
+    ) -> list[str]:
+        """Shuffle the sorted stems with ``seed``; the first round(n * val_fraction) are val."""
+        n = len(stems)
+        n_val = round(n * val_fraction)
+        if val_fraction > 0:
+            n_val = min(max(n_val, 1), n - 1)
+        if split == "val" and n_val == 0:
+            raise ValueError(
+                f"val split of {root} is empty ({n} images, val_fraction={val_fraction}); "
+                "raise val_fraction or add images"
+            )
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        chosen = order[:n_val] if split == "val" else order[n_val:]
+        return [stems[i] for i in sorted(chosen)]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.images[index]}
+        if self.masks is not None:
+            item["mask"] = self.masks[index].long()
+        if self.labels is not None:
+            item["label"] = self.labels[index]
+        return item

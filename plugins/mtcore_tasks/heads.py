@@ -1,0 +1,365 @@
+"""The first-party task heads: segmentation, classification, VAE and GAN."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtcore.plugin import DatasetInfo, FeatureInfo, IncompatibleComponentsError, TaskHead
+
+from . import metrics as M
+from .generators import Discriminator, ImageDecoder, ema_update, frozen_norm_stats
+from .losses import AdversarialLoss, ClsCrossEntropy, SegCrossEntropy, VAELoss, r1_penalty
+
+Batch = Mapping[str, torch.Tensor]
+
+PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
+                        [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
+                        [210, 245, 60], [250, 190, 190], [0, 128, 128]], dtype=torch.float32) / 255
+
+
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+def _pick(features: Sequence[FeatureInfo], name: str | None, what: str) -> FeatureInfo:
+    if name is None:
+        return features[-1]
+    for f in features:
+        if f.name == name:
+            return f
+    raise IncompatibleComponentsError(
+        f"{what}: in_feature {name!r} is not a backbone feature map; the backbone returns "
+        + ", ".join(f"{f.name} (C={f.channels}, stride={f.stride})" for f in features))
+
+
+def _deepest(features: Sequence[FeatureInfo]) -> FeatureInfo:
+    return max(features, key=lambda f: (f.stride, f.channels))
+
+
+class _MetricAdapter:
+    """Turns a head's outputs + batch into the arguments of a metric accumulator."""
+
+    def __init__(self, metric: Any, update: Callable[[Any, Any, Any], None]) -> None:
+        self.metric, self._update = metric, update
+
+    def update(self, outputs, batch) -> None:
+        self._update(self.metric, outputs, batch)
+
+    def compute(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.metric.compute().items()
+                if isinstance(v, int | float) or (torch.is_tensor(v) and v.numel() == 1)}
+
+
+def _need(info: DatasetInfo, flag: bool, what: str) -> None:
+    if not flag:
+        raise IncompatibleComponentsError(f"dataset {info.name!r} has no {what}")
+
+
+class SegmentationHead(TaskHead):
+    """Per-pixel class logits. With a stride-1 decoder map (U-Net ``dec*``) a light conv head on it;
+    otherwise a top-down decoder that upsamples the deepest map and merges every skip."""
+
+    task_type = "segmentation"
+    targets = ("mask",)
+    primary_metric = ("miou", True)
+
+    def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
+                 loss: nn.Module | None = None, hidden: int = 32,
+                 in_features: Sequence[str] | None = None) -> None:
+        super().__init__()
+        _need(info, info.has_masks, "masks (num_seg_classes = 0): segmentation needs them")
+        self.num_classes, self.ignore_index = info.num_seg_classes, info.ignore_index
+        self.loss_fn = loss if loss is not None else SegCrossEntropy(ignore_index=info.ignore_index)
+        if in_features is None:
+            dec = [f for f in features if f.stride == 1 and f.name.startswith("dec")]
+            in_features = [dec[-1].name] if dec else [f.name for f in features]
+        chosen = [_pick(features, n, "segmentation head") for n in in_features]
+        chosen.sort(key=lambda f: -f.stride)
+        self.names = [f.name for f in chosen]
+        self.final_stride = chosen[-1].stride
+        self.lateral = nn.ModuleList(nn.Conv2d(f.channels, hidden, 1) for f in chosen)
+        self.merge = nn.ModuleList(conv_block(hidden, hidden) for _ in chosen)
+        self.classifier = nn.Conv2d(hidden, self.num_classes, 1)
+
+    def forward(self, features, batch):
+        x = None
+        for name, lat, merge in zip(self.names, self.lateral, self.merge, strict=True):
+            f = lat(features[name])
+            x = f if x is None else f + F.interpolate(x, size=f.shape[-2:], mode="nearest")
+            x = merge(x)
+        logits = self.classifier(x)
+        if self.final_stride != 1:
+            logits = F.interpolate(logits, size=batch["image"].shape[-2:], mode="bilinear",
+                                   align_corners=False)
+        return {"logits": logits}
+
+    def compute_loss(self, outputs, batch):
+        return self.loss_fn(outputs["logits"], batch["mask"])
+
+    def new_metric(self):
+        return _MetricAdapter(M.SegmentationMetrics(self.num_classes, self.ignore_index),
+                              lambda m, o, b: m.update(o["logits"].argmax(1), b["mask"]))
+
+    def visuals(self, outputs, batch):
+        pred = outputs["logits"].argmax(1).cpu()
+        colours = PALETTE[pred % len(PALETTE)].permute(0, 3, 1, 2)
+        image = batch["image"].cpu()
+        image = image.expand(-1, 3, -1, -1) if image.shape[1] == 1 else image[:, :3]
+        fg = (pred > 0).unsqueeze(1).float()
+        return {"pred mask": image * (1 - 0.6 * fg) + colours * 0.6 * fg}
+
+
+class ClassificationHead(TaskHead):
+    """Global average + max pooling of one feature map, then an MLP to label logits."""
+
+    task_type = "classification"
+    targets = ("label",)
+    primary_metric = ("accuracy", True)
+
+    def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
+                 loss: nn.Module | None = None, hidden: int = 64, dropout: float = 0.0,
+                 in_feature: str | None = None) -> None:
+        super().__init__()
+        _need(info, info.has_labels, "image-level labels (num_labels = 0)")
+        self.num_labels = info.num_labels
+        f = _pick(features, in_feature, "classification head") if in_feature else _deepest(features)
+        self.in_feature = f.name
+        self.loss_fn = loss if loss is not None else ClsCrossEntropy()
+        self.mlp = nn.Sequential(nn.Linear(2 * f.channels, hidden), nn.ReLU(inplace=True),
+                                 nn.Dropout(dropout), nn.Linear(hidden, info.num_labels))
+
+    def forward(self, features, batch):
+        x = features[self.in_feature]
+        pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+        return {"logits": self.mlp(pooled)}
+
+    def compute_loss(self, outputs, batch):
+        return self.loss_fn(outputs["logits"], batch["label"])
+
+    def new_metric(self):
+        return _MetricAdapter(M.ClassificationMetrics(self.num_labels),
+                              lambda m, o, b: m.update(o["logits"].argmax(1), b["label"]))
+
+
+def _generation_metrics(head: TaskHead, datasets: Mapping[str, Any], split: str,
+                        num_samples: int, seed: int, conditional: bool) -> dict[str, float]:
+    """FID / precision / recall (+ class consistency) in the cached evaluator's feature space."""
+    from .evaluator import get_evaluator
+    from .generation_metrics import class_consistency, frechet_distance, precision_recall
+
+    train, ref = datasets.get("train"), datasets[split]
+    info = ref.info
+    key = f"{info.name}-{info.image_size[0]}x{info.image_size[1]}-c{info.channels}"
+    device = next(head.parameters()).device
+    ev = get_evaluator(train if train is not None else ref, key, seed=0, device=device)
+    n = min(num_samples, len(ref))
+    real = torch.stack([ref[i]["image"] for i in range(n)]).to(device)
+    gen = torch.Generator().manual_seed(seed + 7)
+    labels = None
+    if conditional and info.num_labels:
+        labels = torch.arange(n) % info.num_labels
+    fake = head.sample(n, labels=labels, generator=gen)
+    rf, ff = ev.features(real), ev.features(fake)
+    p, r = precision_recall(rf, ff)
+    out = {"fid": float(frechet_distance(rf, ff)), "precision": float(p), "recall": float(r)}
+    if labels is not None:
+        out["class_consistency"] = float(class_consistency(ev, fake, labels.to(device)))
+    return out
+
+
+class VAEHead(TaskHead):
+    """Features -> (mu, logvar) -> reparameterised z -> decoder -> image (Kingma & Welling 2014)."""
+
+    task_type = "vae"
+    targets = ("image",)
+
+    def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
+                 loss: nn.Module | None = None, latent_dim: int = 32, width: int = 32,
+                 in_feature: str | None = None) -> None:
+        super().__init__()
+        f = _pick(features, in_feature, "vae head") if in_feature else _deepest(features)
+        self.in_feature, self.latent_dim, self.info = f.name, latent_dim, info
+        self.loss_fn = loss if loss is not None else VAELoss()
+        self.bernoulli = getattr(self.loss_fn, "recon", "mse") == "bernoulli"
+        self.encode = nn.Sequential(nn.Conv2d(f.channels, width, 3, padding=1), nn.ReLU(inplace=True),
+                                    nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+                                    nn.Linear(width * 16, 2 * latent_dim))
+        self.decoder = ImageDecoder(latent_dim, info.channels, info.image_size, width)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder output in [0, 1] (sigmoid of the logits)."""
+        return torch.sigmoid(self.decoder(z))
+
+    def forward(self, features, batch):
+        mu, logvar = self.encode(features[self.in_feature]).float().chunk(2, dim=1)
+        logvar = logvar.clamp(-10, 10)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
+        logits = self.decoder(z)
+        return {"mu": mu, "logvar": logvar, "recon_logits": logits, "recon": torch.sigmoid(logits)}
+
+    def compute_loss(self, outputs, batch):
+        recon = outputs["recon_logits"] if self.bernoulli else outputs["recon"]
+        return self.loss_fn(recon.float(), batch["image"], outputs["mu"], outputs["logvar"]).total
+
+    def new_metric(self):
+        def update(m, o, b):
+            x, r = b["image"], o["recon"].float()
+            n = x.shape[0]
+            if self.bernoulli:
+                rec = F.binary_cross_entropy_with_logits(o["recon_logits"].float(), x,
+                                                         reduction="none").reshape(n, -1).sum(1)
+            else:
+                rec = ((r - x) ** 2).reshape(n, -1).sum(1)
+            kl = -0.5 * (1 + o["logvar"] - o["mu"] ** 2 - o["logvar"].exp()).sum(1)
+            m.update(r, x, rec, kl)
+        return _MetricAdapter(M.ReconstructionMetrics(), update)
+
+    @torch.no_grad()
+    def sample(self, n, labels=None, generator=None):
+        z = torch.randn(n, self.latent_dim, generator=generator).to(next(self.parameters()).device)
+        return self.decode(z)
+
+    def generation_metrics(self, datasets, split, num_samples, seed):
+        return _generation_metrics(self, datasets, split, num_samples, seed, conditional=False)
+
+    def visuals(self, outputs, batch):
+        return {"reconstruction": outputs["recon"]}
+
+
+class GANHead(TaskHead):
+    """A generator from noise (optionally class-conditional) against a discriminator trained by its
+    own optimizer. Protocol: in D steps the generator gets no gradients and its BatchNorm
+    statistics stay fixed, fakes are detached; in the G step (the main multi-task step) the trainer
+    freezes D; the EMA generator updates after each G step and is used for sampling.
+    ``share_decoder = "<vae task>"`` makes the generator the VAE's decoder (VAE-GAN)."""
+
+    task_type = "gan"
+    targets = ("image",)
+
+    def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
+                 loss: nn.Module | None = None, latent_dim: int = 32, width: int = 32,
+                 d_width: int = 32, conditional: bool = True, share_decoder: str | None = None,
+                 d_steps: int = 1, r1_gamma: float = 0.5, r1_every: int = 4,
+                 ema_decay: float = 0.99, mbstd_group: int = 4) -> None:
+        super().__init__()
+        if d_steps < 1 or r1_every < 1 or not 0 <= ema_decay < 1 or r1_gamma < 0:
+            raise ValueError("gan head: need d_steps >= 1, r1_every >= 1, 0 <= ema_decay < 1, "
+                             f"r1_gamma >= 0; got {d_steps}, {r1_every}, {ema_decay}, {r1_gamma}")
+        self.info, self.latent_dim = info, latent_dim
+        self.conditional = conditional and info.has_labels
+        self.loss_fn = loss if loss is not None else AdversarialLoss()
+        if not hasattr(self.loss_fn, "d_loss"):
+            raise IncompatibleComponentsError("gan head: its loss needs d_loss/g_loss methods")
+        self.share_decoder, self.d_steps, self.r1_gamma, self.r1_every = (
+            share_decoder, d_steps, r1_gamma, r1_every)
+        self.ema_decay = ema_decay
+        self.embed = nn.Embedding(info.num_labels, latent_dim) if self.conditional else None
+        self._own = None if share_decoder else ImageDecoder(latent_dim, info.channels,
+                                                            info.image_size, width)
+        self._shared: list[nn.Module] = []  # the VAE decoder, held without registering it twice
+        self.discriminator = Discriminator(info.channels, info.image_size, d_width,
+                                           info.num_labels if self.conditional else 0, mbstd_group)
+        self.ema = copy.deepcopy(self._own) if self._own is not None else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
+
+    def link(self, heads):
+        if not self.share_decoder:
+            return
+        other = heads.get(self.share_decoder)
+        if other is None or not isinstance(getattr(other, "decoder", None), ImageDecoder):
+            raise IncompatibleComponentsError(
+                f"gan head: share_decoder={self.share_decoder!r} must name a VAE task; tasks: "
+                + ", ".join(heads))
+        if other.latent_dim != self.latent_dim:
+            raise IncompatibleComponentsError(
+                f"gan head: latent_dim {self.latent_dim} != the shared VAE decoder's "
+                f"{other.latent_dim}")
+        self._shared = [other.decoder]
+        self.ema = copy.deepcopy(other.decoder).requires_grad_(False)
+
+    @property
+    def generator(self) -> nn.Module:
+        return self._own if self._own is not None else self._shared[0]
+
+    def _z(self, n, labels, generator=None):
+        dev = next(self.discriminator.parameters()).device
+        z = torch.randn(n, self.latent_dim, generator=generator).to(dev)
+        if self.embed is not None:
+            z = z + self.embed(labels.to(dev))
+        return z
+
+    def _labels(self, batch, n):
+        if not self.conditional:
+            return None
+        if "label" in batch:
+            return batch["label"]
+        return torch.randint(0, self.info.num_labels, (n,), device=batch["image"].device)
+
+    def auxiliary_parameters(self):
+        return {"discriminator": list(self.discriminator.parameters())}
+
+    @property
+    def auxiliary_steps(self):
+        return self.d_steps
+
+    def forward(self, features, batch):
+        n = batch["image"].shape[0]
+        labels = self._labels(batch, n)
+        gen = self.generator if self.training else self.ema
+        fake = torch.sigmoid(gen(self._z(n, labels)))
+        return {"fake": fake, "fake_logits": self.discriminator(fake, labels)}
+
+    def compute_loss(self, outputs, batch):
+        return self.loss_fn.g_loss(outputs["fake_logits"].float())
+
+    def auxiliary_loss(self, batch, step):
+        real = batch["image"]
+        n = real.shape[0]
+        labels = self._labels(batch, n)
+        with torch.no_grad(), frozen_norm_stats(self.generator):
+            fake = torch.sigmoid(self.generator(self._z(n, labels)))
+        d_loss = self.loss_fn.d_loss(self.discriminator(real, labels).float(),
+                                     self.discriminator(fake.detach(), labels).float())
+        out = {"d_loss": d_loss}
+        loss = d_loss
+        if self.r1_gamma > 0 and step % self.r1_every == 0:
+            x = real.detach().requires_grad_(True)
+            r1 = r1_penalty(x, self.discriminator(x, labels).float(), self.r1_gamma)
+            out["r1"] = r1
+            loss = loss + r1 * self.r1_every  # lazy regularisation (Karras et al. 2020)
+        out["loss"] = loss
+        return out
+
+    def after_main_step(self):
+        ema_update(self.ema, self.generator, self.ema_decay)
+
+    def new_metric(self):
+        class _Mean:
+            def __init__(self, loss_fn):
+                self.loss_fn, self.total, self.n = loss_fn, 0.0, 0
+
+            def update(self, outputs, batch):
+                k = outputs["fake_logits"].shape[0]
+                self.total += float(self.loss_fn.g_loss(outputs["fake_logits"].float())) * k
+                self.n += k
+
+            def compute(self):
+                return {"g_loss": self.total / max(self.n, 1)}
+        return _Mean(self.loss_fn)
+
+    @torch.no_grad()
+    def sample(self, n, labels=None, generator=None):
+        if self.conditional and labels is None:
+            labels = torch.randint(0, self.info.num_labels, (n,), generator=generator)
+        return torch.sigmoid(self.ema(self._z(n, labels, generator)))
+
+    def generation_metrics(self, datasets, split, num_samples, seed):
+        return _generation_metrics(self, datasets, split, num_samples, seed, self.conditional)

@@ -1,0 +1,118 @@
+"""First-party transfer strategies: from scratch, parameter, feature and structure transfer, and
+staged schedules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from torch import nn
+
+from mtcore import checkpoint
+from mtcore.plugin import TransferStrategy
+from mtcore.transfer import Stage
+
+
+class FromScratch(TransferStrategy):
+    """Random initialisation; everything trains."""
+
+
+class FineTune(TransferStrategy):
+    """Parameter transfer: load weights from an mtcore checkpoint, then train (optionally with the
+    backbone frozen for the first ``freeze_epochs`` epochs and a smaller backbone LR after).
+
+    ``parts`` selects what to load: "backbone" (default) or "all" (backbone and matching heads).
+    """
+
+    def __init__(self, checkpoint: str, parts: str = "backbone", freeze_epochs: int = 0,
+                 strict: bool = True) -> None:
+        if parts not in ("backbone", "all"):
+            raise ValueError(f"transfer.params.parts: expected 'backbone' or 'all', got {parts!r}")
+        self.path, self.parts, self.freeze_epochs, self.strict = checkpoint, parts, freeze_epochs, strict
+
+    def setup(self, model: nn.Module) -> None:
+        state = checkpoint.load(self.path)["model"]
+        if self.parts == "backbone":
+            checkpoint.load_model_weights(model.backbone, state, self.path, prefix="backbone.",
+                                          strict=self.strict)
+        else:
+            checkpoint.load_model_weights(model, state, self.path, strict=self.strict)
+
+    def stage(self, epoch: int) -> Stage:
+        if epoch < self.freeze_epochs:
+            return Stage("frozen-backbone", freeze=("backbone",))
+        return Stage("finetune")
+
+
+class FeatureTransfer(FineTune):
+    """Feature transfer: pretrained backbone weights, frozen for the whole run; only heads train."""
+
+    def __init__(self, checkpoint: str, strict: bool = True) -> None:
+        super().__init__(checkpoint, parts="backbone", strict=strict)
+
+    def stage(self, epoch: int) -> Stage:
+        return Stage("frozen-features", freeze=("backbone",))
+
+
+class StructureTransfer(TransferStrategy):
+    """Structure transfer: reuse the backbone architecture (name and params) recorded in a
+    checkpoint's config, with fresh weights."""
+
+    def __init__(self, checkpoint: str) -> None:
+        self.path = checkpoint
+
+    def configure(self, config: dict[str, Any]) -> dict[str, Any]:
+        src = checkpoint.load(self.path)["config"]["model"]["backbone"]
+        return {**config, "model": {**config["model"], "backbone": dict(src)}}
+
+
+class Staged(TransferStrategy):
+    """A schedule of stages, e.g. pretrain heads on a frozen backbone, then train jointly, then
+    unfreeze end to end with a smaller LR. ``stages`` is a list of tables
+    ``{name, epochs, freeze = [module prefixes], lr_scale}``; the last stage lasts to the end.
+    Optionally starts from a checkpoint's backbone (``checkpoint``)."""
+
+    DEFAULT = (
+        {"name": "heads", "epochs": 2, "freeze": ["backbone"], "lr_scale": 1.0},
+        {"name": "joint", "epochs": 2, "freeze": ["backbone"], "lr_scale": 1.0},
+        {"name": "end-to-end", "epochs": 1, "freeze": [], "lr_scale": 0.3},
+    )
+
+    def __init__(self, stages: Sequence[Mapping[str, Any]] = DEFAULT,
+                 checkpoint: str | None = None) -> None:
+        if not stages:
+            raise ValueError("transfer.params.stages: give at least one stage")
+        self.stages: list[Stage] = []
+        self.ends: list[int] = []
+        end = 0
+        for i, s in enumerate(stages):
+            unknown = set(s) - {"name", "epochs", "freeze", "lr_scale"}
+            if unknown:
+                raise ValueError(f"transfer.params.stages[{i}]: unknown keys {sorted(unknown)}; "
+                                 "expected name, epochs, freeze, lr_scale")
+            epochs = int(s.get("epochs", 1))
+            if epochs < 1:
+                raise ValueError(f"transfer.params.stages[{i}].epochs: expected >= 1, got {epochs}")
+            end += epochs
+            self.ends.append(end)
+            self.stages.append(Stage(str(s.get("name", f"stage{i + 1}")),
+                                     tuple(s.get("freeze", ())), float(s.get("lr_scale", 1.0))))
+        self.checkpoint = checkpoint
+
+    def setup(self, model: nn.Module) -> None:
+        for st in self.stages:
+            for prefix in st.freeze:
+                try:
+                    model.get_submodule(prefix)
+                except AttributeError:
+                    raise ValueError(f"transfer.params.stages: {st.name!r} freezes {prefix!r}, "
+                                     "which is not a module of the model (e.g. 'backbone', "
+                                     "'heads.seg')") from None
+        if self.checkpoint:
+            FineTune(self.checkpoint).setup(model)
+
+    def stage(self, epoch: int) -> Stage:
+        for st, end in zip(self.stages, self.ends, strict=True):
+            if epoch < end:
+                return st
+        return self.stages[-1]

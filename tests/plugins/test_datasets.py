@@ -1,0 +1,398 @@
+"""Tests for the built-in datasets: shapes (procedural), digits (sklearn) and image folders."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mtcore.data import DatasetInfo
+from mtcore_datasets.digits import MASK_THRESHOLD, DigitsDataset
+from mtcore_datasets.image_folder import ImageFolderDataset
+from mtcore_datasets.shapes import ShapesDataset
+
+
+def _check_item(item: dict, info: DatasetInfo) -> None:
+    """The dataset contract: dtypes, shapes and value ranges of one item."""
+    image = item["image"]
+    assert image.dtype == torch.float32
+    assert image.shape == (info.channels, *info.image_size)
+    assert 0.0 <= image.min() and image.max() <= 1.0
+    if info.has_masks:
+        mask = item["mask"]
+        assert mask.dtype == torch.int64 and mask.shape == info.image_size
+        valid = mask[mask != info.ignore_index]
+        assert valid.min() >= 0 and valid.max() < info.num_seg_classes
+    else:
+        assert "mask" not in item
+    if info.has_labels:
+        label = item["label"]
+        assert label.dtype == torch.int64 and label.shape == ()
+        assert 0 <= label < info.num_labels
+    else:
+        assert "label" not in item
+
+
+def _image_keys(images: torch.Tensor) -> set[bytes]:
+    return {img.numpy().tobytes() for img in images}
+
+
+# ----------------------------------------------------------------------------------- shapes
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_shapes_items_follow_the_contract(channels):
+    ds = ShapesDataset(size=16, num_samples=12, channels=channels)
+    assert len(ds) == 12
+    assert ds.info.num_seg_classes == 4 and ds.info.num_labels == 3
+    assert ds.info.label_names == ("circle", "square", "triangle")
+    for i in range(len(ds)):
+        _check_item(ds[i], ds.info)
+
+
+def test_shapes_default_split_sizes():
+    assert len(ShapesDataset("val", size=8)) == 500
+    assert len(ShapesDataset("test", size=8)) == 500
+
+
+def test_shapes_deterministic_by_seed_and_seeds_differ():
+    a = ShapesDataset(num_samples=20, seed=3)
+    b = ShapesDataset(num_samples=20, seed=3)
+    c = ShapesDataset(num_samples=20, seed=4)
+    assert torch.equal(a.images, b.images) and torch.equal(a.masks, b.masks)
+    assert torch.equal(a.labels, b.labels)
+    assert not torch.equal(a.masks, c.masks)
+    assert not _image_keys(a.images) & _image_keys(c.images)
+
+
+def test_shapes_splits_are_disjoint():
+    keys = {s: _image_keys(ShapesDataset(s, num_samples=200).images) for s in ("train", "val", "test")}
+    assert all(len(k) == 200 for k in keys.values())
+    assert not keys["train"] & keys["val"]
+    assert not keys["train"] & keys["test"]
+    assert not keys["val"] & keys["test"]
+
+
+def test_shapes_label_is_kind_with_most_mask_pixels():
+    ds = ShapesDataset(num_samples=300, seed=1)
+    for i in range(len(ds)):
+        item = ds[i]
+        counts = [int((item["mask"] == kind).sum()) for kind in (1, 2, 3)]
+        assert max(counts) > 0, "every image shows at least one shape"
+        best = max(range(3), key=lambda k: (counts[k], -k))  # most pixels, lower kind on ties
+        assert item["label"].item() == best
+    # Every kind shows up as the label often (no kind dominates the "largest" rule).
+    assert torch.bincount(ds.labels, minlength=3).min() > 60
+
+
+def test_shapes_count_bounds_and_single_shape_geometry():
+    ds = ShapesDataset(size=64, num_samples=150, seed=2, min_shapes=1, max_shapes=1)
+    fills = {1: [], 3: []}
+    for mask in ds.masks.long():
+        kinds = torch.unique(mask[mask > 0]).tolist()
+        assert len(kinds) == 1
+        kind = kinds[0]
+        ys, xs = torch.nonzero(mask == kind, as_tuple=True)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        if kind in fills:
+            fills[kind].append(((mask == kind).sum() / box).item())
+    # A disc fills pi/4 of its bounding box; an equilateral triangle at most about half of it.
+    assert abs(np.mean(fills[1]) - math.pi / 4) < 0.04
+    assert np.median(fills[3]) < 0.6
+
+
+def test_shapes_scale_with_image_size():
+    small = ShapesDataset(size=32, num_samples=50, seed=5)
+    large = ShapesDataset(size=64, num_samples=50, seed=5)
+    # Same layout at double resolution: pixel (i, j) of 32 is the centre of block (2i, 2j) of 64.
+    down = large.masks[:, ::2, ::2]
+    agree = (down == small.masks).float().mean().item()
+    assert agree > 0.9
+    assert (small.labels == large.labels).float().mean() > 0.9
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"split": "training"}, "split must be one of"),
+        ({"size": 4}, "size must be an int >= 8"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"min_shapes": 3, "max_shapes": 2}, "min_shapes"),
+        ({"channels": 2}, "channels"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_shapes_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ShapesDataset(**kwargs)
+
+
+# ----------------------------------------------------------------------------------- digits
+
+sklearn_datasets = pytest.importorskip("sklearn.datasets")
+
+
+@pytest.fixture(scope="module")
+def sk_digits():
+    bunch = sklearn_datasets.load_digits()
+    return bunch.data, bunch.target
+
+
+def test_digits_match_sklearn_at_native_size(sk_digits):
+    data, target = sk_digits
+    seen = []
+    for split in ("train", "val", "test"):
+        ds = DigitsDataset(split, size=8, val_fraction=0.2, test_fraction=0.1)
+        idx = ds.indices.numpy()
+        assert np.array_equal(ds.labels.numpy(), target[idx])
+        np.testing.assert_allclose(ds.images[:, 0].reshape(len(ds), 64).numpy() * 16, data[idx])
+        _check_item(ds[0], ds.info)
+        seen.append(idx)
+    all_idx = np.concatenate(seen)
+    assert len(all_idx) == len(target) == 1797
+    assert np.array_equal(np.sort(all_idx), np.arange(1797))  # disjoint and complete
+    # Stratified: each digit's val share is val_fraction to within one image.
+    val = DigitsDataset("val", size=8, val_fraction=0.2, test_fraction=0.1)
+    for digit in range(10):
+        n = int((target == digit).sum())
+        assert abs(int((val.labels == digit).sum()) - 0.2 * n) <= 1
+
+
+def test_digits_resized_bilinear_with_threshold_mask(sk_digits):
+    data, _ = sk_digits
+    ds = DigitsDataset("val", size=20, channels=3)
+    assert ds.images.shape[1:] == (3, 20, 20)
+    assert torch.equal(ds.images[:, 0], ds.images[:, 2])
+    for j in range(5):
+        src = (data[ds.indices[j].item()].reshape(8, 8) / 16).astype(np.float32)
+        ref = np.asarray(Image.fromarray(src, mode="F").resize((20, 20), Image.BILINEAR))
+        got = ds.images[j, 0].numpy()
+        np.testing.assert_allclose(got, ref, atol=1e-5)
+        clear = np.abs(ref - MASK_THRESHOLD) > 1e-4
+        assert np.array_equal(ds.masks[j].numpy()[clear], (ref >= MASK_THRESHOLD)[clear])
+        _check_item(ds[j], ds.info)
+    assert 0.1 < ds.masks.float().mean() < 0.6  # the mask is a digit, not empty or everything
+
+
+def test_digits_seeded_split():
+    a, b = DigitsDataset("val", size=8, seed=1), DigitsDataset("val", size=8, seed=1)
+    c = DigitsDataset("val", size=8, seed=2)
+    assert torch.equal(a.indices, b.indices)
+    assert not torch.equal(a.indices, c.indices)
+
+
+def test_digits_errors(monkeypatch):
+    with pytest.raises(ValueError, match="split 'test' is empty"):
+        DigitsDataset("test", size=8)
+    with pytest.raises(ValueError, match="split must be one of"):
+        DigitsDataset("dev")
+    with pytest.raises(ValueError, match="val_fraction"):
+        DigitsDataset(val_fraction=0.6, test_fraction=0.5)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import now fails
+    with pytest.raises(ImportError, match=re.escape("pip install 'mtcore[digits]'")):
+        DigitsDataset()
+
+
+# ----------------------------------------------------------------------------- image folder
+
+COLOURS = [(200, 10, 30), (0, 128, 255), (90, 90, 90), (255, 255, 0), (10, 220, 120)]
+
+
+def _image(path: Path, colour=(0, 0, 0), size=(8, 6)) -> None:
+    """Write a flat-colour RGB image of ``size`` (W, H), so any resize keeps the colour."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+
+
+def _mask(path: Path, values: np.ndarray, mode: str = "L") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "L":
+        Image.fromarray(values.astype(np.uint8)).save(path)
+    elif mode == "P":
+        img = Image.new("P", (values.shape[1], values.shape[0]))
+        img.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] * 64)
+        img.putdata(values.flatten().tolist())
+        img.save(path)
+    else:
+        Image.fromarray(values.astype(np.uint8)).save(path)  # an [H, W, 3] colour array
+
+
+def _halves(right: int, left: int = 0, size=(8, 6)) -> np.ndarray:
+    """Mask [H, W]: left half ``left``, right half ``right``."""
+    w, h = size
+    values = np.full((h, w), left, dtype=np.int64)
+    values[:, w // 2 :] = right
+    return values
+
+
+def _csv(path: Path, rows) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("filename,label\n" + "".join(f"{a},{b}\n" for a, b in rows))
+
+
+def _folder(root: Path, n=5, masks=True, labels=True) -> Path:
+    """n flat-colour images img<i>.png; mask i right half = i % 3 + 1; label i = i % 2."""
+    for i in range(n):
+        _image(root / "images" / f"img{i}.png", COLOURS[i % len(COLOURS)])
+        if masks:
+            _mask(root / "masks" / f"img{i}.png", _halves(i % 3 + 1))
+    if labels:
+        _csv(root / "labels.csv", [(f"img{i}.png", i % 2) for i in range(n)])
+    return root
+
+
+def test_image_folder_loads_images_masks_labels(tmp_path):
+    root = _folder(tmp_path, n=5)
+    train = ImageFolderDataset(root, "train", size=4, val_fraction=0.4)
+    val = ImageFolderDataset(root, "val", size=4, val_fraction=0.4)
+    assert (len(train), len(val)) == (3, 2)
+    names = [p.name for p in train.files + val.files]
+    assert sorted(names) == [f"img{i}.png" for i in range(5)]
+    assert train.info.num_seg_classes == 4  # inferred: max mask value 3, + 1
+    assert train.info.num_labels == 2 and val.info == train.info
+    for ds in (train, val):
+        for j, path in enumerate(ds.files):
+            i = int(path.stem[3:])
+            item = ds[j]
+            _check_item(item, ds.info)
+            expected = torch.tensor(COLOURS[i], dtype=torch.float32) / 255
+            torch.testing.assert_close(item["image"], expected.view(3, 1, 1).expand(3, 4, 4))
+            want = torch.zeros(4, 4, dtype=torch.int64)
+            want[:, 2:] = i % 3 + 1  # nearest resize keeps the halves
+            assert torch.equal(item["mask"], want)
+            assert item["label"].item() == i % 2
+
+
+def test_image_folder_seeded_split(tmp_path):
+    root = _folder(tmp_path, n=20, masks=False, labels=False)
+    a = ImageFolderDataset(root, "val", seed=0, size=4)
+    b = ImageFolderDataset(root, "val", seed=0, size=4)
+    c = ImageFolderDataset(root, "val", seed=1, size=4)
+    assert a.files == b.files and len(a.files) == 4
+    assert a.files != c.files
+    train = ImageFolderDataset(root, "train", seed=0, size=4)
+    assert not set(train.files) & set(a.files) and len(train) == 16
+    assert not a.info.has_masks and not a.info.has_labels
+    _check_item(a[0], a.info)
+    with pytest.raises(ValueError, match="only 'train' and 'val' exist"):
+        ImageFolderDataset(root, "test")
+
+
+def test_image_folder_split_subfolders_share_class_counts(tmp_path):
+    _image(tmp_path / "train/images/a.png")
+    _mask(tmp_path / "train/masks/a.png", _halves(1))
+    _image(tmp_path / "val/images/b.png")
+    _mask(tmp_path / "val/masks/b.png", _halves(4))
+    train = ImageFolderDataset(tmp_path, "train", size=(3, 5), channels=1)
+    val = ImageFolderDataset(tmp_path, "val", size=(3, 5), channels=1)
+    assert [p.name for p in train.files] == ["a.png"] and [p.name for p in val.files] == ["b.png"]
+    assert train.info.num_seg_classes == val.info.num_seg_classes == 5
+    assert train[0]["image"].shape == (1, 3, 5)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "test"))):
+        ImageFolderDataset(tmp_path, "test")
+
+
+def test_image_folder_palette_and_index_masks(tmp_path):
+    palette = [[0, 0, 0], [255, 0, 0], [0, 255, 0]]
+    _image(tmp_path / "images/rgb.png")
+    colour = np.zeros((6, 8, 3), dtype=np.uint8)
+    colour[:, 4:] = (0, 255, 0)  # class 2
+    colour[0, 0] = (255, 0, 0)  # class 1
+    _mask(tmp_path / "masks/rgb.png", colour, mode="RGB")
+    _image(tmp_path / "images/pal.png")
+    _mask(tmp_path / "masks/pal.png", _halves(1, left=2), mode="P")
+    ds = ImageFolderDataset(tmp_path, "train", size=(6, 8), val_fraction=0.0, palette=palette)
+    assert ds.info.num_seg_classes == 3
+    masks = {p.stem: ds[j]["mask"] for j, p in enumerate(ds.files)}
+    want_rgb = torch.as_tensor(_halves(2))
+    want_rgb[0, 0] = 1
+    assert torch.equal(masks["rgb"], want_rgb)
+    assert torch.equal(masks["pal"], torch.as_tensor(_halves(1, left=2)))  # indices, not colours
+    with pytest.raises(ValueError, match=r"rgb\.png is an RGB colour image.*palette"):
+        ImageFolderDataset(tmp_path, val_fraction=0.0)
+    colour[2, 3] = (1, 2, 3)
+    _mask(tmp_path / "masks/rgb.png", colour, mode="RGB")
+    with pytest.raises(ValueError, match=r"rgb\.png has colour \(1, 2, 3\).*not in palette"):
+        ImageFolderDataset(tmp_path, val_fraction=0.0, palette=palette)
+
+
+def test_image_folder_ignore_value_passes_through(tmp_path):
+    _image(tmp_path / "images/a.png")
+    _mask(tmp_path / "masks/a.png", _halves(255, left=1))
+    ds = ImageFolderDataset(tmp_path, size=(6, 8), val_fraction=0.0, num_seg_classes=2)
+    assert ds.info.num_seg_classes == 2 and ds.info.ignore_index == 255
+    assert torch.equal(ds[0]["mask"], torch.as_tensor(_halves(255, left=1)))
+
+
+def test_image_folder_label_names(tmp_path):
+    for i in range(3):
+        _image(tmp_path / f"images/p{i}.jpg", COLOURS[i])
+    _csv(tmp_path / "labels.csv", [("p0.jpg", "dog"), ("p1.jpg", "cat"), ("p2.jpg", 0)])
+    ds = ImageFolderDataset(tmp_path, val_fraction=0.0, label_names=["cat", "dog"])
+    assert ds.info.label_names == ("cat", "dog") and ds.info.num_labels == 2
+    assert [ds[j]["label"].item() for j in range(3)] == [1, 0, 0]
+    with pytest.raises(ValueError, match=r"unknown label name 'dog' for 'p0\.jpg'"):
+        ImageFolderDataset(tmp_path, val_fraction=0.0, label_names=["cat", "cow"])
+    with pytest.raises(ValueError, match=r"labels\.csv line 2: unknown label name 'dog'"):
+        ImageFolderDataset(tmp_path, val_fraction=0.0)
+
+
+def _expect(root: Path, match: str, **kwargs) -> None:
+    kwargs.setdefault("val_fraction", 0.0)
+    with pytest.raises(ValueError, match=match):
+        ImageFolderDataset(root, **kwargs)
+
+
+def test_image_folder_errors_name_the_file(tmp_path):
+    root = _folder(tmp_path / "missing_mask", n=2)
+    (root / "masks/img1.png").unlink()
+    _expect(root, r"missing mask for image .*img1\.png")
+
+    root = _folder(tmp_path / "orphan_mask", n=2)
+    _mask(root / "masks/ghost.png", _halves(1))
+    _expect(root, r"mask .*ghost\.png has no image")
+
+    root = _folder(tmp_path / "unreadable", n=2, masks=False)
+    (root / "images/img1.png").write_bytes(b"not a png")
+    _expect(root, r"unreadable image .*img1\.png")
+
+    root = _folder(tmp_path / "mask_size", n=2)
+    _mask(root / "masks/img0.png", np.zeros((5, 8)))
+    _expect(root, r"mask .*img0\.png is 8x5 \(WxH\) but its image .*img0\.png is 8x6")
+
+    root = _folder(tmp_path / "mask_value", n=3)  # values 0..3
+    _expect(root, r"mask .*img2\.png has value 3, outside 0\.\.2", num_seg_classes=3)
+
+    root = _folder(tmp_path / "label_range", n=2, masks=False)
+    _csv(root / "labels.csv", [("img0.png", 0), ("img1.png", 2)])
+    _expect(root, r"line 3: label 2 for 'img1\.png' is out of range", label_names=["a", "b"])
+    _csv(root / "labels.csv", [("img0.png", 0), ("img1.png", -1)])
+    _expect(root, r"label -1 for 'img1\.png' is out of range")
+
+    root = _folder(tmp_path / "csv_extra", n=2, masks=False)
+    _csv(root / "labels.csv", [("img0.png", 0), ("img1.png", 1), ("gone.png", 1)])
+    _expect(root, r"line 4: row for a missing file 'gone\.png'")
+
+    root = _folder(tmp_path / "csv_short", n=2, masks=False)
+    _csv(root / "labels.csv", [("img0.png", 0)])
+    _expect(root, r"image .*img1\.png is missing from .*labels\.csv")
+
+    (tmp_path / "empty/images").mkdir(parents=True)
+    _expect(tmp_path / "empty", r"empty folder: no images .* found in .*empty[/\\]images")
+    _expect(tmp_path / "nothing_here", r"is not a directory")
+
+
+def test_image_folder_bad_arguments(tmp_path):
+    root = _folder(tmp_path, n=2)
+    _expect(root, "split must be one of", split="dev")
+    _expect(root, "channels", channels=4)
+    _expect(root, "palette must be", palette=[[1, 2]])
+    no_masks = _folder(tmp_path / "plain", n=2, masks=False, labels=False)
+    _expect(no_masks, "masks does not exist", num_seg_classes=3)
+    _expect(no_masks, r"labels\.csv does not exist", label_names=["a"])
