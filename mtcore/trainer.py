@@ -262,7 +262,6 @@ class Trainer:
                 out[f"{k}.{m}"] = v
         return out
 
-    @torch.no_grad()
     def generation_metrics(self, split: str | None = None) -> dict[str, float]:
         """FID/precision/recall etc. of every generative head, in the evaluator's feature space."""
         split = split or self.val_split
@@ -277,8 +276,12 @@ class Trainer:
         return out
 
     # -- the run ------------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> dict[str, Any]:
-        """Train for ``optim.epochs`` epochs (continuing from ``last.pt`` when ``resume``)."""
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Train for ``optim.epochs`` epochs (continuing from ``last.pt`` when ``resume``).
+
+        ``stop_after=k`` stops once epoch k is done, exactly as an interrupted run would (the
+        schedule still spans ``optim.epochs``), so ``--resume`` can continue it.
+        """
         from mtcore import artifacts
 
         if self.train_set is None:
@@ -297,7 +300,7 @@ class Trainer:
             self._record({"epoch": 0, "split": "init", **init})
             self.log("untrained generator: " + _fmt(init))
         t0 = time.perf_counter()
-        while self.epoch < epochs:
+        while self.epoch < min(epochs, stop_after or epochs):
             e = self.epoch
             tr = self.train_epoch(e)
             self._record({"epoch": e + 1, "split": "train", **tr})

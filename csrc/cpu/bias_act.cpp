@@ -238,7 +238,7 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b,
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   at::Tensor xc = match_layout(x, y);
-  const int64_t d = x.dim() > 0 ? at::maybe_wrap_dim(dim, x.dim()) : 0;
+  const int64_t d = has_bias ? at::maybe_wrap_dim(dim, x.dim()) : 0;
   const Geometry g = geometry(y, d, has_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mtcore_bias_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -282,7 +282,7 @@ at::Tensor bias_act_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const c1
   at::Tensor dyc = match_layout(dy, dx);
   at::Tensor xc = need_x ? match_layout(x, dx) : x;
   at::Tensor yc = need_y ? match_layout(y, dx) : y;
-  const int64_t d = dy.dim() > 0 ? at::maybe_wrap_dim(dim, dy.dim()) : 0;
+  const int64_t d = has_bias ? at::maybe_wrap_dim(dim, dy.dim()) : 0;
   const Geometry g = geometry(dx, d, has_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "mtcore_bias_act_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -106,7 +106,7 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
   const A one_m_eps = A(1) - eps, wsum = static_cast<A>(p.wsum), scale = static_cast<A>(p.scale);
   std::vector<A> buf(static_cast<size_t>(C * kBlock));
   A mx[kBlock], s[kBlock], sz[kBlock], ca[kBlock], cw[kBlock], dy[kBlock];
-  int64_t ty[kBlock];
+  int32_t ty[kBlock];
   double total = 0.0;
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t n = u / bpn, p0 = (u % bpn) * kBlock;
@@ -152,7 +152,7 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
       ca[j] = scale * a / s[j];
       cw[j] = valid ? scale * ec : A(0);
       dy[j] = scale * one_m_eps * wy;
-      ty[j] = valid ? y : -1;
+      ty[j] = valid ? static_cast<int32_t>(y) : -1;
     }
     total += static_cast<double>(bsum);
     if (p.grad) {
@@ -161,8 +161,9 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
         const A* e = buf.data() + c * kBlock;
         const A wc = w[c];
         T* gc = gb + c * HW;
+        const int32_t c32 = static_cast<int32_t>(c);
         for (int64_t j = 0; j < len; ++j) {
-          const A d = ty[j] == c ? dy[j] : A(0);
+          const A d = ty[j] == c32 ? dy[j] : A(0);
           gc[j] = static_cast<T>(e[j] * ca[j] - cw[j] * wc - d);
         }
       }

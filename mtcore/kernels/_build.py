@@ -23,8 +23,9 @@ import torch
 __all__ = ["build_extensions", "cache_dir", "csrc_dir", "load_cpu_ops", "load_ops", "loaded"]
 
 # -O3 and OpenMP (at::parallel_for and `#pragma omp` need -fopenmp, or they run serially).
-# No -march=native: the cache directory may move between machines.
-CFLAGS = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
+# -fno-trapping-math lets GCC if-convert (and so vectorise) clamps. No -march=native: the cache
+# directory may move between machines; hot loops use target_clones instead (csrc/cpu/common.h).
+CFLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
 LDFLAGS = ["-fopenmp"]
 CUDA_FLAGS = ["-O3", "--use_fast_math", "-std=c++17"]
 

@@ -49,7 +49,7 @@ def two_task_min_norm(g11: float, g12: float, g22: float) -> float:
     denom = g11 + g22 - 2.0 * g12
     if denom <= 0.0:  # g1 == g2: every gamma gives the same point
         return 0.5
-    return min(1.0, max(0.0, (g11 - g12) / denom))
+    return min(1.0, max(0.0, (g22 - g12) / denom))
 
 
 def min_norm_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-6) -> torch.Tensor:

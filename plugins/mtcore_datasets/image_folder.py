@@ -42,7 +42,9 @@ def _scan(root: Path) -> _Folder:
     """List ``root/images`` and check that masks pair one-to-one with images."""
     image_dir = root / "images"
     if not image_dir.is_dir():
-        raise ValueError(f"image folder {image_dir} does not exist (expected images/ inside {root})")
+        raise ValueError(
+            f"image folder {image_dir} does not exist (expected images/ inside {root})"
+        )
     images: dict[str, Path] = {}
     for path in sorted(image_dir.iterdir()):
         if path.name.startswith(".") or path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -109,7 +111,7 @@ def _read_labels(folder: _Folder, label_names: Sequence[str] | None) -> dict[str
             if label < 0 or (label_names and label >= len(label_names)):
                 raise ValueError(
                     f"{path} line {line}: label {label} for {name!r} is out of range "
-                    f"[0, {len(label_names) if label_names else 'inf'})"
+                    + (f"0..{len(label_names) - 1} of label_names" if label_names else "(negative)")
                 )
             labels[stem] = label
     for stem, image_path in folder.images.items():
@@ -207,9 +209,14 @@ class ImageFolderDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        height, width = (size, size) if isinstance(size, int) else tuple(size)
-        if not all(isinstance(s, int) and s >= 1 for s in (height, width)):
+        pair = (size, size) if isinstance(size, int) else size
+        if not (
+            isinstance(pair, (tuple, list))
+            and len(pair) == 2
+            and all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair)
+        ):
             raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        height, width = pair
         if num_seg_classes is not None and not 1 <= num_seg_classes <= IGNORE_INDEX:
             raise ValueError(f"num_seg_classes must be in 1..{IGNORE_INDEX}, got {num_seg_classes}")
         if not 0.0 <= val_fraction < 1.0:
@@ -247,7 +254,9 @@ class ImageFolderDataset(Dataset):
             if any(flags) and not all(flags):
                 raise ValueError(f"{what} exists in some split folders of {root} but not all")
         if not has_masks[0] and (num_seg_classes is not None or palette is not None):
-            raise ValueError(f"num_seg_classes/palette given but {folder.root}/masks does not exist")
+            raise ValueError(
+                f"num_seg_classes/palette given but {folder.root}/masks does not exist"
+            )
         if not has_labels[0] and label_names is not None:
             raise ValueError(f"label_names given but {folder.root}/labels.csv does not exist")
 

@@ -22,6 +22,7 @@ DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 500, "test": 500}
 # square and triangle are scaled to that area so no kind is favoured by the "largest" label.
 _RADIUS_RANGE = (0.12, 0.26)
 _CENTRE_RANGE = (0.2, 0.8)
+_MAX_ROTATION = math.pi  # squares and triangles turn by up to this many radians either way
 _SQUARE_HALF_SIDE = math.sqrt(math.pi) / 2  # half side of the square with area pi r^2, per unit r
 _TRIANGLE_CIRCUMRADIUS = math.sqrt(4 * math.pi / (3 * math.sqrt(3)))  # same, for an equilateral
 
@@ -60,8 +61,13 @@ def _background(gen: torch.Generator, n: int, size: int, ys: torch.Tensor, xs: t
 
 
 def _shape_masks(
-    kind: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, r: torch.Tensor, rot: torch.Tensor,
-    ys: torch.Tensor, xs: torch.Tensor,
+    kind: torch.Tensor,
+    cx: torch.Tensor,
+    cy: torch.Tensor,
+    r: torch.Tensor,
+    rot: torch.Tensor,
+    ys: torch.Tensor,
+    xs: torch.Tensor,
 ) -> torch.Tensor:
     """Boolean [N, H, W] coverage of one shape per image (kind 1 circle, 2 square, 3 triangle)."""
     cx, cy, r, rot = (t.view(-1, 1, 1) for t in (cx, cy, r, rot))
@@ -100,9 +106,10 @@ def generate_shapes(
         cx = _uniform(gen, (n,), *_CENTRE_RANGE)
         cy = _uniform(gen, (n,), *_CENTRE_RANGE)
         r = _uniform(gen, (n,), *_RADIUS_RANGE)
-        rot = _uniform(gen, (n,), 0.0, 2 * math.pi)
+        rot = _uniform(gen, (n,), -_MAX_ROTATION, _MAX_ROTATION)
         colour = _hsv_to_rgb(
-            _uniform(gen, (n,), 0.0, 1.0), _uniform(gen, (n,), 0.55, 1.0),
+            _uniform(gen, (n,), 0.0, 1.0),
+            _uniform(gen, (n,), 0.55, 1.0),
             _uniform(gen, (n,), 0.55, 1.0),
         )
         inside = _shape_masks(kind, cx, cy, r, rot, ys, xs) & (slot < count).view(-1, 1, 1)

@@ -316,7 +316,7 @@ def _cache_name(cache_key: str, info: DatasetInfo, n: int, config: TrainConfig) 
 
 
 def _save(ev: Evaluator, path: Path) -> None:
-    """Write atomically (temp file in the same folder, then os.replace): no reader sees half a file."""
+    """Write atomically (temp file in the same folder, then os.replace): no half-written file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in ev.net.state_dict().items()}
     payload = {"meta": dict(ev.meta), "state_dict": state}

@@ -234,7 +234,7 @@ class GenerationMetrics:
         self.real_mu, self.real_sigma = feature_statistics(feats)
 
     def __call__(self, fake_images: Tensor, labels: Tensor | None = None) -> dict[str, float]:
-        """Metrics of generated images [M, C, H, W] in [0, 1] (and the labels they were made for)."""
+        """Metrics of generated images [M, C, H, W] in [0, 1] (and their requested labels)."""
         if not isinstance(fake_images, Tensor) or fake_images.dim() != 4:
             got = (
                 tuple(fake_images.shape)

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from mtcore.data import DatasetInfo
 from mtcore_datasets.digits import MASK_THRESHOLD, DigitsDataset
 from mtcore_datasets.image_folder import ImageFolderDataset
 from mtcore_datasets.shapes import ShapesDataset
+from PIL import Image
+
+from mtcore.data import DatasetInfo
 
 
 def _check_item(item: dict, info: DatasetInfo) -> None:
@@ -72,7 +72,9 @@ def test_shapes_deterministic_by_seed_and_seeds_differ():
 
 
 def test_shapes_splits_are_disjoint():
-    keys = {s: _image_keys(ShapesDataset(s, num_samples=200).images) for s in ("train", "val", "test")}
+    keys = {
+        s: _image_keys(ShapesDataset(s, num_samples=200).images) for s in ("train", "val", "test")
+    }
     assert all(len(k) == 200 for k in keys.values())
     assert not keys["train"] & keys["val"]
     assert not keys["train"] & keys["test"]
@@ -392,6 +394,8 @@ def test_image_folder_bad_arguments(tmp_path):
     root = _folder(tmp_path, n=2)
     _expect(root, "split must be one of", split="dev")
     _expect(root, "channels", channels=4)
+    _expect(root, "size must be", size=(4,))
+    _expect(root, "size must be", size=0)
     _expect(root, "palette must be", palette=[[1, 2]])
     no_masks = _folder(tmp_path / "plain", n=2, masks=False, labels=False)
     _expect(no_masks, "masks does not exist", num_seg_classes=3)

@@ -76,12 +76,8 @@ def check_bias_act_args(
             raise TypeError(f"bias_act: b has dtype {b.dtype} but x has dtype {x.dtype}; they must match")
         if b.device != x.device:
             raise ValueError(f"bias_act: b is on {b.device} but x is on {x.device}")
-    elif x.dim() > 0:
-        if not -x.dim() <= dim < x.dim():
-            raise ValueError(f"bias_act: dim={dim} is out of range for x of shape {tuple(x.shape)}")
-        dim = dim % x.dim()
     else:
-        dim = 0
+        dim = 0  # without a bias, dim plays no part
     if act == "lrelu":
         alpha_v = 0.2 if alpha is None else float(alpha)
         if not (alpha_v >= 0.0 and math.isfinite(alpha_v)):

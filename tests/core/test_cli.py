@@ -1,0 +1,74 @@
+"""The command line: version, help on every command, plugin listing, one-line user errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mtcore import __version__
+from mtcore.cli.main import COMMANDS, main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"mtcore {__version__}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_on_every_command(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert f"usage: mtcore {command}" in capsys.readouterr().out
+
+
+def test_plugins_json_lists_a_component_of_every_kind(capsys):
+    assert main(["plugins", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    for kind, name in [("backbone", "unet"), ("head", "gan"), ("loss", "focal"),
+                       ("balancer", "equal"), ("transfer", "finetune"), ("dataset", "shapes")]:
+        entry = next(c for c in data["components"][kind] if c["name"] == name)
+        assert entry["summary"] and entry["plugin"]
+    assert all(p["distribution"] == "mtcore" for p in data["plugins"] if p["builtin"])
+
+
+def test_plugins_text(capsys):
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "losses:" in out and "unet" in out and "[built-in]" in out
+
+
+def test_config_prints_resolved_toml(capsys):
+    assert main(["config", "--set", "optim.lr=0.5"]) == 0
+    assert "lr = 0.5" in capsys.readouterr().out
+
+
+def test_user_error_is_one_line_and_exits_2(capsys):
+    assert main(["config", "--set", "optim.lrr=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mtcore: error: config key 'optim.lrr' is unknown")
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_debug_shows_the_exception(capsys):
+    from mtcore.errors import ConfigError
+
+    with pytest.raises(ConfigError):
+        main(["--debug", "config", "--set", "optim.lrr=1"])
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_foreign_checkpoint_is_refused(tmp_path, capsys):
+    import torch
+
+    p = tmp_path / "x.pt"
+    torch.save({"weights": torch.zeros(2)}, p)
+    assert main(["sample", "--checkpoint", str(p)]) == 2
+    assert "is not an mtcore checkpoint" in capsys.readouterr().err

@@ -1,0 +1,194 @@
+"""Plugin manager and registry with throwaway in-process plugins and a fresh manager per test."""
+
+from __future__ import annotations
+
+import types
+import warnings
+
+import pytest
+
+from mtcore.errors import ComponentClashError, ComponentNotFoundError, ConfigError, PluginError
+from mtcore.plugin import BackboneSpec, DatasetSpec, hookimpl
+from mtcore.plugin_manager import PluginInfo, PluginManager, PluginWarning
+from mtcore.registry import Registry
+
+
+def _factory(in_channels, width=8):
+    return ("built", in_channels, width)
+
+
+def make_plugin(name="acme", specs=("tiny",)):
+    mod = types.ModuleType(name)
+
+    @hookimpl
+    def mtcore_backbones():
+        return [BackboneSpec(n, _factory, f"{n} backbone", defaults={"width": 4}) for n in specs]
+
+    mod.mtcore_backbones = mtcore_backbones
+    return mod
+
+
+@pytest.fixture
+def pm(monkeypatch):
+    monkeypatch.delenv("MTCORE_STRICT_PLUGINS", raising=False)
+    monkeypatch.delenv("MTCORE_DISABLE_PLUGINS", raising=False)
+    return PluginManager()
+
+
+def test_components_are_stamped_with_their_plugin(pm):
+    pm.register(make_plugin(), PluginInfo("acme", "acme-mt", "1.2"))
+    (p,) = pm.provided("backbone")
+    assert p.spec.name == "tiny" and p.plugin.distribution == "acme-mt" and p.plugin.version == "1.2"
+
+
+def test_build_merges_defaults_and_params(pm):
+    pm.register(make_plugin(), "acme")
+    reg = Registry(pm)
+    assert reg.build("backbone", "tiny", {}, 3) == ("built", 3, 4)
+    assert reg.build("backbone", "tiny", {"width": 16}, 3) == ("built", 3, 16)
+
+
+def test_unknown_param_names_key_and_suggests(pm):
+    pm.register(make_plugin(), "acme")
+    with pytest.raises(ConfigError, match=r"model\.backbone\.params\.widht.*Did you mean 'width'"):
+        Registry(pm).build("backbone", "tiny", {"widht": 2}, 3, key="model.backbone")
+
+
+def test_positional_argument_is_not_a_user_param(pm):
+    pm.register(make_plugin(), "acme")
+    with pytest.raises(ConfigError, match="in_channels"):
+        Registry(pm).build("backbone", "tiny", {"in_channels": 2}, 3)
+
+
+def test_unknown_name_lists_closest_and_available(pm):
+    pm.register(make_plugin(specs=("tiny", "small")), "acme")
+    with pytest.raises(ComponentNotFoundError) as exc:
+        Registry(pm).spec("backbone", "tinny")
+    msg = str(exc.value)
+    assert "Did you mean 'tiny'" in msg and "Available backbones: small, tiny" in msg
+
+
+def test_clash_is_reported_on_use_naming_both_providers(pm):
+    pm.register(make_plugin("a"), PluginInfo("a", "pkg-a", "1.0"))
+    pm.register(make_plugin("b", specs=("tiny", "other")), PluginInfo("b", "pkg-b", "2.0"))
+    reg = Registry(pm)
+    assert reg.spec("backbone", "other").name == "other"  # the clash does not break other names
+    with pytest.raises(ComponentClashError) as exc:
+        reg.spec("backbone", "tiny")
+    msg = str(exc.value)
+    assert "pkg-a 1.0" in msg and "pkg-b 2.0" in msg and "'a:tiny'" in msg and "'b:tiny'" in msg
+
+
+def test_qualified_name_always_resolves(pm):
+    pm.register(make_plugin("a"), PluginInfo("a", "pkg-a", "1.0"))
+    pm.register(make_plugin("b"), PluginInfo("b", "pkg-b", "2.0"))
+    reg = Registry(pm)
+    assert reg.resolve("backbone", "b:tiny").plugin.name == "b"
+    assert reg.resolve("backbone", "pkg-a:tiny").plugin.name == "a"
+    with pytest.raises(ComponentNotFoundError, match="from provider 'c'"):
+        reg.resolve("backbone", "c:tiny")
+
+
+def test_hook_that_raises_is_isolated_with_one_warning(pm):
+    bad = types.ModuleType("bad")
+
+    @hookimpl
+    def mtcore_backbones():
+        raise RuntimeError("boom")
+
+    bad.mtcore_backbones = mtcore_backbones
+    pm.register(bad, PluginInfo("bad", "bad-dist", "0.1"))
+    pm.register(make_plugin(), "good")
+    with pytest.warns(PluginWarning, match=r"plugin 'bad' \(bad-dist 0.1\).*RuntimeError: boom"):
+        names = [p.spec.name for p in pm.provided("backbone")]
+    assert names == ["tiny"]
+
+
+def test_hook_returning_wrong_spec_type_is_reported(pm):
+    bad = types.ModuleType("bad")
+
+    @hookimpl
+    def mtcore_backbones():
+        return [DatasetSpec("d", _factory, "a dataset")]
+
+    bad.mtcore_backbones = mtcore_backbones
+    pm.register(bad, "bad")
+    with pytest.warns(PluginWarning, match="must yield BackboneSpec"):
+        assert pm.provided("backbone") == []
+
+
+def test_misspelt_hook_is_reported_not_ignored(pm):
+    bad = types.ModuleType("typo")
+
+    @hookimpl
+    def mtcore_backbone():  # missing the trailing s
+        return []
+
+    bad.mtcore_backbone = mtcore_backbone
+    with pytest.warns(PluginWarning, match=r"unknown hook mtcore_backbone .*misspelt"):
+        assert pm.register(bad, "typo") is False
+    assert [p.name for p in pm.plugins] == []
+
+
+def test_strict_mode_turns_plugin_problems_into_errors(monkeypatch):
+    monkeypatch.setenv("MTCORE_STRICT_PLUGINS", "1")
+    pm = PluginManager()
+    bad = types.ModuleType("typo")
+
+    @hookimpl
+    def mtcore_dataset():
+        return []
+
+    bad.mtcore_dataset = mtcore_dataset
+    with pytest.raises(PluginError, match="MTCORE_STRICT_PLUGINS=1"):
+        pm.register(bad, "typo")
+
+
+def test_entry_points_load_first_party_plugins(pm):
+    pm.load_entrypoints()
+    builtins = {p.name for p in pm.plugins if p.builtin}
+    assert {"backbones", "tasks", "balancers", "transfer", "datasets"} <= builtins
+    reg = Registry(pm)
+    for kind, name in [("backbone", "unet"), ("head", "segmentation"), ("loss", "dice"),
+                       ("balancer", "uncertainty"), ("transfer", "scratch"), ("dataset", "shapes")]:
+        assert reg.spec(kind, name).name == name
+
+
+def test_builtins_cannot_be_disabled(monkeypatch):
+    monkeypatch.setenv("MTCORE_DISABLE_PLUGINS", "tasks")
+    pm = PluginManager()
+    with pytest.warns(PluginWarning, match="cannot disable built-in plugin 'tasks'"):
+        pm.load_entrypoints()
+    assert "tasks" in {p.name for p in pm.plugins}
+
+
+def test_disabling_an_unknown_plugin_warns(monkeypatch):
+    monkeypatch.setenv("MTCORE_DISABLE_PLUGINS", "nosuchplugin")
+    with pytest.warns(PluginWarning, match="names no installed plugin: nosuchplugin"):
+        PluginManager().load_entrypoints()
+
+
+def test_duplicate_registration_is_an_error(pm):
+    pm.register(make_plugin(), "acme")
+    with pytest.raises(PluginError, match="already registered"):
+        pm.register(make_plugin(), "acme")
+
+
+def test_spec_validation():
+    with pytest.raises(ValueError, match="reserved"):
+        BackboneSpec("a:b", _factory, "x")
+    with pytest.raises(ValueError, match="one non-empty line"):
+        BackboneSpec("ok", _factory, "two\nlines")
+    with pytest.raises(TypeError, match="callable"):
+        BackboneSpec("ok", 3, "x")
+    spec = BackboneSpec("ok", _factory, "x", defaults={"a": 1})
+    with pytest.raises(TypeError):
+        spec.defaults["a"] = 2  # frozen
+
+
+def test_no_warnings_from_a_clean_install(pm):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pm.load_entrypoints()
+        for kind in ("backbone", "head", "loss", "balancer", "transfer", "dataset"):
+            assert pm.provided(kind)

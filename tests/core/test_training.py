@@ -1,0 +1,133 @@
+"""End-to-end training on tiny settings: artefacts, D/G alternation, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import mtcore
+from mtcore.trainer import Trainer
+
+TINY = [
+    "data.dataset.params.size=16", "data.dataset.params.num_samples=48", "data.batch_size=16",
+    "data.eval_batch_size=48", "model.backbone.params.width=8", "tasks.vae.head.params.width=8",
+    "tasks.gan.head.params.width=8", "tasks.gan.head.params.d_width=8",
+    "train.gen_metric_samples=32", "train.num_samples=4", "train.progress=false",
+    "optim.epochs=2", "kernels=\"reference\"",
+]
+
+
+def test_default_config_tiny_run_writes_every_artefact(tmp_path):
+    out = tmp_path / "run"
+    exp = mtcore.build(None, TINY)
+    result = mtcore.fit(exp, out)
+    for name in ("config.toml", "metrics.jsonl", "metrics.json", "checkpoints/last.pt",
+                 "checkpoints/best.pt", "samples/epoch_001.png", "samples/epoch_002.png",
+                 "curves.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["split"]) for r in rows] == [
+        (0, "init"), (1, "train"), (1, "val"), (2, "train"), (2, "val")]
+    val = rows[-1]
+    for key in ("seg.miou", "seg.pixel_accuracy", "cls.accuracy", "cls.macro_f1", "vae.psnr",
+                "vae.elbo", "gan.fid", "gan.precision", "gan.recall", "vae.fid"):
+        assert key in val, key
+    assert 0 <= val["seg.miou"] <= 1 and 0 <= val["cls.accuracy"] <= 1
+    # training rows log every task's loss and weight
+    for task in ("seg", "cls", "vae", "gan"):
+        assert f"{task}.loss" in rows[1] and rows[1][f"{task}.weight"] == 1.0
+    assert json.loads((out / "metrics.json").read_text())["metrics"] == result["metrics"]
+    # the grid: input row + seg masks + vae recon + vae and gan samples, 4 columns of 32-px tiles
+    grid = Image.open(out / "samples" / "epoch_002.png")
+    grid.verify()
+    w, h = Image.open(out / "samples" / "epoch_002.png").size
+    assert (w, h) == (96 + 4 * (32 + 2) + 2, 5 * (32 + 2) + 2)
+    assert Image.open(out / "curves.png").size[0] > 100
+    # the saved config is the resolved one and reloads to the same
+    from mtcore.config import load_toml, resolve_config
+    assert resolve_config(load_toml(out / "config.toml")) == exp.config
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_discriminator_and_generator_steps_alternate():
+    exp = mtcore.build({"tasks": {"gan": {"head": {"name": "gan", "params": {
+        "width": 8, "d_width": 8, "r1_gamma": 1.0, "r1_every": 1}},
+        "loss": {"name": "adversarial"}}}}, TINY[:4] + ["model.backbone.params.width=8",
+                                                          "kernels=\"reference\""])
+    trainer = Trainer(exp, None, progress=False)
+    head = trainer.heads["gan"]
+    (aux_opt, _, d_params), = trainer.aux.values()
+    seen = {}
+
+    def aux_step(orig=aux_opt.step):
+        assert all(p.grad is None for p in head.generator.parameters()), "G got grads in a D step"
+        seen["g_before_d"] = _params(head.generator)
+        orig()
+        seen["d_after_d"] = _params(head.discriminator)
+        seen["g_after_d"] = _params(head.generator)
+
+    def main_step(orig=trainer.optimizer.step):
+        assert all(p.grad is None for p in d_params), "D got grads in the G step"
+        orig()
+
+    aux_opt.step, trainer.optimizer.step = aux_step, main_step
+    d0 = _params(head.discriminator)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    trainer.model.train()
+    trainer.train_step(batch)
+    g1, d1 = _params(head.generator), _params(head.discriminator)
+    # the D step moved D and left G (weights and BatchNorm statistics) untouched
+    assert any(not torch.equal(d0[k], seen["d_after_d"][k]) for k in d0)
+    g0 = seen["g_before_d"]
+    assert all(torch.equal(g0[k], seen["g_after_d"][k]) for k in g0)
+    # the G step moved G but not D
+    assert all(torch.equal(d1[k], seen["d_after_d"][k]) for k in d1)
+    assert any(not torch.equal(g1[k], seen["g_before_d"][k]) for k in g1 if "weight" in k)
+    # EMA moved after the G step
+    assert any(not torch.equal(a, b) for a, b in zip(head.ema.state_dict().values(),
+                                                     seen["g_before_d"].values()))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    sets = TINY + ["train.gen_metrics=\"none\"", "train.samples_every=0"]
+    full = Trainer(mtcore.build(None, sets), tmp_path / "full", progress=False)
+    full.fit()
+    part = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)
+    part.fit(stop_after=1)
+    resumed = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)
+    resumed.fit(resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full.history == resumed.history
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    from mtcore.errors import CheckpointError
+
+    trainer = Trainer(mtcore.build(None, TINY), tmp_path / "empty", progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        trainer.fit(resume=True)
+
+
+def test_head_backbone_mismatch_is_a_build_error():
+    from mtcore.errors import IncompatibleComponentsError
+
+    with pytest.raises(IncompatibleComponentsError, match=r"tasks\.seg\.head.*in_feature|no "):
+        mtcore.build({"tasks": {"seg": {"head": {"name": "segmentation",
+                                                 "params": {"in_features": ["nope"]}}}}}, TINY[:5])
+
+
+def test_loss_that_does_not_fit_the_head_is_a_build_error():
+    from mtcore.errors import IncompatibleComponentsError
+
+    with pytest.raises(IncompatibleComponentsError, match="loss 'dice' is for 'segmentation'"):
+        mtcore.build({"tasks": {"c": {"head": {"name": "classification"},
+                                      "loss": {"name": "dice"}}}}, TINY[:5])

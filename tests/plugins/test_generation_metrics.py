@@ -1,0 +1,319 @@
+"""Offline generation metrics: FID against scipy and closed forms, k-NN precision/recall against
+hand-made point sets and a brute-force reference, and the cached per-dataset evaluator."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from mtcore_tasks import evaluator as evaluator_mod
+from mtcore_tasks.evaluator import Evaluator, default_cache_dir, get_evaluator, train_evaluator
+from mtcore_tasks.generation_metrics import (
+    GenerationMetrics,
+    class_consistency,
+    frechet_distance,
+    precision_recall,
+)
+
+from mtcore.data import DatasetInfo
+
+scipy_linalg = pytest.importorskip("scipy.linalg")
+
+
+class BarsDataset:
+    """A bar at 0/45/90/135 degrees (the label), random colour, place and length, noisy background."""
+
+    def __init__(self, num_samples: int, size: int = 32, seed: int = 0, labelled: bool = True):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 4, (num_samples,), generator=g)
+        grid = torch.arange(size, dtype=torch.float32)
+        yy, xx = torch.meshgrid(grid, grid, indexing="ij")
+        images = []
+        for label in self.labels.tolist():
+            th = label * math.pi / 4 + (float(torch.rand((), generator=g)) - 0.5) * 0.3
+            cx, cy = ((torch.rand(2, generator=g) * 0.5 + 0.25) * size).tolist()
+            across = (-(xx - cx) * math.sin(th) + (yy - cy) * math.cos(th)).abs()
+            along = ((xx - cx) * math.cos(th) + (yy - cy) * math.sin(th)).abs()
+            half_len = size * (0.2 + 0.15 * float(torch.rand((), generator=g)))
+            bar = ((across < 1.5) & (along < half_len)).float()
+            fg = torch.rand(3, 1, 1, generator=g) * 0.6 + 0.4
+            bg = torch.rand(3, 1, 1, generator=g) * 0.3
+            img = bg + (fg - bg) * bar + 0.05 * torch.randn(3, size, size, generator=g)
+            images.append(img.clamp(0, 1))
+        self.images = torch.stack(images)
+        self.info = DatasetInfo("bars", 3, (size, size), num_labels=4 if labelled else 0)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = {"image": self.images[i]}
+        if self.info.has_labels:
+            item["label"] = self.labels[i]
+        return item
+
+
+# ---------------------------------------------------------------- Frechet distance
+
+
+def _scipy_fid(a: np.ndarray, b: np.ndarray) -> float:
+    """The textbook computation: sample statistics and scipy's general matrix square root."""
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a = np.atleast_2d(np.cov(a, rowvar=False))
+    s_b = np.atleast_2d(np.cov(b, rowvar=False))
+    covmean = scipy_linalg.sqrtm(s_a @ s_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * covmean))
+
+
+@pytest.mark.parametrize("dim", [1, 5, 32])
+def test_frechet_matches_scipy_sqrtm(dim):
+    rng = np.random.default_rng(dim)
+    a = rng.normal(size=(400, dim)) @ rng.normal(size=(dim, dim))
+    b = rng.normal(size=(300, dim)) @ rng.normal(size=(dim, dim)) * 0.7 + rng.normal(size=dim)
+    expected = _scipy_fid(a, b)
+    got = frechet_distance(torch.from_numpy(a).float(), torch.from_numpy(b).float())
+    assert got == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert frechet_distance(torch.from_numpy(b), torch.from_numpy(a)) == pytest.approx(expected)
+
+
+def _with_stats(z: np.ndarray, mean: float, std: float) -> np.ndarray:
+    """z shifted and scaled so its sample mean and (unbiased) std are exactly mean and std."""
+    z = (z - z.mean(0)) / z.std(0, ddof=1)
+    return mean + std * z
+
+
+def test_frechet_one_dimensional_closed_form():
+    # Two 1-D Gaussians: d^2 = (mu1 - mu2)^2 + (s1 - s2)^2.
+    rng = np.random.default_rng(0)
+    a = _with_stats(rng.normal(size=(50, 1)), 1.0, 2.0)
+    b = _with_stats(rng.normal(size=(80, 1)), -0.5, 0.5)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(4.5)
+
+
+def test_frechet_independent_dims_add_up():
+    # Diagonal covariances commute, so the distance is the sum of the per-dim 1-D distances.
+    rng = np.random.default_rng(1)
+    means_a, stds_a = [0.0, 3.0, -1.0], [1.0, 0.2, 4.0]
+    means_b, stds_b = [1.0, 3.0, 1.0], [2.0, 0.2, 1.0]
+    z = rng.normal(size=(2000, 3))
+    # Whiten so the sample covariance is exactly diagonal.
+    z = (z - z.mean(0)) @ np.linalg.inv(np.linalg.cholesky(np.cov(z, rowvar=False))).T
+    a = np.asarray(means_a) + z * np.asarray(stds_a)
+    b = np.asarray(means_b) + z[::-1] * np.asarray(stds_b)
+    expected = sum(
+        (ma - mb) ** 2 + (sa - sb) ** 2
+        for ma, mb, sa, sb in zip(means_a, means_b, stds_a, stds_b, strict=True)
+    )
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("n", [500, 20])  # 20 < D: a rank-deficient covariance
+def test_frechet_of_a_set_with_itself_is_zero(n):
+    x = torch.randn(n, 64, generator=torch.Generator().manual_seed(n)) * 3 + 1
+    scale = float(x.var(0).sum())
+    got = frechet_distance(x, x.clone())
+    assert 0.0 <= got <= 1e-6 * scale
+
+
+def test_frechet_bad_input_is_named():
+    x = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="feats_a and feats_b must have the same feature size"):
+        frechet_distance(x, torch.randn(10, 5))
+    with pytest.raises(ValueError, match="feats_b needs at least 2 rows"):
+        frechet_distance(x, torch.randn(1, 4))
+    with pytest.raises(ValueError, match=r"feats_a must be a 2-D.*\(10, 4, 1\)"):
+        frechet_distance(x[..., None], x)
+    bad = x.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="feats_b .* NaN"):
+        frechet_distance(x, bad)
+    with pytest.raises(TypeError, match="feats_a must be a torch.Tensor"):
+        frechet_distance([[1.0, 2.0]], x)
+
+
+# ---------------------------------------------------------------- precision / recall
+
+
+def _brute_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    """The definition, one point at a time."""
+
+    def radii(x):
+        return np.array([np.sort(np.linalg.norm(x - p, axis=1))[k] for p in x])
+
+    def covered(query, ref, r):
+        return np.mean([bool(np.any(np.linalg.norm(ref - q, axis=1) <= r)) for q in query])
+
+    return covered(fake, real, radii(real)), covered(real, fake, radii(fake))
+
+
+def test_precision_recall_identical_sets():
+    x = torch.randn(200, 8, generator=torch.Generator().manual_seed(0))
+    assert precision_recall(x, x.clone(), k=3) == (1.0, 1.0)
+
+
+def test_precision_recall_far_away_fakes():
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(100, 2, generator=g)
+    fake = torch.randn(100, 2, generator=g) + 100.0
+    assert precision_recall(real, fake, k=3) == (0.0, 0.0)
+
+
+def test_precision_recall_hand_made_points():
+    # Real: ten points 1 apart on the x axis; with k=1 each ball has radius 1.
+    real = torch.tensor([[float(i), 0.0] for i in range(10)])
+    # Fake: two tight pairs. The pair near x=0 lies inside the real manifold, the pair at x=50
+    # does not -> precision 1/2. Fake radii (k=1): 0.2, 0.2, 0.5, 0.5, so only real (0, 0)
+    # (0.1 from fake[0]) is covered -> recall 1/10.
+    fake = torch.tensor([[0.0, 0.1], [0.0, 0.3], [50.0, 0.0], [50.0, 0.5]])
+    precision, recall = precision_recall(real, fake, k=1)
+    assert precision == pytest.approx(0.5)
+    assert recall == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_brute_force(k):
+    rng = np.random.default_rng(k)
+    real = rng.normal(size=(120, 3))
+    fake = rng.normal(size=(90, 3)) * 1.5 + 0.7
+    expected = _brute_precision_recall(real, fake, k)
+    got = precision_recall(torch.from_numpy(real), torch.from_numpy(fake), k=k, batch_size=17)
+    assert got == pytest.approx(expected)
+
+
+def test_precision_recall_bad_input():
+    x = torch.randn(5, 2)
+    with pytest.raises(ValueError, match=r"fake_feats needs more than k=3 rows.*\(3, 2\)"):
+        precision_recall(x, torch.randn(3, 2), k=3)
+    with pytest.raises(ValueError, match="k must be a positive int"):
+        precision_recall(x, x, k=0)
+    with pytest.raises(ValueError, match="same feature size"):
+        precision_recall(x, torch.randn(5, 3), k=1)
+
+
+# ---------------------------------------------------------------- evaluator
+
+
+@pytest.fixture(scope="module")
+def bars():
+    return BarsDataset(1200, seed=0), BarsDataset(400, seed=1)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("evaluators")
+
+
+@pytest.fixture(scope="module")
+def bars_evaluator(bars, cache_dir) -> Evaluator:
+    return get_evaluator(bars[0], "bars-test", cache_dir=cache_dir, epochs=3)
+
+
+def test_evaluator_learns_the_labels(bars, bars_evaluator):
+    val = bars[1]
+    acc = bars_evaluator.accuracy_on(val)
+    assert acc > 0.9
+    # The fraction of real images classified as their own label is exactly the accuracy ...
+    assert class_consistency(bars_evaluator, val.images, val.labels) == pytest.approx(acc)
+    # ... while labels unrelated to the images score near chance (1/4).
+    shuffled = val.labels[torch.randperm(len(val), generator=torch.Generator().manual_seed(0))]
+    assert class_consistency(bars_evaluator, val.images, shuffled) < 0.45
+    feats = bars_evaluator.features(val.images[:10])
+    assert feats.shape == (10, 128) and feats.dtype == torch.float32
+
+
+def test_evaluator_second_call_loads_from_disk(bars, bars_evaluator, cache_dir, monkeypatch):
+    path = bars_evaluator.cache_path
+    assert path is not None and path.parent == cache_dir and path.name.startswith("bars-test-")
+    mtime = os.stat(path).st_mtime_ns
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached evaluator should have been loaded, not retrained")
+
+    monkeypatch.setattr(evaluator_mod, "train_evaluator", no_training)
+    loaded = get_evaluator(bars[0], "bars-test", cache_dir=cache_dir, epochs=3)
+    assert loaded.cache_path == path and os.stat(path).st_mtime_ns == mtime
+    images = bars[1].images[:64]
+    assert torch.equal(loaded.features(images), bars_evaluator.features(images))
+    assert torch.equal(loaded.predict(images), bars_evaluator.predict(images))
+    # Other training parameters are another cache entry, so they train again.
+    with pytest.raises(AssertionError, match="not retrained"):
+        get_evaluator(bars[0], "bars-test", cache_dir=cache_dir, epochs=4)
+
+
+def test_training_is_deterministic_by_seed():
+    data = BarsDataset(96, size=16, seed=3)
+    a = train_evaluator(data, evaluator_mod.TrainConfig(epochs=1, seed=5))
+    b = train_evaluator(data, evaluator_mod.TrainConfig(epochs=1, seed=5))
+    c = train_evaluator(data, evaluator_mod.TrainConfig(epochs=1, seed=6))
+    x = data.images[:8]
+    assert torch.equal(a.features(x), b.features(x))
+    assert not torch.equal(a.features(x), c.features(x))
+
+
+def test_corrupt_cache_file_warns_and_retrains(tmp_path):
+    data = BarsDataset(96, size=16, seed=4)
+    first = get_evaluator(data, "tiny", cache_dir=tmp_path, epochs=1)
+    path = first.cache_path
+    path.write_bytes(b"not a torch file")
+    with pytest.warns(RuntimeWarning, match=r"unreadable evaluator cache file .*retraining"):
+        again = get_evaluator(data, "tiny", cache_dir=tmp_path, epochs=1)
+    x = data.images[:8]
+    assert torch.equal(again.features(x), first.features(x))  # same seed, same weights
+    loaded = get_evaluator(data, "tiny", cache_dir=tmp_path, epochs=1)  # the file was rewritten
+    assert torch.equal(loaded.features(x), first.features(x))
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp files left behind
+
+
+def test_cache_dir_follows_mtcore_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "evaluators"
+    ev = get_evaluator(BarsDataset(40, size=8, seed=0), "env", epochs=1)
+    assert ev.cache_path.parent == tmp_path / "evaluators" and ev.cache_path.exists()
+
+
+def test_unlabelled_dataset_uses_rotation_pretext(tmp_path):
+    data = BarsDataset(64, size=16, seed=2, labelled=False)
+    ev = get_evaluator(data, "unlabelled", cache_dir=tmp_path, epochs=1)
+    assert ev.mode == "rotation" and ev.num_labels == 0
+    assert ev.features(data.images[:5]).shape == (5, 128)
+    with pytest.raises(ValueError, match="rotation pretext task"):
+        ev.predict(data.images[:5])
+
+
+def test_evaluator_bad_input(bars_evaluator):
+    with pytest.raises(
+        ValueError, match=r"images must have shape \[N, 3, 32, 32\].*\(2, 3, 16, 16\)"
+    ):
+        bars_evaluator.features(torch.rand(2, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"values in \[0, 1\].*x \* 0.5 \+ 0.5"):
+        bars_evaluator.features(torch.rand(2, 3, 32, 32) * 2 - 1)
+    with pytest.raises(TypeError, match="float tensor"):
+        bars_evaluator.features(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="cache_key"):
+        get_evaluator(BarsDataset(4, size=8), "../escape", cache_dir="/nonexistent")
+    with pytest.raises(TypeError, match="DatasetInfo"):
+        get_evaluator([{"image": torch.rand(3, 8, 8)}], "x")
+
+
+# ---------------------------------------------------------------- metrics on images
+
+
+def test_generation_metrics_real_vs_noise(bars, bars_evaluator):
+    train, val = bars
+    metrics = GenerationMetrics(bars_evaluator, val.images, num_samples=300)
+    like_real = metrics(train.images[:300], labels=train.labels[:300])
+    noise = metrics(torch.rand(300, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    assert like_real["fid"] * 20 < noise["fid"]
+    assert like_real["precision"] > 0.8 and like_real["recall"] > 0.8
+    assert noise["precision"] < 0.05
+    assert like_real["class_consistency"] > 0.9 and "class_consistency" not in noise
+    # Features instead of images give the same numbers.
+    from_feats = GenerationMetrics(bars_evaluator, bars_evaluator.features(val.images), 300)
+    assert from_feats(train.images[:300]) == pytest.approx(
+        {k: v for k, v in like_real.items() if k != "class_consistency"}
+    )
+    with pytest.raises(ValueError, match="fewer than num_samples=300"):
+        metrics(train.images[:100])
