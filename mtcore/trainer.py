@@ -174,6 +174,7 @@ class Trainer:
                 (self.scaler.step(opt) if self.scaler else opt.step())
                 if self.scaler:
                     self.scaler.update()
+                opt.zero_grad(set_to_none=True)  # D keeps no gradients into the G step
                 for k, v in aux.items():
                     logs[f"{name}.{k}"] = float(v.detach())
             sched.step()
@@ -195,6 +196,7 @@ class Trainer:
             (self.scaler.step(self.optimizer) if self.scaler else self.optimizer.step())
             if self.scaler:
                 self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)  # G keeps no gradients into the D step
             self.scheduler.step()
         for head in self.heads.values():
             head.after_main_step()

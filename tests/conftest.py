@@ -2,7 +2,12 @@
 
 import os
 
-# Triton kernels run on the CPU through the interpreter; it must be chosen before `import triton`.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without a GPU, Triton kernels run through the interpreter, which must be chosen before the
+# kernels are defined (first import of mtcore.kernels.triton_kernels.*).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 # Keep kernel builds and evaluator caches of a test session out of the user's cache.
 os.environ.setdefault("MTCORE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "mtcore-tests"))

@@ -3,9 +3,11 @@
 //   y  = clamp(act(x + b[c]) * gain, -clamp, clamp)       (b broadcast along `dim`; clamp < 0: none)
 //   dx = dy * gain * act'(x + b[c]) * [|y| < clamp]        (db = dx summed over all dims but `dim`)
 //
-// The backward reads only what it needs: y for relu/lrelu (the mask is y's sign, which the gain's
-// sign flips) and for the clamp mask; x (+ b) for tanh/sigmoid/silu. An input it does not need may
-// be passed as an empty tensor, so the autograd glue need not keep it alive.
+// The backward reads only what it needs: y for linear/relu/lrelu (the mask is y's sign, which the
+// gain's sign flips; the clamp mask is |y| < clamp), x (+ b) for tanh/sigmoid/silu (their clamp
+// mask is recomputed exactly). An input it does not need may be passed as an empty tensor, so the
+// autograd glue need not keep it alive. With bf16/fp16 y, an output that rounds to +-clamp counts
+// as clamped.
 // Layout: the output takes the strides of its reference input (x, or y/x/dy for the gradient), so
 // channels_last stays channels_last; a dense tensor is walked as [outer, C, inner] in memory order.
 
@@ -28,7 +30,7 @@ enum Act : int64_t { kLinear = 0, kRelu = 1, kLrelu = 2, kTanh = 3, kSigmoid = 4
 constexpr int64_t kGrain = 32768;  // elements per parallel task
 
 bool uses_x(int64_t act) { return act == kTanh || act == kSigmoid || act == kSilu; }
-bool uses_y(int64_t act, double clamp) { return act == kRelu || act == kLrelu || clamp >= 0; }
+bool uses_y(int64_t act, double clamp) { return act == kRelu || act == kLrelu || (act == kLinear && clamp >= 0); }
 
 const char* act_name(int64_t act) {
   static const char* names[] = {"linear", "relu", "lrelu", "tanh", "sigmoid", "silu"};
@@ -103,17 +105,20 @@ inline acc_t act_fwd(acc_t z, acc_t alpha) {
   }
 }
 
-// act'(z) for the activations computed from x (+ b).
+// act'(z) for the activations computed from x (+ b); also sets v = act(z), for the clamp mask.
 template <int64_t ACT, typename acc_t>
-inline acc_t act_deriv_x(acc_t z) {
+inline acc_t act_deriv_x(acc_t z, acc_t& v) {
   if constexpr (ACT == kTanh) {
     acc_t t = std::tanh(z);
+    v = t;
     return acc_t(1) - t * t;
   } else if constexpr (ACT == kSigmoid) {
     acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+    v = s;
     return s * (acc_t(1) - s);
   } else {  // silu: d/dz z*s(z) = s * (1 + z * (1 - s))
     acc_t s = acc_t(1) / (acc_t(1) + std::exp(-z));
+    v = z * s;
     return s * (acc_t(1) + z * (acc_t(1) - s));
   }
 }
@@ -157,9 +162,14 @@ inline void bwd_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict_
     } else if constexpr (ACT == kLrelu) {
       g = static_cast<acc_t>(y[i]) * gs > acc_t(0) ? g : g * alpha;
     } else if constexpr (ACT == kTanh || ACT == kSigmoid || ACT == kSilu) {
-      g *= act_deriv_x<ACT, acc_t>(static_cast<acc_t>(x[i]) + bias[i * bstride]);
+      acc_t v;
+      g *= act_deriv_x<ACT, acc_t>(static_cast<acc_t>(x[i]) + bias[i * bstride], v);
+      // The mask from the recomputed pre-clamp value: exact even when y is stored in bf16/fp16.
+      if constexpr (CLAMP) g = std::abs(v * gain) < clamp ? g : acc_t(0);
     }
-    if constexpr (CLAMP) g = std::abs(static_cast<acc_t>(y[i])) < clamp ? g : acc_t(0);
+    if constexpr (CLAMP && (ACT == kLinear || ACT == kRelu || ACT == kLrelu)) {
+      g = std::abs(static_cast<acc_t>(y[i])) < clamp ? g : acc_t(0);
+    }
     dx[i] = static_cast<scalar_t>(g);
   }
 }

@@ -11,7 +11,7 @@ namespace {
 
 constexpr const char* kOp = "adv_loss_fwd";
 
-// The per-element loss f(x) and its derivative f'(x) (relu's derivative is 0 at the kink, as torch).
+// The per-element loss f(x) and its derivative f'(x) (relu's is 0 at the kink, as in torch).
 template <typename acc_t>
 __device__ __forceinline__ void adv_term(acc_t x, int kind, int role, acc_t& f, acc_t& df) {
   if (kind == 0) {
@@ -76,7 +76,8 @@ std::tuple<at::Tensor, at::Tensor> adv_loss_impl(const at::Tensor& logits_in, in
                                                  const at::Tensor& grad_scale) {
   const at::Tensor logits = float_input(logits_in, kOp, "logits");
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, kOp,
-                    ": kind must be 0 (non_saturating), 1 (hinge) or 2 (least_squares), got ", kind);
+                    ": kind must be 0 (non_saturating), 1 (hinge) or 2 (least_squares), got ",
+                    kind);
   TORCH_CHECK_VALUE(role >= 0 && role <= 2, kOp,
                     ": role must be 0 (d_real), 1 (d_fake) or 2 (g), got ", role);
   const c10::cuda::CUDAGuard guard(logits.device());

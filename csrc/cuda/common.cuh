@@ -142,9 +142,9 @@ __device__ __forceinline__ acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp(-x));
 }
 
-// ----------------------------------------------------------------------------- internal entry points
-// `grad_scale` (optional, a 1-element CUDA tensor) multiplies every gradient on the device without a
-// host sync; joint_loss uses it to fold in d(total)/d(term_k). Undefined means 1.
+// ------------------------------------------------------------------------ internal entry points
+// `grad_scale` (optional, a 1-element CUDA tensor) multiplies every gradient on the device without
+// a host sync; joint_loss uses it to fold in d(total)/d(term_k). Undefined means 1.
 
 std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits, const at::Tensor& target,
                                                const c10::optional<at::Tensor>& weight,

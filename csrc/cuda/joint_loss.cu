@@ -2,8 +2,8 @@
 //
 // terms = [seg CE mean, cls CE mean (label smoothing), VAE rec + beta kl, GAN g loss].
 // mode 0 "fixed": total = sum_k w_k L_k. mode 1 "uncertainty" (Kendall et al. 2018, log-variance
-// form): total = sum_k exp(-s_k) L_k + s_k. d(total)/d(L_k) (w_k or exp(-s_k)) does not depend on the
-// losses, so it is computed first and each task kernel scales its gradient by it on the device:
+// form): total = sum_k exp(-s_k) L_k + s_k. d(total)/d(L_k) (w_k or exp(-s_k)) does not depend on
+// the losses, so it is computed first and each task kernel scales its gradient by it on the device:
 // every gradient is written once, with no host round trip.
 #include <ATen/ops/stack.h>
 

@@ -1,8 +1,9 @@
 // Fused cross entropy (CUDA): loss and d(loss)/d(logits) in one pass over each pixel's logits.
 //
-// loss_i = (1-eps) w[t_i] (lse_i - z_{i,t}) + eps/C sum_c w_c (lse_i - z_{i,c})   (Szegedy et al. 2016)
+// loss_i = (1-eps) w[t_i] (lse_i - z_{i,t}) + eps/C sum_c w_c (lse_i - z_{i,c})
+// (label smoothing: Szegedy et al. 2016)
 // grad_{i,c} = (1-eps) w[t_i] (p_c - [c == t_i]) + eps/C (W p_c - w_c),  W = sum_c w_c.
-// The mean divides by the summed weight of non-ignored targets, and is 0 (zero grad) when that is 0.
+// The mean divides by the summed weight of non-ignored targets, 0 (zero grad) when that is 0.
 // Layout: logits [N, C, S] (S = prod(spatial)); thread-per-pixel kernels read channel c of 32
 // neighbouring pixels in one coalesced access. Without spatial dims (S == 1) one warp owns a row.
 #include "common.cuh"
@@ -159,7 +160,8 @@ __global__ void seg_ce_rows_kernel(const scalar_t* __restrict__ logits,
       const acc_t m2 = __shfl_xor_sync(0xffffffffu, m, o);
       const acc_t l2 = __shfl_xor_sync(0xffffffffu, l, o);
       const acc_t mn = m > m2 ? m : m2;
-      l = (l > acc_t(0) ? l * exp(m - mn) : acc_t(0)) + (l2 > acc_t(0) ? l2 * exp(m2 - mn) : acc_t(0));
+      l = (l > acc_t(0) ? l * exp(m - mn) : acc_t(0)) +
+          (l2 > acc_t(0) ? l2 * exp(m2 - mn) : acc_t(0));
       m = mn;
       wz += __shfl_xor_sync(0xffffffffu, wz, o);
     }
@@ -170,7 +172,8 @@ __global__ void seg_ce_rows_kernel(const scalar_t* __restrict__ logits,
     acc_t wt = 0;
     if (valid) {
       wt = weight ? weight[t] : acc_t(1);
-      loss = (acc_t(1) - eps) * wt * (lse - static_cast<acc_t>(z[t])) + eps / C_acc * (W * lse - wz);
+      loss = (acc_t(1) - eps) * wt * (lse - static_cast<acc_t>(z[t])) +
+             eps / C_acc * (W * lse - wz);
     }
     if (lane == 0) {
       if (a.reduction == 0) {
@@ -223,7 +226,8 @@ std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits_in,
                                                const at::Tensor& grad_scale) {
   check_cuda(logits_in, kOp, "logits");
   check_float(logits_in, kOp, "logits");
-  TORCH_CHECK_VALUE(logits_in.dim() >= 2, kOp, ": logits must be [N, C, *spatial] (at least 2-d), got shape ",
+  TORCH_CHECK_VALUE(logits_in.dim() >= 2, kOp,
+                    ": logits must be [N, C, *spatial] (at least 2-d), got shape ",
                     logits_in.sizes());
   const int64_t N = logits_in.size(0);
   const int64_t C = logits_in.size(1);
@@ -236,9 +240,10 @@ std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits_in,
                    target_in.scalar_type(), " (shape ", target_in.sizes(), ")");
   std::vector<int64_t> expected{N};
   for (int64_t d = 2; d < logits_in.dim(); ++d) expected.push_back(logits_in.size(d));
-  TORCH_CHECK_VALUE(target_in.sizes() == at::IntArrayRef(expected), kOp, ": target must have shape ",
-                    at::IntArrayRef(expected), " to match logits ", logits_in.sizes(),
-                    " (logits [N, C, *spatial] -> target [N, *spatial]), got ", target_in.sizes());
+  TORCH_CHECK_VALUE(target_in.sizes() == at::IntArrayRef(expected), kOp,
+                    ": target must have shape ", at::IntArrayRef(expected), " to match logits ",
+                    logits_in.sizes(), " (logits [N, C, *spatial] -> target [N, *spatial]), got ",
+                    target_in.sizes());
   TORCH_CHECK_VALUE(reduction >= 0 && reduction <= 2, kOp,
                     ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, kOp,

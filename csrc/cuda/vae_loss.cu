@@ -1,6 +1,7 @@
 // Fused VAE loss (CUDA): reconstruction + KL terms and their gradients in one pass each.
 //
-// rec = sum((x - t)^2) / N ("mse") or sum(max(x,0) - x t + log1p(exp(-|x|))) / N ("bernoulli", x logits);
+// rec = sum((x - t)^2) / N ("mse"), or for logits x ("bernoulli")
+// rec = sum(max(x,0) - x t + log1p(exp(-|x|))) / N;
 // kl = -0.5 sum(1 + lv - mu^2 - exp(lv)) / N (Kingma & Welling 2014); total = rec + beta kl.
 // N = max(batch, 1) as in the reference, so an empty batch gives zeros.
 #include "common.cuh"

@@ -335,7 +335,10 @@ def _load(path: Path, info: DatasetInfo, device: torch.device) -> Evaluator:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a truncated / foreign file
-        raise ValueError(f"unreadable evaluator cache file {path}: {exc}") from exc
+        first_line = (str(exc).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"unreadable evaluator cache file {path} ({type(exc).__name__}: {first_line})"
+        ) from exc
     try:
         meta, state = payload["meta"], payload["state_dict"]
         if meta["arch_version"] != ARCH_VERSION:

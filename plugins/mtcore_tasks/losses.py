@@ -378,7 +378,11 @@ def r1_penalty(real_images: Tensor, real_logits: Tensor, gamma: float) -> Tensor
             f"real_images must require grad to compute the R1 penalty; call "
             f"real_images.requires_grad_() before D(real_images) ({_desc(real_images)})"
         )
-    if real_images.dim() < 1 or real_logits.dim() < 1 or real_logits.shape[0] != real_images.shape[0]:
+    if (
+        real_images.dim() < 1
+        or real_logits.dim() < 1
+        or real_logits.shape[0] != real_images.shape[0]
+    ):
         raise ValueError(
             f"real_logits must have one row per image ([N] or [N, 1], N = "
             f"{real_images.shape[0] if real_images.dim() else '?'}), got {_desc(real_logits)} "

@@ -32,7 +32,7 @@ def test_default_config_tiny_run_writes_every_artefact(tmp_path):
     assert [(r["epoch"], r["split"]) for r in rows] == [
         (0, "init"), (1, "train"), (1, "val"), (2, "train"), (2, "val")]
     val = rows[-1]
-    for key in ("seg.miou", "seg.pixel_accuracy", "cls.accuracy", "cls.macro_f1", "vae.psnr",
+    for key in ("seg.miou", "seg.pixel_acc", "cls.accuracy", "cls.macro_f1", "vae.psnr",
                 "vae.elbo", "gan.fid", "gan.precision", "gan.recall", "vae.fid"):
         assert key in val, key
     assert 0 <= val["seg.miou"] <= 1 and 0 <= val["cls.accuracy"] <= 1

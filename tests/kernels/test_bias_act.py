@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mtcore.kernels import _build
 from mtcore.kernels.ops import bias_act as ops_mod
 from mtcore.kernels.ops import native_ready
 from mtcore.kernels.ops.bias_act import bias_act
@@ -20,10 +19,8 @@ SQRT2 = math.sqrt(2.0)
 
 
 @pytest.fixture(scope="module")
-def cpp():
-    """The loaded C++ ops; a failed build fails these tests (CI must build the kernels)."""
-    if not _build.load_cpu_ops():
-        pytest.fail(f"the C++ kernels did not build: {_build.build_error()}")
+def cpp(cpp_built):
+    """torch.ops.mtcore with this module's fake and autograd registered (conftest builds the ops)."""
     native_ready("bias_act", ops_mod._register)
     return torch.ops.mtcore
 
@@ -120,7 +117,10 @@ LAYOUTS = {
         ),
         1,
     ),
-    "strided_slice": lambda g: (torch.randn(3, 10, 4, 5, generator=g, dtype=torch.float64)[:, ::2], 1),
+    "strided_slice": lambda g: (
+        torch.randn(3, 10, 4, 5, generator=g, dtype=torch.float64)[:, ::2],
+        1,
+    ),
     "transposed": lambda g: (torch.randn(6, 4, generator=g, dtype=torch.float64).t(), 1),
     "vector": lambda g: (torch.randn(9, generator=g, dtype=torch.float64), 0),
     "one_channel": lambda g: (torch.randn(3, 1, 4, 4, generator=g, dtype=torch.float64), 1),
@@ -162,15 +162,20 @@ def test_cpp_bfloat16(cpp, act):
     x = torch.randn(2, 8, 5, 7, generator=g).bfloat16()
     b = torch.randn(8, generator=g).bfloat16()
     gy = torch.randn(2, 8, 5, 7, generator=g).bfloat16()
-    want = _grads(
+    want_y, want_dx, _ = _grads(
         lambda t, c: ref.bias_act(t, c, 1, act, clamp=1.5), x.double(), b.double(), gy.double()
     )
     got = _grads(lambda t, c: bias_act(t, c, 1, act, clamp=1.5, backend="cpp"), x, b, gy)
-    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.bfloat16
-    torch.testing.assert_close(got[0].double(), want[0], rtol=2**-8, atol=1e-6)
-    torch.testing.assert_close(got[1].double(), want[1], rtol=2**-8, atol=1e-6)
+    assert all(t.dtype == torch.bfloat16 for t in got)
+    if act in ("linear", "relu", "lrelu"):
+        # documented: these read the clamp mask from the stored y, so an output that rounds to
+        # +-clamp in bf16 counts as clamped (tanh/sigmoid/silu recompute it exactly)
+        want_dx = want_dx * (want_y.bfloat16().double().abs() < 1.5)
+    want_db = want_dx.sum((0, 2, 3))
+    torch.testing.assert_close(got[0].double(), want_y, rtol=2**-8, atol=1e-6)
+    torch.testing.assert_close(got[1].double(), want_dx, rtol=2**-8, atol=1e-6)
     # db sums 70 bf16 terms per channel (torch's sum accumulates in float, rounds at the end)
-    torch.testing.assert_close(got[2].double(), want[2], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got[2].double(), want_db, rtol=2**-8, atol=1e-2)
 
 
 # ---------------------------------------------------------------- derivatives
@@ -244,7 +249,7 @@ def test_opcheck(cpp, act, clamp):
     y = cpp.bias_act(x.detach(), b.detach(), 1, act, 0.2, 1.3, clamp)
     dy = torch.randn_like(y, requires_grad=True)
     xs = x if act >= 3 else x.new_empty(0)
-    ys = y if (act in (1, 2) or clamp >= 0) else y.new_empty(0)
+    ys = y if (act in (1, 2) or (act == 0 and clamp >= 0)) else y.new_empty(0)
     bs = b if act >= 3 else None
     torch.library.opcheck(cpp.bias_act_grad.default, (dy, xs, bs, ys, 1, act, 0.2, 1.3, clamp))
 

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from mtcore.kernels import _build
 from mtcore.kernels.ops import minibatch_stddev as ops_mod
 from mtcore.kernels.ops import native_ready
 from mtcore.kernels.ops.minibatch_stddev import minibatch_stddev
@@ -16,10 +15,8 @@ from mtcore.kernels.reference import layers as ref
 
 
 @pytest.fixture(scope="module")
-def cpp():
-    """The loaded C++ ops; a failed build fails these tests (CI must build the kernels)."""
-    if not _build.load_cpu_ops():
-        pytest.fail(f"the C++ kernels did not build: {_build.build_error()}")
+def cpp(cpp_built):
+    """torch.ops.mtcore with this module's fake and autograd registered (conftest builds the ops)."""
     native_ready("minibatch_stddev", ops_mod._register)
     return torch.ops.mtcore
 
@@ -44,7 +41,9 @@ def _loop(x, group_size, f):
 # ---------------------------------------------------------------- reference
 
 
-@pytest.mark.parametrize("shape,group,f", [((8, 4, 3, 2), 4, 1), ((6, 6, 2, 3), 2, 3), ((3, 2, 2, 2), 8, 2)])
+@pytest.mark.parametrize(
+    "shape,group,f", [((8, 4, 3, 2), 4, 1), ((6, 6, 2, 3), 2, 3), ((3, 2, 2, 2), 8, 2)]
+)
 def test_reference_matches_loop(shape, group, f):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     torch.testing.assert_close(ref.minibatch_stddev(x, group, f), _loop(x, group, f))
@@ -123,7 +122,9 @@ def test_cpp_bfloat16(cpp):
 # ---------------------------------------------------------------- derivatives
 
 
-@pytest.mark.parametrize("case", [(4, 4, 2, 3, 2, 2), (6, 3, 2, 2, 3, 1), (2, 2, 2, 2, 1, 1)], ids=str)
+@pytest.mark.parametrize(
+    "case", [(4, 4, 2, 3, 2, 2), (6, 3, 2, 2, 3, 1), (2, 2, 2, 2, 1, 1)], ids=str
+)
 def test_cpp_gradcheck_and_gradgradcheck(cpp, case):
     n, c, h, w, group, f = case
     x = torch.randn(n, c, h, w, dtype=torch.float64, requires_grad=True)
@@ -187,7 +188,9 @@ def test_bad_arguments(x, group, f, exc, msg):
 def test_kernel_checks_its_inputs(cpp):
     with pytest.raises(RuntimeError, match="N=6 .*divisible by the group size G=min"):
         cpp.mbstd_fwd(torch.ones(6, 4, 2, 2), 4, 1)
-    with pytest.raises(RuntimeError, match=r"grad_out must have shape \[N, C \+ num_channels, H, W\]"):
+    with pytest.raises(
+        RuntimeError, match=r"grad_out must have shape \[N, C \+ num_channels, H, W\]"
+    ):
         cpp.mbstd_bwd(torch.ones(4, 4, 2, 2), torch.ones(4, 4, 2, 2), 4, 1)
     with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):
         cpp.mbstd_fwd(torch.ones(4, 4, 2, 2, dtype=torch.int64), 4, 1)

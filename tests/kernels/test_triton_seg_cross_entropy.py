@@ -1,15 +1,15 @@
 """Triton seg_cross_entropy against torch.nn.functional.cross_entropy and the mtcore reference.
 
-Runs in the Triton interpreter on CPU (TRITON_INTERPRET=1 must be set before the op modules are
-imported; tests/conftest.py sets it for the session, the line below covers a lone run).
+Without CUDA the kernels run in the Triton interpreter (TRITON_INTERPRET=1 before their import).
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():  # run the kernels in the Triton interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F  # noqa: E402
 
 pytest.importorskip("triton")
@@ -18,15 +18,28 @@ from mtcore.kernels import reference  # noqa: E402
 from mtcore.kernels import triton_kernels as tk  # noqa: E402
 
 if not tk.is_available():
-    pytest.skip("triton cannot run here (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
+    pytest.skip(
+        "triton cannot run here (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True
+    )
 
 from mtcore.kernels.triton_kernels import seg_ce  # noqa: E402
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):
+        yield
+
 
 DT = torch.float64
 
 
 def _grads(loss, x, seed=0):
-    g = torch.randn(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(seed))
+    g = torch.randn(
+        loss.shape, dtype=loss.dtype, generator=torch.Generator(DEVICE).manual_seed(seed)
+    )
     return torch.autograd.grad(loss, x, g)[0]
 
 

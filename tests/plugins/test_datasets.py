@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from mtcore_datasets.digits import MASK_THRESHOLD, DigitsDataset
-from mtcore_datasets.image_folder import ImageFolderDataset
-from mtcore_datasets.shapes import ShapesDataset
 from PIL import Image
 
 from mtcore.data import DatasetInfo
+from mtcore_datasets.digits import MASK_THRESHOLD, DigitsDataset
+from mtcore_datasets.image_folder import ImageFolderDataset
+from mtcore_datasets.shapes import ShapesDataset
 
 
 def _check_item(item: dict, info: DatasetInfo) -> None:

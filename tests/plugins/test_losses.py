@@ -45,6 +45,13 @@ from mtcore_tasks.losses import (  # noqa: E402
 LN2 = math.log(2.0)
 
 
+@pytest.fixture(autouse=True)
+def _reference_kernels(monkeypatch):
+    """Run the kernel ops on their reference backend: these tests check the loss components, the
+    kernel tests check every backend against the reference (and the C++ build can take minutes)."""
+    monkeypatch.setenv("MTCORE_KERNELS", "reference")
+
+
 def _seg_batch(n=2, c=4, h=5, w=6, seed=0, ignore=255):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
@@ -115,7 +122,9 @@ def test_seg_ce_errors():
         SegCrossEntropy(class_weights=[1.0, 1.0, 1.0])(logits, mask)
     with pytest.raises(ValueError, match=r"class_weights must be finite and >= 0"):
         SegCrossEntropy(class_weights=[1.0, -1.0])
-    with pytest.raises(ValueError, match=r"mask must be \[N, H, W\] = \(2, 5, 6\).*shape \(2, 5, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"mask must be \[N, H, W\] = \(2, 5, 6\).*shape \(2, 5, 7\)"
+    ):
         SegCrossEntropy()(logits, torch.zeros(2, 5, 7, dtype=torch.long))
     with pytest.raises(ValueError, match=r"logits must be \[N, C, H, W\], got shape \(2, 4, 5\)"):
         SegCrossEntropy()(logits[..., 0], mask[..., 0])
@@ -341,7 +350,9 @@ def test_vae_gradients_flow():
 
 def test_vae_errors():
     recon, image, mu, logvar = _vae_batch()
-    with pytest.raises(ValueError, match=r"recon and image must have the same shape.*\(3, 1, 4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"recon and image must have the same shape.*\(3, 1, 4, 3\)"
+    ):
         VAELoss()(recon, image[..., :3], mu, logvar)
     with pytest.raises(ValueError, match=r"mu and logvar must both be \[N, Z\].*shape \(3, 3\)"):
         VAELoss()(recon, image, mu, torch.zeros(3, 3, dtype=torch.float64))
@@ -443,3 +454,23 @@ def test_r1_penalty_errors():
         r1_penalty(xg, xg.sum(1)[:2], 1.0)
     with pytest.raises(ValueError, match=r"gamma must be >= 0"):
         r1_penalty(xg, xg.sum(1), -1.0)
+
+
+@pytest.mark.slow
+def test_losses_on_default_backend(monkeypatch):
+    """The same checks through the automatically selected backend (the C++ one on a CPU)."""
+    monkeypatch.delenv("MTCORE_KERNELS", raising=False)
+    logits, mask = _seg_batch()
+    got = SegCrossEntropy(class_weights=[1.0, 2.0, 0.5, 3.0], label_smoothing=0.1)(logits, mask)
+    w = torch.tensor([1.0, 2.0, 0.5, 3.0], dtype=torch.float64)
+    ref = F.cross_entropy(logits, mask, weight=w, ignore_index=255, label_smoothing=0.1)
+    torch.testing.assert_close(got, ref)
+    recon, image, mu, logvar = _vae_batch()
+    out = VAELoss(normalize=False)(recon, image, mu, logvar)
+    kl = 0.5 * (logvar.exp() + mu**2 - 1 - logvar).sum() / 3
+    torch.testing.assert_close(out.total, F.mse_loss(recon, image, reduction="sum") / 3 + kl)
+    fake = torch.linspace(-3, 3, 7, dtype=torch.float64)
+    torch.testing.assert_close(
+        AdversarialLoss("hinge").d_loss(fake, fake),
+        (1 - fake).clamp_min(0).mean() + (1 + fake).clamp_min(0).mean(),
+    )

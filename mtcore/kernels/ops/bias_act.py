@@ -4,7 +4,7 @@ As in StyleGAN2 (Karras et al. 2020) the backward is itself an op, ``mtcore::bia
 autograd formula makes the R1 penalty's double backward work: w.r.t. ``dy`` it is bias_act_grad
 again, w.r.t. ``x`` and ``b`` it uses the activation's second derivative (zero for linear, relu and
 lrelu, so nothing is recomputed there). The backward keeps only ``y`` for relu/lrelu (the mask is
-y's sign) and ``x`` for tanh/sigmoid/silu.
+y's sign) or linear with clamp, and ``x`` (+ ``b``) for tanh/sigmoid/silu.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from . import backend_for, native_ready
 
 __all__ = ["bias_act"]
 
-_TANH, _SIGMOID, _SILU = 3, 4, 5
-_RELU, _LRELU = 1, 2
+_LINEAR, _RELU, _LRELU, _TANH, _SIGMOID, _SILU = range(6)
 
 
 def bias_act(
@@ -34,7 +33,8 @@ def bias_act(
     """``clamp(act(x + b) * gain, -clamp, clamp)`` with ``b`` broadcast along ``dim``, in one pass.
 
     act in {linear, relu, lrelu, tanh, sigmoid, silu}; alpha defaults to 0.2 (lrelu only), gain to
-    sqrt(2) for relu/lrelu else 1. The gradient is zero where ``|y| >= clamp`` (also at the bound).
+    sqrt(2) for relu/lrelu else 1. The gradient is zero where ``|y| >= clamp`` (also at the bound;
+    for linear/relu/lrelu in bf16/fp16, where the stored y rounds to +-clamp).
     See :func:`mtcore.kernels.reference.bias_act` for the oracle.
     """
     d, spec, alpha_v, gain_v, clamp_v = ref.check_bias_act_args(x, b, dim, act, alpha, gain, clamp)
@@ -53,12 +53,14 @@ def _uses_x(act: int) -> bool:
 
 
 def _uses_y(act: int, clamp: float) -> bool:
-    """Whether bias_act_grad reads y: relu/lrelu take their mask from y's sign; clamp masks |y|."""
-    return act in (_RELU, _LRELU) or clamp >= 0
+    """Whether bias_act_grad reads y: relu/lrelu take their mask from y's sign, linear its clamp mask."""
+    return act in (_RELU, _LRELU) or (act == _LINEAR and clamp >= 0)
 
 
-def _reduce_dims(t: torch.Tensor, dim: int) -> list[int]:
-    return [i for i in range(t.dim()) if i != dim]
+def _bias_grad(dx: torch.Tensor, dim: int) -> torch.Tensor:
+    """db: dx summed over every dimension but ``dim`` (sum(dims=[]) would reduce them all)."""
+    dims = [i for i in range(dx.dim()) if i != dim]
+    return dx.sum(dims) if dims else dx
 
 
 # ---------------------------------------------------------------- mtcore::bias_act
@@ -89,7 +91,7 @@ def _bias_act_backward(ctx, dy):
     )
     db = None
     if ctx.has_b and ctx.needs_input_grad[1]:
-        db = dx.sum(_reduce_dims(dx, dim))
+        db = _bias_grad(dx, dim)
     return dx if ctx.needs_input_grad[0] else None, db, None, None, None, None, None
 
 
@@ -112,15 +114,15 @@ def _bias_act_grad_setup(ctx, inputs, output):
     ctx.save_for_backward(dy, x, b, y)
 
 
-def _second_derivative(act: int, z: torch.Tensor) -> torch.Tensor:
-    """act''(z) for tanh, sigmoid and silu, as differentiable torch ops."""
+def _act_and_second_derivative(act: int, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(act(z), act''(z)) for tanh, sigmoid and silu, as differentiable torch ops."""
     if act == _TANH:
         t = torch.tanh(z)
-        return -2.0 * t * (1.0 - t * t)
+        return t, -2.0 * t * (1.0 - t * t)
     s = torch.sigmoid(z)
     if act == _SIGMOID:
-        return s * (1.0 - s) * (1.0 - 2.0 * s)
-    return s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))  # silu
+        return s, s * (1.0 - s) * (1.0 - 2.0 * s)
+    return z * s, s * (1.0 - s) * (2.0 + z * (1.0 - 2.0 * s))  # silu
 
 
 def _bias_act_grad_backward(ctx, g):
@@ -136,11 +138,12 @@ def _bias_act_grad_backward(ctx, g):
             shape = [1] * x.dim()
             shape[dim] = -1
             z = x + b.reshape(shape)
-        d_x = g * dy * (gain * _second_derivative(act, z))
-        if clamp >= 0:
-            d_x = d_x * (y.abs() < clamp)
+        v, f2 = _act_and_second_derivative(act, z)
+        d_x = g * dy * (gain * f2)
+        if clamp >= 0:  # the same mask as the kernel: recomputed, not read from y
+            d_x = d_x * ((v * gain).abs() < clamp)
         if want_b:
-            d_b = d_x.sum(_reduce_dims(d_x, dim))
+            d_b = _bias_grad(d_x, dim)
         if not ctx.needs_input_grad[1]:
             d_x = None
     # relu/lrelu/linear: act'' = 0, so x and b get no second-order gradient; y is a saved

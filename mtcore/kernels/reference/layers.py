@@ -14,8 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "ActSpec", "bias_act", "check_bias_act_args", "check_mbstd_args",
-           "minibatch_stddev"]
+__all__ = [
+    "ACTIVATIONS",
+    "ActSpec",
+    "bias_act",
+    "check_bias_act_args",
+    "check_mbstd_args",
+    "minibatch_stddev",
+]
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,9 @@ def check_bias_act_args(
                 f"(x of shape {tuple(x.shape)}, dim={dim}), got b of shape {tuple(b.shape)}"
             )
         if b.dtype != x.dtype:
-            raise TypeError(f"bias_act: b has dtype {b.dtype} but x has dtype {x.dtype}; they must match")
+            raise TypeError(
+                f"bias_act: b has dtype {b.dtype} but x has dtype {x.dtype}; they must match"
+            )
         if b.device != x.device:
             raise ValueError(f"bias_act: b is on {b.device} but x is on {x.device}")
     else:
@@ -81,7 +89,9 @@ def check_bias_act_args(
     if act == "lrelu":
         alpha_v = 0.2 if alpha is None else float(alpha)
         if not (alpha_v >= 0.0 and math.isfinite(alpha_v)):
-            raise ValueError(f"bias_act: alpha must be a finite number >= 0 for lrelu, got {alpha!r}")
+            raise ValueError(
+                f"bias_act: alpha must be a finite number >= 0 for lrelu, got {alpha!r}"
+            )
     else:
         alpha_v = 0.0  # relu is lrelu with slope 0; the other activations ignore alpha
     gain_v = float(gain) if gain is not None else spec.default_gain
@@ -142,12 +152,16 @@ def check_mbstd_args(x: torch.Tensor, group_size: int, num_channels: int) -> tup
             f"and shape {tuple(x.shape)}"
         )
     if x.dim() != 4:
-        raise ValueError(f"minibatch_stddev: x must be [N, C, H, W], got x of shape {tuple(x.shape)}")
+        raise ValueError(
+            f"minibatch_stddev: x must be [N, C, H, W], got x of shape {tuple(x.shape)}"
+        )
     n, c = x.shape[0], x.shape[1]
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
         raise ValueError(f"minibatch_stddev: group_size must be an int >= 1, got {group_size!r}")
     if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1:
-        raise ValueError(f"minibatch_stddev: num_channels must be an int >= 1, got {num_channels!r}")
+        raise ValueError(
+            f"minibatch_stddev: num_channels must be an int >= 1, got {num_channels!r}"
+        )
     if n == 0:
         raise ValueError(f"minibatch_stddev: x has an empty batch (shape {tuple(x.shape)})")
     g = min(group_size, n)

@@ -9,7 +9,6 @@ Ops are registered under the ``mtcore_triton`` torch.library namespace.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 import sys
 from typing import TYPE_CHECKING
@@ -32,8 +31,6 @@ __all__ = [
 
 def is_available() -> bool:
     """True if triton is importable and can run: a CUDA device, or ``TRITON_INTERPRET=1``."""
-    if importlib.util.find_spec("triton") is None:
-        return False
     if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "") == "1"):
         return False
     try:
@@ -55,12 +52,10 @@ def seg_cross_entropy(
     label_smoothing: float = 0.0,
     reduction: str = "mean",
 ) -> torch.Tensor:
-    """Cross entropy over dim 1 of [N, C, *spatial] logits; gradient computed in the forward pass."""
+    """Cross entropy over dim 1 of [N, C, *spatial] logits; gradient made in the forward pass."""
     from .seg_ce import seg_cross_entropy as impl
 
-    return impl(
-        logits, target, weight, ignore_index, label_smoothing, reduction
-    )
+    return impl(logits, target, weight, ignore_index, label_smoothing, reduction)
 
 
 def vae_loss(
@@ -109,9 +104,22 @@ def joint_loss(
     from .joint import joint_loss as impl
 
     return impl(
-        seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logvar, fake_logits,
-        weights, mode, beta=beta, label_smoothing=label_smoothing, ignore_index=ignore_index,
-        recon_kind=recon_kind, adv_kind=adv_kind,
+        seg_logits,
+        seg_target,
+        cls_logits,
+        cls_target,
+        recon,
+        image,
+        mu,
+        logvar,
+        fake_logits,
+        weights,
+        mode,
+        beta=beta,
+        label_smoothing=label_smoothing,
+        ignore_index=ignore_index,
+        recon_kind=recon_kind,
+        adv_kind=adv_kind,
     )
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "INTERPRETED",
     "NAMESPACE",
     "acc_dtype",
+    "check_device",
     "block_for",
     "is_interpreted",
     "log1p_exp_neg_abs",
@@ -39,9 +40,7 @@ def is_interpreted(kernel: Any) -> bool:
     return type(kernel).__name__ == "InterpretedFunction"
 
 
-def make_op(
-    name: str, fn: Callable[..., Any], fake: Callable[..., Any], kernel: Any
-) -> Any:
+def make_op(name: str, fn: Callable[..., Any], fake: Callable[..., Any], kernel: Any) -> Any:
     """Register ``fn`` as ``mtcore_triton::<name>`` with ``triton_op``; return the CustomOpDef.
 
     ``fake`` computes output metadata only. It replaces the traced-``fn`` fake kernel when
@@ -56,6 +55,16 @@ def make_op(
 
         op.register_torch_dispatch(FunctionalTensorMode, _opaque)
     return op
+
+
+def check_device(name: str, t: torch.Tensor) -> None:
+    """ValueError unless the kernels can read ``t``: CUDA, or any device when interpreted."""
+    if not INTERPRETED and t.device.type != "cuda":
+        raise ValueError(
+            f"the triton backend runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set "
+            f"before mtcore's triton kernels are imported); {name} is on {t.device} "
+            f"(shape {tuple(t.shape)}, dtype {t.dtype})"
+        )
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:

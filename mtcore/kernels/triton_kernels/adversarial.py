@@ -1,4 +1,4 @@
-"""Triton GAN losses of discriminator logits, mean over all elements, gradient from the forward pass.
+"""Triton GAN losses of discriminator logits (mean over elements), gradient from the forward pass.
 
 non_saturating (Goodfellow et al. 2014), hinge (Lim & Ye 2017), least_squares (Mao et al. 2017);
 the kind and role are compile-time constants, so each of the nine variants is its own kernel.
@@ -12,16 +12,31 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..reference.losses import ADV_KINDS, ADV_ROLES, check_choice, check_tensor
-from ._common import acc_dtype, block_for, log1p_exp_neg_abs, make_op, num_blocks, sigmoid
+from ._common import (
+    acc_dtype,
+    block_for,
+    check_device,
+    log1p_exp_neg_abs,
+    make_op,
+    num_blocks,
+    sigmoid,
+)
 
 __all__ = ["adv_forward", "adversarial_loss"]
 
 
 @triton.jit
 def _adv_kernel(
-    x_ptr, coef_ptr, partial_ptr, grad_ptr, numel,
-    KIND: tl.constexpr, ROLE: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    coef_ptr,
+    partial_ptr,
+    grad_ptr,
+    numel,
+    KIND: tl.constexpr,
+    ROLE: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -73,9 +88,16 @@ def adv_forward(
     grad = torch.empty_like(x) if compute_grad else x.new_empty(0)
     if numel > 0:
         wrap_triton(_adv_kernel)[(num_blocks(numel, block),)](
-            x, coef, part, grad if compute_grad else x, numel,
-            KIND=int(kind), ROLE=int(role), COMPUTE_GRAD=bool(compute_grad),
-            F64=acc == torch.float64, BLOCK=block,
+            x,
+            coef,
+            part,
+            grad,  # an empty tensor when not compute_grad: never written
+            numel,
+            KIND=int(kind),
+            ROLE=int(role),
+            COMPUTE_GRAD=bool(compute_grad),
+            F64=acc == torch.float64,
+            BLOCK=block,
         )
     return part.sum() * coef[0], grad
 
@@ -104,7 +126,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_grad):
     if not ctx.has_grad:
         raise RuntimeError(
-            "mtcore_triton::adv_loss_fwd was called with compute_grad=False, so it cannot backpropagate"
+            "mtcore_triton::adv_loss_fwd was called with compute_grad=False, "
+            "so it cannot backpropagate"
         )
     (grad,) = ctx.saved_tensors
     return grad * grad_loss.to(grad.dtype), None, None, None
@@ -116,10 +139,11 @@ adv_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
 def adversarial_loss(
     logits: torch.Tensor, kind: str = "non_saturating", role: str = "g"
 ) -> torch.Tensor:
-    """GAN loss of discriminator ``logits`` for ``role`` d_real, d_fake or g, mean over elements (Triton)."""
+    """GAN loss of discriminator ``logits`` for ``role`` d_real, d_fake or g; a mean (Triton)."""
     check_tensor("logits", logits)
     k = check_choice("kind", kind, ADV_KINDS)
     r = check_choice("role", role, ADV_ROLES)
+    check_device("logits", logits)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = adv_loss_fwd(logits, k, r, compute_grad)
     return loss

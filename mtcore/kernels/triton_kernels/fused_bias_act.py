@@ -14,7 +14,7 @@ from torch.library import wrap_triton
 
 from ..reference.layers import bias_act as _ref_bias_act
 from ..reference.layers import check_bias_act_args
-from ._common import acc_dtype, block_for, make_op, num_blocks, sigmoid, tanh
+from ._common import acc_dtype, block_for, check_device, make_op, num_blocks, sigmoid, tanh
 
 __all__ = ["bias_act"]
 
@@ -75,9 +75,18 @@ def _act_grad(z, alpha, ACT: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(
-    x_ptr, b_ptr, coef_ptr, y_ptr, numel, C, inner,
-    ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_CLAMP: tl.constexpr,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    b_ptr,
+    coef_ptr,
+    y_ptr,
+    numel,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -93,9 +102,19 @@ def _fwd_kernel(
 
 @triton.jit
 def _grad_kernel(
-    dy_ptr, x_ptr, b_ptr, coef_ptr, dx_ptr, numel, C, inner,
-    ACT: tl.constexpr, HAS_B: tl.constexpr, HAS_CLAMP: tl.constexpr,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    dy_ptr,
+    x_ptr,
+    b_ptr,
+    coef_ptr,
+    dx_ptr,
+    numel,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    HAS_B: tl.constexpr,
+    HAS_CLAMP: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -129,15 +148,28 @@ def _launch(kernel, inputs, x, b, dim, act, alpha, gain, clamp, out):
     block = block_for(numel)
     coef = torch.tensor([alpha, gain, clamp], dtype=acc_dtype(x), device=x.device)
     wrap_triton(kernel)[(num_blocks(numel, block),)](
-        *inputs, coef, out, numel, c, inner,
-        ACT=int(act), HAS_B=b is not None, HAS_CLAMP=clamp >= 0.0,
-        F64=acc_dtype(x) == torch.float64, BLOCK=block,
+        *inputs,
+        coef,
+        out,
+        numel,
+        c,
+        inner,
+        ACT=int(act),
+        HAS_B=b is not None,
+        HAS_CLAMP=clamp >= 0.0,
+        F64=acc_dtype(x) == torch.float64,
+        BLOCK=block,
     )
     return out
 
 
 def _fwd(
-    x: torch.Tensor, b: torch.Tensor | None, dim: int, act: int, alpha: float, gain: float,
+    x: torch.Tensor,
+    b: torch.Tensor | None,
+    dim: int,
+    act: int,
+    alpha: float,
+    gain: float,
     clamp: float,
 ) -> torch.Tensor:
     xc = x.contiguous()
@@ -147,8 +179,14 @@ def _fwd(
 
 
 def _grad(
-    dy: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, dim: int, act: int, alpha: float,
-    gain: float, clamp: float,
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    b: torch.Tensor | None,
+    dim: int,
+    act: int,
+    alpha: float,
+    gain: float,
+    clamp: float,
 ) -> torch.Tensor:
     xc = x.contiguous()
     bc = b.contiguous() if b is not None else xc
@@ -194,6 +232,7 @@ bias_act_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 def _composite_grad(dy, x, b, dim, act, alpha, gain, clamp):
     """dx of the reference op by autograd (a composite of differentiable PyTorch ops)."""
+
     def f(xx, bb):
         return _ref_bias_act(
             xx, bb, dim, ACT_NAMES[act], alpha, gain, None if clamp < 0.0 else clamp
@@ -243,4 +282,5 @@ def bias_act(
     First and second derivatives with respect to ``x`` and ``b`` are supported.
     """
     dim_v, spec, alpha_v, gain_v, clamp_v = check_bias_act_args(x, b, dim, act, alpha, gain, clamp)
+    check_device("x", x)
     return bias_act_fwd(x, b, dim_v, spec.code, alpha_v, gain_v, clamp_v)

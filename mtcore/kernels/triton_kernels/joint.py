@@ -20,7 +20,7 @@ from ..reference.losses import (
     check_tensor,
     check_vae_args,
 )
-from ._common import make_op
+from ._common import check_device, make_op
 from .adversarial import _adv_kernel, adv_forward
 from .seg_ce import seg_ce_forward
 from .vae import vae_forward
@@ -49,8 +49,14 @@ def _joint_fwd(
     adv_kind: int,
     compute_grad: bool,
 ) -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-    torch.Tensor, torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
+    torch.Tensor,
 ]:
     seg, g_seg = seg_ce_forward(seg_logits, seg_target, None, ignore_index, 0.0, 1, compute_grad)
     cls, g_cls = seg_ce_forward(
@@ -72,8 +78,23 @@ def _joint_fwd(
 
 
 def _fake(
-    seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logvar, fake_logits,
-    weights, mode, beta, label_smoothing, ignore_index, recon_kind, adv_kind, compute_grad,
+    seg_logits,
+    seg_target,
+    cls_logits,
+    cls_target,
+    recon,
+    image,
+    mu,
+    logvar,
+    fake_logits,
+    weights,
+    mode,
+    beta,
+    label_smoothing,
+    ignore_index,
+    recon_kind,
+    adv_kind,
+    compute_grad,
 ):
     def like(t):
         if not compute_grad:
@@ -81,8 +102,14 @@ def _fake(
         return torch.empty_like(t, memory_format=torch.contiguous_format)
 
     return (
-        weights.new_empty(4), weights.new_empty(()), like(seg_logits), like(cls_logits),
-        like(recon), like(mu), like(logvar), like(fake_logits),
+        weights.new_empty(4),
+        weights.new_empty(()),
+        like(seg_logits),
+        like(cls_logits),
+        like(recon),
+        like(mu),
+        like(logvar),
+        like(fake_logits),
     )
 
 
@@ -160,6 +187,7 @@ def joint_loss(
     check_tensor("fake_logits", fake_logits)
     rk = check_choice("recon_kind", recon_kind, RECON_KINDS)
     ak = check_choice("adv_kind", adv_kind, ADV_KINDS)
+    check_device("seg_logits", seg_logits)
     if not torch.compiler.is_compiling():
         check_target_values(seg_target, seg_logits.shape[1], ignore_index)
         check_target_values(cls_target, cls_logits.shape[1], ignore_index)
@@ -167,7 +195,22 @@ def joint_loss(
         t.requires_grad for t in (seg_logits, cls_logits, recon, mu, logvar, fake_logits, weights)
     )
     terms, total, *_ = joint_loss_fwd(
-        seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logvar, fake_logits,
-        weights, m, float(beta), float(label_smoothing), int(ignore_index), rk, ak, compute_grad,
+        seg_logits,
+        seg_target,
+        cls_logits,
+        cls_target,
+        recon,
+        image,
+        mu,
+        logvar,
+        fake_logits,
+        weights,
+        m,
+        float(beta),
+        float(label_smoothing),
+        int(ignore_index),
+        rk,
+        ak,
+        compute_grad,
     )
     return JointLoss(terms, total)

@@ -16,15 +16,23 @@ from torch.library import wrap_triton
 
 from ..reference.layers import check_mbstd_args
 from ..reference.layers import minibatch_stddev as _ref_mbstd
-from ._common import acc_dtype, block_for, make_op, num_blocks
+from ._common import acc_dtype, block_for, check_device, make_op, num_blocks
 
 __all__ = ["minibatch_stddev"]
 
 
 @triton.jit
 def _stat_kernel(
-    x_ptr, partial_ptr, G, M, F, C, HW, K,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    partial_ptr,
+    G,
+    M,
+    F,
+    C,
+    HW,
+    K,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     mf = tl.program_id(0)
     kb = tl.program_id(1)
@@ -33,17 +41,18 @@ def _stat_kernel(
     k = kb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = k < K
     offs = m.to(tl.int64) * C * HW + f.to(tl.int64) * K + k
+    sx = (m.to(tl.int64) * 0 + M) * C * HW  # int64 stride between group members
     if F64:
         x0 = tl.zeros([BLOCK], tl.float64)
     else:
         x0 = tl.zeros([BLOCK], tl.float32)
     s = x0
     for g in range(0, G):
-        s += tl.load(x_ptr + offs + g * M * C * HW, mask=mask, other=0.0).to(x0.dtype)
+        s += tl.load(x_ptr + offs + g * sx, mask=mask, other=0.0).to(x0.dtype)
     mean = s / G
     v = x0
     for g in range(0, G):
-        d = tl.load(x_ptr + offs + g * M * C * HW, mask=mask, other=0.0).to(x0.dtype) - mean
+        d = tl.load(x_ptr + offs + g * sx, mask=mask, other=0.0).to(x0.dtype) - mean
         v += d * d
     sd = tl.sqrt(v / G + 1e-8)
     tl.store(partial_ptr + mf * tl.num_programs(1) + kb, tl.sum(tl.where(mask, sd, 0.0), 0))
@@ -51,7 +60,14 @@ def _stat_kernel(
 
 @triton.jit
 def _out_kernel(
-    x_ptr, stat_ptr, y_ptr, numel, M, F, C, HW,
+    x_ptr,
+    stat_ptr,
+    y_ptr,
+    numel,
+    M,
+    F,
+    C,
+    HW,
     BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -70,8 +86,15 @@ def _out_kernel(
 
 @triton.jit
 def _gstat_kernel(
-    go_ptr, partial_ptr, G, M, F, C, HW,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    go_ptr,
+    partial_ptr,
+    G,
+    M,
+    F,
+    C,
+    HW,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Partial sums over g and hw of dy[g*M + m, C + f, hw]."""
     mf = tl.program_id(0)
@@ -80,20 +103,31 @@ def _gstat_kernel(
     f = mf - m * F
     hw = hb.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = hw < HW
-    offs = m.to(tl.int64) * (C + F) * HW + (C + f) * HW + hw
+    offs = m.to(tl.int64) * (C + F) * HW + (C + f).to(tl.int64) * HW + hw
+    sy = (m.to(tl.int64) * 0 + M) * (C + F) * HW  # int64 stride between group members
     if F64:
         acc = tl.zeros([BLOCK], tl.float64)
     else:
         acc = tl.zeros([BLOCK], tl.float32)
     for g in range(0, G):
-        acc += tl.load(go_ptr + offs + g * M * (C + F) * HW, mask=mask, other=0.0).to(acc.dtype)
+        acc += tl.load(go_ptr + offs + g * sy, mask=mask, other=0.0).to(acc.dtype)
     tl.store(partial_ptr + mf * tl.num_programs(1) + hb, tl.sum(acc, 0))
 
 
 @triton.jit
 def _dx_kernel(
-    go_ptr, x_ptr, coef_ptr, dx_ptr, G, M, F, C, HW, K,
-    F64: tl.constexpr, BLOCK: tl.constexpr,
+    go_ptr,
+    x_ptr,
+    coef_ptr,
+    dx_ptr,
+    G,
+    M,
+    F,
+    C,
+    HW,
+    K,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     mf = tl.program_id(0)
     m = mf // F
@@ -102,25 +136,27 @@ def _dx_kernel(
     mask = k < K
     offs = m.to(tl.int64) * C * HW + f.to(tl.int64) * K + k  # in x; channel f*Cf + k // HW
     goffs = m.to(tl.int64) * (C + F) * HW + f.to(tl.int64) * K + k  # same element in dy
+    sx = (m.to(tl.int64) * 0 + M) * C * HW  # int64 strides between group members
+    sy = (m.to(tl.int64) * 0 + M) * (C + F) * HW
     if F64:
         x0 = tl.zeros([BLOCK], tl.float64)
     else:
         x0 = tl.zeros([BLOCK], tl.float32)
     s = x0
     for g in range(0, G):
-        s += tl.load(x_ptr + offs + g * M * C * HW, mask=mask, other=0.0).to(x0.dtype)
+        s += tl.load(x_ptr + offs + g * sx, mask=mask, other=0.0).to(x0.dtype)
     mean = s / G
     v = x0
     for g in range(0, G):
-        d = tl.load(x_ptr + offs + g * M * C * HW, mask=mask, other=0.0).to(x0.dtype) - mean
+        d = tl.load(x_ptr + offs + g * sx, mask=mask, other=0.0).to(x0.dtype) - mean
         v += d * d
     sd = tl.sqrt(v / G + 1e-8)
     scale = tl.load(coef_ptr + mf).to(x0.dtype) / (G * sd)  # coef = d loss/d stat / K
     for g in range(0, G):
-        xg = tl.load(x_ptr + offs + g * M * C * HW, mask=mask, other=0.0).to(x0.dtype)
-        dy = tl.load(go_ptr + goffs + g * M * (C + F) * HW, mask=mask, other=0.0).to(x0.dtype)
+        xg = tl.load(x_ptr + offs + g * sx, mask=mask, other=0.0).to(x0.dtype)
+        dy = tl.load(go_ptr + goffs + g * sy, mask=mask, other=0.0).to(x0.dtype)
         dx = dy + scale * (xg - mean)
-        tl.store(dx_ptr + offs + g * M * C * HW, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + offs + g * sx, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
 def _dims(x: torch.Tensor, group_size: int, num_channels: int) -> tuple[int, ...]:
@@ -152,7 +188,9 @@ def _fwd(x: torch.Tensor, group_size: int, num_channels: int) -> torch.Tensor:
     return y
 
 
-def _bwd(grad_out: torch.Tensor, x: torch.Tensor, group_size: int, num_channels: int) -> torch.Tensor:
+def _bwd(
+    grad_out: torch.Tensor, x: torch.Tensor, group_size: int, num_channels: int
+) -> torch.Tensor:
     n, c, hw, g, m, f, k = _dims(x, group_size, num_channels)
     acc = acc_dtype(x)
     xc = x.contiguous()
@@ -221,9 +259,10 @@ mbstd_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup)
 
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1) -> torch.Tensor:
-    """Append ``num_channels`` maps of the per-group standard deviation: [N, C, H, W] -> [N, C+F, H, W].
+    """Append ``num_channels`` maps of per-group standard deviation: [N, C, H, W] -> [N, C+F, H, W].
 
     G = min(group_size, N) must divide N and num_channels must divide C (Triton).
     """
     check_mbstd_args(x, group_size, num_channels)
+    check_device("x", x)
     return mbstd_fwd(x, int(group_size), int(num_channels))

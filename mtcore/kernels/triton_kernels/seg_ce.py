@@ -1,4 +1,4 @@
-"""Triton cross entropy over dim 1 of [N, C, *spatial] logits, with its gradient from the forward pass.
+"""Triton cross entropy over dim 1 of [N, C, *spatial] logits, gradient made in the forward pass.
 
 One program takes a tile of pixels (rows) and walks the classes in chunks twice: an online
 log-sum-exp (Milakov & Gimelshein 2018) gives the loss, then d(loss)/d(logits) is written directly,
@@ -19,7 +19,7 @@ from ..reference.losses import (
     check_seg_ce_args,
     check_target_values,
 )
-from ._common import acc_dtype, block_for, make_op, num_blocks
+from ._common import acc_dtype, block_for, check_device, make_op, num_blocks
 
 __all__ = ["seg_ce_forward", "seg_cross_entropy"]
 
@@ -28,10 +28,22 @@ _TILE = 4096  # logits per program and class chunk: rows * BLOCK_C
 
 @triton.jit
 def _seg_ce_kernel(
-    logits_ptr, target_ptr, weight_ptr, coef_ptr, loss_ptr, grad_ptr,
-    M, C, P, ignore_index,
-    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    F64: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    logits_ptr,
+    target_ptr,
+    weight_ptr,
+    coef_ptr,
+    loss_ptr,
+    grad_ptr,
+    M,
+    C,
+    P,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    SMOOTH: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     # rows are flattened (n, p) pixels; logits[n, c, p] sits at (n * C + c) * P + p
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -150,11 +162,22 @@ def seg_ce_forward(
         block_c = block_for(c, cap=1024)
         block_r = block_for(rows, cap=max(1, _TILE // block_c), floor=1)
         wrap_triton(_seg_ce_kernel)[(num_blocks(rows, block_r),)](
-            x, t, w if w is not None else x, coef, per, grad if compute_grad else x,
-            rows, c, p, int(ignore_index),
-            HAS_WEIGHT=w is not None, SMOOTH=eps > 0.0,
-            COMPUTE_GRAD=bool(compute_grad), F64=acc == torch.float64,
-            BLOCK_R=block_r, BLOCK_C=block_c,
+            x,
+            t,
+            w if w is not None else x,
+            coef,
+            per,
+            grad,  # an empty tensor when not compute_grad: never written
+            rows,
+            c,
+            p,
+            int(ignore_index),
+            HAS_WEIGHT=w is not None,
+            SMOOTH=eps > 0.0,
+            COMPUTE_GRAD=bool(compute_grad),
+            F64=acc == torch.float64,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
         )
     if reduction == 0:
         loss = per.reshape((n, *logits.shape[2:]))
@@ -199,7 +222,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_loss, _grad_grad):
     if not ctx.has_grad:
         raise RuntimeError(
-            "mtcore_triton::seg_ce_fwd was called with compute_grad=False, so it cannot backpropagate"
+            "mtcore_triton::seg_ce_fwd was called with compute_grad=False, "
+            "so it cannot backpropagate"
         )
     (grad,) = ctx.saved_tensors
     g = grad_loss.to(grad.dtype)
@@ -225,6 +249,7 @@ def seg_cross_entropy(
     """
     check_seg_ce_args(logits, target, weight, label_smoothing, reduction)
     red = check_choice("reduction", reduction, REDUCTIONS)
+    check_device("logits", logits)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise ValueError(
             f"weight gets no gradient from the triton seg_cross_entropy; pass weight.detach() "

@@ -13,15 +13,31 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from ..reference.losses import RECON_KINDS, VAELossTerms, check_choice, check_vae_args
-from ._common import acc_dtype, block_for, log1p_exp_neg_abs, make_op, num_blocks, sigmoid
+from ._common import (
+    acc_dtype,
+    block_for,
+    check_device,
+    log1p_exp_neg_abs,
+    make_op,
+    num_blocks,
+    sigmoid,
+)
 
 __all__ = ["vae_forward", "vae_loss"]
 
 
 @triton.jit
 def _rec_kernel(
-    x_ptr, t_ptr, coef_ptr, partial_ptr, grad_ptr, numel,
-    KIND: tl.constexpr, COMPUTE_GRAD: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+    x_ptr,
+    t_ptr,
+    coef_ptr,
+    partial_ptr,
+    grad_ptr,
+    numel,
+    KIND: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -46,8 +62,16 @@ def _rec_kernel(
 
 @triton.jit
 def _kl_kernel(
-    mu_ptr, lv_ptr, coef_ptr, partial_ptr, gmu_ptr, glv_ptr, numel,
-    COMPUTE_GRAD: tl.constexpr, F64: tl.constexpr, BLOCK: tl.constexpr,
+    mu_ptr,
+    lv_ptr,
+    coef_ptr,
+    partial_ptr,
+    gmu_ptr,
+    glv_ptr,
+    numel,
+    COMPUTE_GRAD: tl.constexpr,
+    F64: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -74,7 +98,7 @@ def vae_forward(
     recon_kind: int,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch both kernels: (rec, kl) in the accumulation dtype and d rec/d recon, d kl/d mu, d kl/d logvar.
+    """Launch both kernels: rec, kl (accumulation dtype), d rec/d recon, d kl/d mu, d kl/d logvar.
 
     The gradients are empty tensors when ``compute_grad`` is False.
     """
@@ -89,8 +113,16 @@ def vae_forward(
     g_rec = torch.empty_like(x) if compute_grad else x.new_empty(0)
     if x.numel() > 0:
         wrap_triton(_rec_kernel)[(num_blocks(x.numel(), block),)](
-            x, t, coef, rec_part, g_rec if compute_grad else x, x.numel(),
-            KIND=int(recon_kind), COMPUTE_GRAD=bool(compute_grad), F64=f64, BLOCK=block,
+            x,
+            t,
+            coef,
+            rec_part,
+            g_rec,  # an empty tensor when not compute_grad: never written
+            x.numel(),
+            KIND=int(recon_kind),
+            COMPUTE_GRAD=bool(compute_grad),
+            F64=f64,
+            BLOCK=block,
         )
 
     block = block_for(m.numel())
@@ -99,8 +131,16 @@ def vae_forward(
     g_lv = torch.empty_like(lv) if compute_grad else lv.new_empty(0)
     if m.numel() > 0:
         wrap_triton(_kl_kernel)[(num_blocks(m.numel(), block),)](
-            m, lv, coef, kl_part, g_mu if compute_grad else m, g_lv if compute_grad else lv,
-            m.numel(), COMPUTE_GRAD=bool(compute_grad), F64=f64, BLOCK=block,
+            m,
+            lv,
+            coef,
+            kl_part,
+            g_mu,  # an empty tensor when not compute_grad: never written
+            g_lv,  # an empty tensor when not compute_grad: never written
+            m.numel(),
+            COMPUTE_GRAD=bool(compute_grad),
+            F64=f64,
+            BLOCK=block,
         )
     rec = rec_part.sum() * coef[0]
     kl = -0.5 * kl_part.sum() * coef[0]
@@ -145,7 +185,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, g_rec, g_kl, g_total, *_unused):
     if not ctx.has_grad:
         raise RuntimeError(
-            "mtcore_triton::vae_loss_fwd was called with compute_grad=False, so it cannot backpropagate"
+            "mtcore_triton::vae_loss_fwd was called with compute_grad=False, "
+            "so it cannot backpropagate"
         )
     d_rec, d_mu, d_lv = ctx.saved_tensors
     zero = torch.zeros((), dtype=d_rec.dtype, device=d_rec.device)
@@ -182,10 +223,9 @@ def vae_loss(
     """
     check_vae_args(recon, target, mu, logvar)
     kind = check_choice("recon", recon_kind, RECON_KINDS)
+    check_device("recon", recon)
     compute_grad = torch.is_grad_enabled() and (
         recon.requires_grad or mu.requires_grad or logvar.requires_grad
     )
-    rec, kl, total, *_ = vae_loss_fwd(
-        recon, target, mu, logvar, float(beta), kind, compute_grad
-    )
+    rec, kl, total, *_ = vae_loss_fwd(recon, target, mu, logvar, float(beta), kind, compute_grad)
     return VAELossTerms(rec, kl, total)

@@ -1,0 +1,342 @@
+"""The C++ loss kernels against the reference: values and gradients over shapes, layouts, dtypes
+and edge cases; gradcheck in float64; torch.library.opcheck; input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mtcore.kernels import adversarial_loss, joint_loss, seg_cross_entropy, vae_loss
+from mtcore.kernels.ops import adversarial as adv_mod
+from mtcore.kernels.ops import joint_loss as joint_mod
+from mtcore.kernels.ops import native_ready
+from mtcore.kernels.ops import seg_cross_entropy as ce_mod
+from mtcore.kernels.ops import vae_loss as vae_mod
+from mtcore.kernels.reference import losses as ref
+
+pytestmark = pytest.mark.usefixtures("cpp_built")
+
+# Expected agreement with the float64 reference: fp32 kernels accumulate in float (with a
+# polynomial exp of ~2 ulp), bf16 inputs are read exactly but outputs are rounded to bf16 (8 bits).
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if b.numel() == 0:
+        return 0.0
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1.0))
+
+
+def _ce_case(shape, dtype, seed=0, scale=3.0, ignore_every=4):
+    g = _gen(seed)
+    x = (scale * torch.randn(shape, dtype=torch.float64, generator=g)).to(dtype)
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=g)
+    if ignore_every:
+        t.view(-1)[::ignore_every] = -100
+    return x, t
+
+
+def _ce_both(x, t, **kw):
+    """(loss, grad) from the cpp backend and from the reference evaluated in float64."""
+    xa = x.clone().requires_grad_()
+    la = seg_cross_entropy(xa, t, backend="cpp", **kw)
+    up = torch.randn(la.shape, dtype=torch.float64, generator=_gen(9))
+    (ga,) = torch.autograd.grad(la, xa, up.to(la.dtype))
+    xb = x.detach().double().requires_grad_()
+    w = kw.pop("weight", None)
+    lb = seg_cross_entropy(xb, t, None if w is None else w.double(), backend="reference", **kw)
+    (gb,) = torch.autograd.grad(lb, xb, up)
+    return la, ga, lb, gb
+
+
+SHAPES = [(1, 1, 1, 1), (3, 7, 13, 17), (5, 19), (2, 4, 3, 5, 6), (2, 3, 130), (2, 21, 9, 70)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_seg_ce_matches_reference(shape, dtype, reduction):
+    x, t = _ce_case(shape, dtype)
+    la, ga, lb, gb = _ce_both(x, t, reduction=reduction)
+    assert la.dtype == dtype and ga.dtype == dtype and la.shape == lb.shape
+    assert _rel(la, lb) <= TOL[dtype]
+    assert _rel(ga, gb) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 13, 17), (6, 11)])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.25])
+def test_seg_ce_weights_and_smoothing(shape, reduction, smoothing):
+    x, t = _ce_case(shape, torch.float32, seed=1)
+    w = torch.rand(shape[1], generator=_gen(2)) + 0.05
+    la, ga, lb, gb = _ce_both(x, t, weight=w, label_smoothing=smoothing, reduction=reduction)
+    assert _rel(la, lb) <= 2e-5 and _rel(ga, gb) <= 2e-5
+
+
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced"])
+def test_seg_ce_non_contiguous(layout):
+    x, t = _ce_case((2, 5, 8, 12), torch.float32, seed=3)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "transposed":
+        x, t = x.transpose(2, 3), t.transpose(1, 2)
+    else:
+        x, t = x[:, :, ::2], t[:, ::2]
+    assert not x.is_contiguous()
+    la, ga, lb, gb = _ce_both(x, t, label_smoothing=0.1)
+    assert _rel(la, lb) <= 2e-5 and _rel(ga, gb) <= 2e-5
+
+
+@pytest.mark.parametrize("scale", [1e4, 1e-6])
+def test_seg_ce_extreme_logits(scale):
+    x, t = _ce_case((2, 6, 5, 7), torch.float32, seed=4, scale=scale)
+    la, ga, lb, gb = _ce_both(x, t, label_smoothing=0.1)
+    assert torch.isfinite(la).all() and torch.isfinite(ga).all()
+    assert _rel(la, lb) <= 2e-5 * max(1.0, scale / 1e2) and _rel(ga, gb) <= 2e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_seg_ce_all_ignored_and_empty(reduction):
+    x = torch.randn(2, 3, 4, 5, requires_grad=True)
+    t = torch.full((2, 4, 5), -100, dtype=torch.long)
+    loss = seg_cross_entropy(x, t, reduction=reduction, backend="cpp")
+    assert torch.equal(loss, torch.zeros_like(loss))
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.equal(g, torch.zeros_like(x))
+    e = torch.randn(0, 3, 4, 5, requires_grad=True)
+    le = seg_cross_entropy(e, torch.zeros(0, 4, 5, dtype=torch.long), reduction=reduction,
+                           backend="cpp")
+    assert le.shape == (() if reduction != "none" else (0, 4, 5)) and le.sum().item() == 0.0
+    (ge,) = torch.autograd.grad(le.sum(), e)
+    assert ge.shape == e.shape
+
+
+def test_seg_ce_no_grad_path_same_value():
+    x, t = _ce_case((2, 5, 6, 7), torch.float32, seed=5)
+    with torch.no_grad():
+        a = seg_cross_entropy(x, t, backend="cpp")
+    b = seg_cross_entropy(x.requires_grad_(), t, backend="cpp")
+    assert a.item() == b.item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_seg_ce_gradcheck(reduction):
+    x, t = _ce_case((2, 4, 3, 5), torch.float64, seed=6)
+    x.requires_grad_()
+    w = torch.rand(4, dtype=torch.float64, generator=_gen(7)) + 0.1
+    fn = lambda z: seg_cross_entropy(z, t, w, -100, 0.2, reduction, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x,))
+    x2, t2 = _ce_case((5, 7), torch.float64, seed=8)
+    fn2 = lambda z: seg_cross_entropy(z, t2, reduction=reduction, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn2, (x2.requires_grad_(),))
+
+
+# ----------------------------------------------------------------------------- VAE
+
+
+def _vae_case(dtype, shape=(3, 2, 5, 7), z=6, seed=10):
+    g = _gen(seed)
+    recon = torch.randn(shape, dtype=torch.float64, generator=g).to(dtype)
+    target = torch.rand(shape, dtype=torch.float64, generator=g).to(dtype)
+    mu = torch.randn(shape[0], z, dtype=torch.float64, generator=g).to(dtype)
+    logvar = torch.randn(shape[0], z, dtype=torch.float64, generator=g).to(dtype)
+    return recon, target, mu, logvar
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["mse", "bernoulli"])
+def test_vae_matches_reference(dtype, kind):
+    r, t, m, lv = _vae_case(dtype, shape=(3, 2, 33, 35))
+    ins = [a.clone().requires_grad_() for a in (r, m, lv)]
+    out = vae_loss(ins[0], t, ins[1], ins[2], beta=0.7, recon_kind=kind, backend="cpp")
+    refs = [a.double().requires_grad_() for a in (r, m, lv)]
+    want = vae_loss(refs[0], t.double(), refs[1], refs[2], 0.7, kind, backend="reference")
+    for a, b in zip(out, want, strict=True):
+        assert a.dtype == dtype and _rel(a, b) <= TOL[dtype]
+    ups = (0.3, -1.2, 0.8)  # weights on rec, kl, total: checks every incoming gradient is used
+    ga = torch.autograd.grad(sum(u * o for u, o in zip(ups, out, strict=True)), ins)
+    gb = torch.autograd.grad(sum(u * o for u, o in zip(ups, want, strict=True)), refs)
+    for a, b in zip(ga, gb, strict=True):
+        assert _rel(a, b) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("kind", ["mse", "bernoulli"])
+def test_vae_gradcheck(kind):
+    r, t, m, lv = _vae_case(torch.float64, shape=(2, 3, 4))
+    ins = tuple(a.requires_grad_() for a in (r, m, lv))
+
+    def fn(a, b, c):
+        return tuple(vae_loss(a, t, b, c, 0.5, kind, backend="cpp"))
+
+    assert torch.autograd.gradcheck(fn, ins)
+
+
+def test_vae_empty_batch_is_zero():
+    out = vae_loss(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0, 2), torch.zeros(0, 2),
+                   backend="cpp")
+    assert all(v.item() == 0.0 for v in out)
+
+
+# ----------------------------------------------------------------------------- adversarial
+
+KINDS = ["non_saturating", "hinge", "least_squares"]
+ROLES = ["d_real", "d_fake", "g"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adversarial_matches_reference(kind, role, dtype):
+    x = (3 * torch.randn(4, 1, 37, 29, dtype=torch.float64, generator=_gen(11))).to(dtype)
+    xa, xb = x.clone().requires_grad_(), x.double().requires_grad_()
+    la = adversarial_loss(xa, kind, role, backend="cpp")
+    lb = adversarial_loss(xb, kind, role, backend="reference")
+    assert la.dtype == dtype and _rel(la, lb) <= TOL[dtype]
+    (ga,) = torch.autograd.grad(la, xa)
+    (gb,) = torch.autograd.grad(lb, xb)
+    assert _rel(ga * x.numel(), gb * x.numel()) <= TOL[dtype]  # per-element gradients
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("role", ROLES)
+def test_adversarial_gradcheck(kind, role):
+    x = torch.tensor([-2.3, -0.4, 0.3, 0.7, 1.6, 2.9], dtype=torch.float64)  # away from hinge kinks
+    fn = lambda z: adversarial_loss(z, kind, role, backend="cpp")  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x.requires_grad_(),))
+
+
+def test_adversarial_large_logits_finite():
+    x = torch.tensor([-1e4, 1e4, 0.0], requires_grad=True)
+    loss = adversarial_loss(x, "non_saturating", "d_real", backend="cpp")
+    assert loss.item() == pytest.approx((1e4 + 0.0 + torch.log(torch.tensor(2.0)).item()) / 3)
+    (g,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g, torch.tensor([-1.0, 0.0, -0.5]) / 3)
+
+
+# ----------------------------------------------------------------------------- joint loss
+
+
+def _joint_inputs(dtype=torch.float32, seed=12, n=3):
+    g = _gen(seed)
+
+    def r(*s):
+        return torch.randn(*s, dtype=torch.float64, generator=g).to(dtype)
+
+    a = {
+        "seg_logits": 2 * r(n, 5, 9, 11),
+        "seg_target": torch.randint(0, 5, (n, 9, 11), generator=g),
+        "cls_logits": r(n, 7),
+        "cls_target": torch.randint(0, 7, (n,), generator=g),
+        "recon": r(n, 3, 9, 11),
+        "image": torch.rand(n, 3, 9, 11, dtype=torch.float64, generator=g).to(dtype),
+        "mu": r(n, 8),
+        "logvar": r(n, 8),
+        "fake_logits": r(n, 1),
+        "weights": torch.rand(4, dtype=torch.float64, generator=g).to(dtype) + 0.2,
+    }
+    a["seg_target"][0, :3] = -100
+    return a
+
+
+GRAD_KEYS = ["seg_logits", "cls_logits", "recon", "mu", "logvar", "fake_logits", "weights"]
+
+
+@pytest.mark.parametrize("mode", ["fixed", "uncertainty"])
+@pytest.mark.parametrize("recon_kind,adv_kind", [("mse", "non_saturating"), ("bernoulli", "hinge"),
+                                                 ("mse", "least_squares")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_joint_matches_reference(mode, recon_kind, adv_kind, dtype):
+    a = _joint_inputs(dtype)
+    kw = dict(beta=0.4, label_smoothing=0.1, recon_kind=recon_kind, adv_kind=adv_kind)
+    ins_a = {k: (v.clone().requires_grad_() if k in GRAD_KEYS else v) for k, v in a.items()}
+    ins_b = {k: (v.double().requires_grad_() if k in GRAD_KEYS else v) for k, v in a.items()}
+    oa = joint_loss(*ins_a.values(), mode, backend="cpp", **kw)
+    ob = joint_loss(*ins_b.values(), mode, backend="reference", **kw)
+    assert _rel(oa.terms, ob.terms) <= TOL[dtype] and _rel(oa.total, ob.total) <= TOL[dtype]
+    # gradients of the total plus a gradient reaching the terms directly
+    up = torch.tensor([0.5, -1.0, 2.0, 0.25], dtype=torch.float64)
+    ga = torch.autograd.grad(oa.total + (oa.terms * up.to(dtype)).sum(),
+                             [ins_a[k] for k in GRAD_KEYS])
+    gb = torch.autograd.grad(ob.total + (ob.terms * up).sum(), [ins_b[k] for k in GRAD_KEYS])
+    for k, x, y in zip(GRAD_KEYS, ga, gb, strict=True):
+        assert _rel(x, y) <= TOL[dtype], k
+
+
+@pytest.mark.parametrize("mode", ["fixed", "uncertainty"])
+def test_joint_gradcheck(mode):
+    a = _joint_inputs(torch.float64, n=2)
+    a["seg_logits"] = a["seg_logits"][:, :, :3, :4]
+    a["seg_target"] = a["seg_target"][:, :3, :4]
+    a["recon"], a["image"] = a["recon"][:, :, :2, :2], a["image"][:, :, :2, :2]
+    keys = list(a)
+
+    def fn(*grads):
+        kwargs = dict(a)
+        kwargs.update(zip(GRAD_KEYS, grads, strict=True))
+        out = joint_loss(*(kwargs[k] for k in keys), mode, label_smoothing=0.1, backend="cpp")
+        return out.terms, out.total
+
+    ins = tuple(a[k].clone().requires_grad_() for k in GRAD_KEYS)
+    assert torch.autograd.gradcheck(fn, ins)
+
+
+# ----------------------------------------------------------------------------- opcheck
+
+
+def test_opcheck_all_loss_ops():
+    for key, mod in (("seg_ce_fwd", ce_mod), ("vae_loss_fwd", vae_mod), ("adv_loss_fwd", adv_mod),
+                     ("joint_loss_fwd", joint_mod)):
+        native_ready(key, mod._register)
+    ops = torch.ops.mtcore
+    x, t = _ce_case((2, 3, 4, 5), torch.float32, seed=13)
+    w = torch.rand(3)
+    for red in (0, 1, 2):
+        torch.library.opcheck(ops.seg_ce_fwd, (x.requires_grad_(), t, w, -100, 0.1, red, True))
+    torch.library.opcheck(ops.seg_ce_fwd, (x.detach(), t, None, -100, 0.0, 1, False))
+    r, tg, m, lv = _vae_case(torch.float32)
+    for kind in (0, 1):
+        torch.library.opcheck(ops.vae_loss_fwd, (r.requires_grad_(), tg, m.requires_grad_(),
+                                                 lv.requires_grad_(), 0.5, kind, True))
+    for kind in range(3):
+        torch.library.opcheck(ops.adv_loss_fwd, (torch.randn(4, 3, requires_grad=True), kind, 2,
+                                                 True))
+    a = _joint_inputs()
+    args = [v.requires_grad_() if k in GRAD_KEYS else v for k, v in a.items()]
+    for mode in (0, 1):
+        torch.library.opcheck(ops.joint_loss_fwd, (*args, mode, 0.5, 0.1, -100, 0, 0, True))
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_kernel_target_out_of_range_raises_value_error():
+    x = torch.randn(2, 3, 4)
+    t = torch.tensor([[0, 1, 2, 5], [0, 0, 0, 0]])
+    with pytest.raises(ValueError, match=r"class index 5, outside \[0, 3\)"):
+        seg_cross_entropy(x, t, backend="cpp")
+    with pytest.raises(ValueError, match="class index -1"):
+        seg_cross_entropy(x, t.clamp(max=2) - 1, backend="cpp")
+    native_ready("seg_ce_fwd", ce_mod._register)
+    with pytest.raises(ValueError, match="class index 5"):  # the raw op checks too
+        torch.ops.mtcore.seg_ce_fwd(x, t, None, -100, 0.0, 1, False)
+
+
+def test_kernel_raw_op_checks_metadata():
+    native_ready("seg_ce_fwd", ce_mod._register)
+    native_ready("adv_loss_fwd", adv_mod._register)
+    ops = torch.ops.mtcore
+    with pytest.raises(TypeError, match="target must be int64"):
+        ops.seg_ce_fwd(torch.randn(2, 3), torch.zeros(2), None, -100, 0.0, 1, False)
+    with pytest.raises(ValueError, match="does not match logits shape"):
+        ops.seg_ce_fwd(torch.randn(2, 3, 4), torch.zeros(2, 5).long(), None, -100, 0.0, 1, False)
+    with pytest.raises(ValueError, match="reduction must be"):
+        ops.seg_ce_fwd(torch.randn(2, 3), torch.zeros(2).long(), None, -100, 0.0, 7, False)
+    with pytest.raises(TypeError, match="logits must be float32"):
+        ops.adv_loss_fwd(torch.zeros(3, dtype=torch.long), 0, 2, False)
+    with pytest.raises(ValueError, match="role must be"):
+        ops.adv_loss_fwd(torch.zeros(3), 0, 5, False)
