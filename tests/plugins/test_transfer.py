@@ -1,0 +1,91 @@
+"""Transfer strategies: parameter, feature, structure transfer and staged schedules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mtcore
+from mtcore import checkpoint
+from mtcore.errors import CheckpointError
+from mtcore.trainer import Trainer
+
+SMALL = ["data.dataset.params.size=16", "data.dataset.params.num_samples=32",
+         "data.batch_size=16", "model.backbone.params.width=8", "tasks.gan.enabled=false",
+         "tasks.vae.enabled=false", "train.progress=false", "train.gen_metrics=\"none\"",
+         "kernels=\"reference\""]
+
+
+@pytest.fixture
+def source_ckpt(tmp_path):
+    exp = mtcore.build(None, SMALL + ["seed=5"], splits=())
+    path = tmp_path / "src.pt"
+    checkpoint.save_atomic({"format": "mtcore", "version": 1, "config": exp.config,
+                            "model": exp.model.state_dict()}, path)
+    return path, exp.model.state_dict()
+
+
+def test_finetune_loads_backbone_weights(source_ckpt):
+    path, state = source_ckpt
+    exp = mtcore.build(None, SMALL + [f"transfer.name=\"finetune\"",
+                                      f"transfer.params.checkpoint=\"{path}\""], splits=())
+    for k, v in exp.model.backbone.state_dict().items():
+        assert torch.equal(v, state[f"backbone.{k}"]), k
+    # heads stay freshly initialised (seed 0, not the source's seed 5)
+    head_key = next(k for k in state if k.startswith("heads.seg") and k.endswith("weight"))
+    assert not torch.equal(exp.model.state_dict()[head_key], state[head_key])
+
+
+def test_finetune_checkpoint_that_does_not_fit_names_the_keys(source_ckpt):
+    path, _ = source_ckpt
+    with pytest.raises(CheckpointError, match=r"does not fit the model: shape mismatch"):
+        mtcore.build(None, SMALL + ["model.backbone.params.width=4", "transfer.name=\"finetune\"",
+                                    f"transfer.params.checkpoint=\"{path}\""], splits=())
+
+
+def test_feature_transfer_freezes_the_backbone_during_training(source_ckpt):
+    path, state = source_ckpt
+    exp = mtcore.build(None, SMALL + ["optim.epochs=1", "transfer.name=\"features\"",
+                                      f"transfer.params.checkpoint=\"{path}\""])
+    before = {k: v.clone() for k, v in exp.model.backbone.state_dict().items()}
+    head_before = {k: v.clone() for k, v in exp.model.heads.state_dict().items()}
+    Trainer(exp, None, progress=False).fit()
+    after = exp.model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # incl. BatchNorm statistics
+    assert any(not torch.equal(head_before[k], v) for k, v in exp.model.heads.state_dict().items())
+
+
+def test_structure_transfer_reuses_the_architecture_with_fresh_weights(source_ckpt, tmp_path):
+    exp = mtcore.build(None, SMALL + ["seed=5", "model.backbone.params.width=12"], splits=())
+    path = tmp_path / "wide.pt"
+    checkpoint.save_atomic({"format": "mtcore", "version": 1, "config": exp.config,
+                            "model": exp.model.state_dict()}, path)
+    new = mtcore.build(None, SMALL + ["transfer.name=\"structure\"",
+                                      f"transfer.params.checkpoint=\"{path}\""], splits=())
+    assert new.config["model"]["backbone"]["params"]["width"] == 12
+    w_new = next(iter(new.model.backbone.state_dict().values()))
+    w_src = next(iter(exp.model.backbone.state_dict().values()))
+    assert w_new.shape == w_src.shape and not torch.equal(w_new, w_src)
+
+
+def test_staged_schedule_freezes_then_unfreezes():
+    stages = ("[{name=\"heads\", epochs=1, freeze=[\"backbone\"]}, "
+              "{name=\"all\", epochs=1, lr_scale=0.5}]")
+    exp = mtcore.build(None, SMALL + ["optim.epochs=2", "optim.schedule=\"constant\"",
+                                      "transfer.name=\"staged\"", f"transfer.params.stages={stages}"])
+    trainer = Trainer(exp, None, progress=False)
+    b0 = {k: v.clone() for k, v in exp.model.backbone.state_dict().items()}
+    log = trainer.train_epoch(0)
+    assert log["stage"] == "heads"
+    assert all(torch.equal(b0[k], v) for k, v in exp.model.backbone.state_dict().items())
+    lr0 = trainer.optimizer.param_groups[0]["initial_lr"]
+    log = trainer.train_epoch(1)
+    assert log["stage"] == "all"
+    assert any(not torch.equal(b0[k], v) for k, v in exp.model.backbone.state_dict().items())
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5)
+
+
+def test_staged_rejects_unknown_module():
+    with pytest.raises(ValueError, match="'heads.nope', which is not a module"):
+        mtcore.build(None, SMALL + ["transfer.name=\"staged\"",
+                                    "transfer.params.stages=[{freeze=[\"heads.nope\"]}]"], splits=())
