@@ -20,7 +20,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace mtcore {
 namespace {
@@ -67,6 +72,24 @@ at::Tensor match_layout(const at::Tensor& t, const at::Tensor& like) {
   return out;
 }
 
+// A fresh output of several MB: ask Linux for transparent huge pages before its first touch. A new
+// large buffer is a fresh mmap whose 4 KiB page faults cost more than the kernel's arithmetic; this is
+// what PyTorch's THP_MEM_ALLOC_ENABLE=1 does for every allocation, here only for our own outputs.
+// Best effort: a failure (or THP set to "never") just leaves ordinary pages.
+void advise_huge_pages(const at::Tensor& fresh) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = fresh.nbytes();
+  if (bytes < 4 * kHuge) return;
+  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + bytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)fresh;
+#endif
+}
+
 // A dense tensor walked in memory order as [outer, channels, inner] around dimension `dim`.
 struct Geometry {
   int64_t outer = 1, channels = 1, inner = 1;
@@ -88,20 +111,16 @@ Geometry geometry(const at::Tensor& dense, int64_t dim, bool has_bias) {
 
 // ---------------------------------------------------------------- elementwise math (acc_t = float/double)
 
+// act(z) for the activations with a transcendental function.
 template <int64_t ACT, typename acc_t>
-inline acc_t act_fwd(acc_t z, acc_t alpha) {
-  if constexpr (ACT == kRelu) {
-    return z > acc_t(0) ? z : acc_t(0);
-  } else if constexpr (ACT == kLrelu) {
-    return z > acc_t(0) ? z : z * alpha;
-  } else if constexpr (ACT == kTanh) {
+inline acc_t act_fwd(acc_t z) {
+  if constexpr (ACT == kTanh) {
     return std::tanh(z);
   } else if constexpr (ACT == kSigmoid) {
     return acc_t(1) / (acc_t(1) + std::exp(-z));
-  } else if constexpr (ACT == kSilu) {
-    return z / (acc_t(1) + std::exp(-z));
   } else {
-    return z;
+    static_assert(ACT == kSilu, "act_fwd: tanh, sigmoid or silu");
+    return z / (acc_t(1) + std::exp(-z));
   }
 }
 
@@ -125,26 +144,50 @@ inline acc_t act_deriv_x(acc_t z, acc_t& v) {
 
 template <typename acc_t>
 struct Params {
-  acc_t alpha, gain, clamp, gain_sign;
+  acc_t gain, gain_neg, clamp, gain_sign;  // gain_neg = gain * alpha (lrelu), 0 (relu)
 };
+
+template <typename acc_t>
+Params<acc_t> make_params(int64_t act, double alpha, double gain, double clamp) {
+  const double slope = act == kLrelu ? alpha : 0.0;
+  return Params<acc_t>{static_cast<acc_t>(gain), static_cast<acc_t>(gain * slope), static_cast<acc_t>(clamp),
+                       gain < 0 ? acc_t(-1) : acc_t(1)};
+}
+
+// The loops below select a multiplier and then multiply, rather than selecting between computed
+// values: without -fno-trapping-math GCC only if-converts (and so vectorises) that form.
+
+// act(z) * gain, clamped.
+template <int64_t ACT, bool CLAMP, typename acc_t>
+inline acc_t fwd_value(acc_t z, const Params<acc_t>& p) {
+  acc_t v;
+  if constexpr (ACT == kLinear) {
+    v = z * p.gain;
+  } else if constexpr (ACT == kRelu) {
+    v = std::max(z, acc_t(0)) * p.gain;
+  } else if constexpr (ACT == kLrelu) {
+    const acc_t m = z > acc_t(0) ? p.gain : p.gain_neg;
+    v = z * m;
+  } else {
+    v = act_fwd<ACT, acc_t>(z) * p.gain;
+  }
+  if constexpr (CLAMP) v = std::min(std::max(v, -p.clamp), p.clamp);
+  return v;
+}
 
 // Forward over a run of n elements; `bias` is either a scalar (bstride 0) or one per element.
 template <int64_t ACT, bool CLAMP, typename scalar_t, typename acc_t>
 inline void fwd_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n, const acc_t* bias,
                     int64_t bstride, const Params<acc_t>& p) {
-  const acc_t alpha = p.alpha, gain = p.gain, clamp = p.clamp;
+  const Params<acc_t> q = p;
   if (bstride == 0) {
     const acc_t b = *bias;
     for (int64_t i = 0; i < n; ++i) {
-      acc_t v = act_fwd<ACT, acc_t>(static_cast<acc_t>(x[i]) + b, alpha) * gain;
-      if constexpr (CLAMP) v = std::min(std::max(v, -clamp), clamp);
-      y[i] = static_cast<scalar_t>(v);
+      y[i] = static_cast<scalar_t>(fwd_value<ACT, CLAMP, acc_t>(static_cast<acc_t>(x[i]) + b, q));
     }
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      acc_t v = act_fwd<ACT, acc_t>(static_cast<acc_t>(x[i]) + bias[i], alpha) * gain;
-      if constexpr (CLAMP) v = std::min(std::max(v, -clamp), clamp);
-      y[i] = static_cast<scalar_t>(v);
+      y[i] = static_cast<scalar_t>(fwd_value<ACT, CLAMP, acc_t>(static_cast<acc_t>(x[i]) + bias[i], q));
     }
   }
 }
@@ -154,23 +197,24 @@ template <int64_t ACT, bool CLAMP, typename scalar_t, typename acc_t>
 inline void bwd_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                     const scalar_t* __restrict__ y, scalar_t* __restrict__ dx, int64_t n, const acc_t* bias,
                     int64_t bstride, const Params<acc_t>& p) {
-  const acc_t alpha = p.alpha, gain = p.gain, clamp = p.clamp, gs = p.gain_sign;
+  const acc_t gain = p.gain, gain_neg = p.gain_neg, clamp = p.clamp, gs = p.gain_sign;
   for (int64_t i = 0; i < n; ++i) {
-    acc_t g = static_cast<acc_t>(dy[i]) * gain;
-    if constexpr (ACT == kRelu) {
-      g = static_cast<acc_t>(y[i]) * gs > acc_t(0) ? g : acc_t(0);
-    } else if constexpr (ACT == kLrelu) {
-      g = static_cast<acc_t>(y[i]) * gs > acc_t(0) ? g : g * alpha;
-    } else if constexpr (ACT == kTanh || ACT == kSigmoid || ACT == kSilu) {
+    acc_t m;  // d y / d x
+    if constexpr (ACT == kRelu || ACT == kLrelu) {
+      const acc_t u = static_cast<acc_t>(y[i]) * gs;  // y's sign is z's, flipped by a negative gain
+      m = u > acc_t(0) ? gain : gain_neg;
+    } else if constexpr (ACT == kLinear) {
+      m = gain;
+    } else {
       acc_t v;
-      g *= act_deriv_x<ACT, acc_t>(static_cast<acc_t>(x[i]) + bias[i * bstride], v);
+      m = gain * act_deriv_x<ACT, acc_t>(static_cast<acc_t>(x[i]) + bias[i * bstride], v);
       // The mask from the recomputed pre-clamp value: exact even when y is stored in bf16/fp16.
-      if constexpr (CLAMP) g = std::abs(v * gain) < clamp ? g : acc_t(0);
+      if constexpr (CLAMP) m = std::abs(v * gain) < clamp ? m : acc_t(0);
     }
     if constexpr (CLAMP && (ACT == kLinear || ACT == kRelu || ACT == kLrelu)) {
-      g = std::abs(static_cast<acc_t>(y[i])) < clamp ? g : acc_t(0);
+      m = std::abs(static_cast<acc_t>(y[i])) < clamp ? m : acc_t(0);
     }
-    dx[i] = static_cast<scalar_t>(g);
+    dx[i] = static_cast<scalar_t>(static_cast<acc_t>(dy[i]) * m);
   }
 }
 
@@ -184,18 +228,12 @@ void walk(const Geometry& g, const std::vector<acc_t>& bias, const Body& body) {
     at::parallel_for(0, n, kGrain, [&](int64_t begin, int64_t end) {
       body(begin, end - begin, bptr, int64_t(0));
     });
-  } else if (g.inner >= 64) {  // NCHW-like: long rows sharing one bias value
-    const int64_t rows = g.outer * g.channels;
-    const int64_t grain = std::max<int64_t>(1, kGrain / g.inner);
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) body(r * g.inner, g.inner, bptr + (r % g.channels), int64_t(0));
-    });
   } else if (g.inner == 1) {  // channels_last-like: a row of C channels, one bias each
     const int64_t grain = std::max<int64_t>(1, kGrain / g.channels);
     at::parallel_for(0, g.outer, grain, [&](int64_t begin, int64_t end) {
       for (int64_t o = begin; o < end; ++o) body(o * g.channels, g.channels, bptr, int64_t(1));
     });
-  } else {  // short rows
+  } else {  // NCHW-like: rows of `inner` elements sharing one bias value
     const int64_t rows = g.outer * g.channels;
     const int64_t grain = std::max<int64_t>(1, kGrain / g.inner);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -247,14 +285,14 @@ at::Tensor bias_act_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& b,
   const bool has_bias = b.has_value() && b->defined();
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
+  advise_huge_pages(y);
   at::Tensor xc = match_layout(x, y);
   const int64_t d = has_bias ? at::maybe_wrap_dim(dim, x.dim()) : 0;
   const Geometry g = geometry(y, d, has_bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mtcore_bias_act", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> bias = bias_vector<acc_t, scalar_t>(b, has_bias);
-    const Params<acc_t> p{static_cast<acc_t>(alpha), static_cast<acc_t>(gain), static_cast<acc_t>(clamp),
-                          gain < 0 ? acc_t(-1) : acc_t(1)};
+    const Params<acc_t> p = make_params<acc_t>(act, alpha, gain, clamp);
     const scalar_t* xp = xc.const_data_ptr<scalar_t>();
     scalar_t* yp = y.data_ptr<scalar_t>();
     dispatch_act(act, clamp >= 0, [&](auto act_c, auto clamp_c) {
@@ -289,6 +327,7 @@ at::Tensor bias_act_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const c1
   const at::Tensor& ref = (need_y && y.numel() > 0) ? y : (need_x && x.numel() > 0) ? x : dy;
   at::Tensor dx = at::empty_like(ref);
   if (dy.numel() == 0) return dx;
+  advise_huge_pages(dx);
   at::Tensor dyc = match_layout(dy, dx);
   at::Tensor xc = need_x ? match_layout(x, dx) : x;
   at::Tensor yc = need_y ? match_layout(y, dx) : y;
@@ -297,8 +336,7 @@ at::Tensor bias_act_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const c1
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dy.scalar_type(), "mtcore_bias_act_grad", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> bias = bias_vector<acc_t, scalar_t>(b, has_bias);
-    const Params<acc_t> p{static_cast<acc_t>(alpha), static_cast<acc_t>(gain), static_cast<acc_t>(clamp),
-                          gain < 0 ? acc_t(-1) : acc_t(1)};
+    const Params<acc_t> p = make_params<acc_t>(act, alpha, gain, clamp);
     const scalar_t* dyp = dyc.const_data_ptr<scalar_t>();
     const scalar_t* xp = need_x ? xc.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* yp = need_y ? yc.const_data_ptr<scalar_t>() : nullptr;

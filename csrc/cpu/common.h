@@ -96,7 +96,7 @@ struct CEParams {
   bool per_element;      // write per-element losses (reduction "none")
 };
 
-constexpr int64_t kBlock = 64;  // pixels per block on the spatial path
+constexpr int64_t kBlock = 256;  // pixels per block on the spatial path
 
 // Spatial path (HW > 1): units are blocks of up to kBlock pixels of one sample; channel stride HW.
 template <typename T, typename A>

@@ -135,7 +135,7 @@ def load_ops(verbose: bool = False) -> bool:
         if _state["tried"]:
             return bool(_state["ok"])
         _state["tried"] = True
-        if not verbose and shutil.which("ninja") is None and _ninja_in_venv():
+        if shutil.which("ninja") is None and _ninja_in_venv():
             os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
         try:
             _state["path"] = _build(verbose)
@@ -177,11 +177,8 @@ def build_extensions(verbose: bool = False) -> Path | None:
 
     A failure warns once with the reason, exactly like the lazy build.
     """
-    with _lock:
-        if verbose and not _state["tried"]:
-            _state["tried"] = False
-        ok = load_ops(verbose=verbose)
-        return _state["path"] if ok else None  # type: ignore[return-value]
+    ok = load_ops(verbose=verbose)
+    return _state["path"] if ok else None  # type: ignore[return-value]
 
 
 def _reset_for_tests() -> None:

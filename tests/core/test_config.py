@@ -77,8 +77,8 @@ def test_bad_files_are_named(tmp_path):
 
 
 def test_config_cannot_name_an_import_path():
-    from mtcore.experiment import build_experiment
     from mtcore.errors import ComponentNotFoundError
+    from mtcore.experiment import build_experiment
 
     with pytest.raises(ComponentNotFoundError, match="unknown backbone 'os.system'"):
         build_experiment({"model": {"backbone": {"name": "os.system"}}}, splits=())

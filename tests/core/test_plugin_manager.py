@@ -192,3 +192,35 @@ def test_no_warnings_from_a_clean_install(pm):
         pm.load_entrypoints()
         for kind in ("backbone", "head", "loss", "balancer", "transfer", "dataset"):
             assert pm.provided(kind)
+
+
+class _FakeDist:
+    metadata = {"Name": "broken-dist"}
+    version = "9.9"
+
+
+class _FakeEntryPoint:
+    name = "broken"
+    value = "broken_pkg.plugin"
+    dist = _FakeDist()
+
+    def load(self):
+        raise ImportError("No module named 'broken_pkg'")
+
+
+def test_plugin_that_fails_to_import_is_skipped_with_one_warning(pm, monkeypatch):
+    import importlib.metadata as md
+
+    real = md.entry_points
+
+    def fake(group):
+        return [*real(group=group), _FakeEntryPoint()]
+
+    monkeypatch.setattr(md, "entry_points", fake)
+    with pytest.warns(PluginWarning) as record:
+        pm.load_entrypoints()
+    msgs = [str(w.message) for w in record]
+    assert msgs == ["plugin 'broken' (broken-dist 9.9) skipped: failed to import "
+                    "'broken_pkg.plugin': ImportError: No module named 'broken_pkg'"]
+    assert "unet" in {p.spec.name for p in pm.provided("backbone")}  # the rest still loads
+    assert pm.report.failed[0][0].name == "broken"

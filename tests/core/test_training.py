@@ -91,7 +91,7 @@ def test_discriminator_and_generator_steps_alternate():
     assert any(not torch.equal(g1[k], seen["g_before_d"][k]) for k in g1 if "weight" in k)
     # EMA moved after the G step
     assert any(not torch.equal(a, b) for a, b in zip(head.ema.state_dict().values(),
-                                                     seen["g_before_d"].values()))
+                                                     seen["g_before_d"].values(), strict=True))
 
 
 def test_resume_is_bit_exact(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
+
+from mtcore.backbone import Backbone
 from mtcore_backbones.blocks import BasicBlock, group_count, make_norm
 from mtcore_backbones.resnet import ResNetBackbone
 from mtcore_backbones.small_conv import SmallConvBackbone
 from mtcore_backbones.unet import UNetBackbone
-from torch import nn
-
-from mtcore.backbone import Backbone
 
 # (factory, coarsest stride); small widths keep the tests fast on CPU
 CASES = {

@@ -8,6 +8,9 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
+from mtcore.balancer import BalanceResult
 from mtcore_balancers.famo import FAMO
 from mtcore_balancers.gradient import (
     MGDA,
@@ -17,9 +20,6 @@ from mtcore_balancers.gradient import (
     two_task_min_norm,
 )
 from mtcore_balancers.weighting import EqualWeighting, FixedWeighting, UncertaintyWeighting
-from torch import nn
-
-from mtcore.balancer import BalanceResult
 
 T = torch.tensor
 TASKS = ("a", "b", "c")

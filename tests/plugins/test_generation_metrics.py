@@ -9,6 +9,8 @@ import os
 import numpy as np
 import pytest
 import torch
+
+from mtcore.data import DatasetInfo
 from mtcore_tasks import evaluator as evaluator_mod
 from mtcore_tasks.evaluator import Evaluator, default_cache_dir, get_evaluator, train_evaluator
 from mtcore_tasks.generation_metrics import (
@@ -17,8 +19,6 @@ from mtcore_tasks.generation_metrics import (
     frechet_distance,
     precision_recall,
 )
-
-from mtcore.data import DatasetInfo
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 

@@ -27,7 +27,7 @@ def source_ckpt(tmp_path):
 
 def test_finetune_loads_backbone_weights(source_ckpt):
     path, state = source_ckpt
-    exp = mtcore.build(None, SMALL + [f"transfer.name=\"finetune\"",
+    exp = mtcore.build(None, SMALL + ["transfer.name=\"finetune\"",
                                       f"transfer.params.checkpoint=\"{path}\""], splits=())
     for k, v in exp.model.backbone.state_dict().items():
         assert torch.equal(v, state[f"backbone.{k}"]), k

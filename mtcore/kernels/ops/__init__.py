@@ -12,10 +12,11 @@ import threading
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _backend, _build
 
-__all__ = ["backend_for", "native_ready"]
+__all__ = ["backend_for", "is_one", "native_ready"]
 
 _done: set[str] = set()
 _lock = threading.Lock()
@@ -44,3 +45,11 @@ def backend_for(tensor: torch.Tensor, backend: str | None, op: str) -> str:
     Thin alias of :func:`mtcore.kernels._backend.resolve` so op modules share one call.
     """
     return _backend.resolve(tensor, backend, op=op)
+
+
+def is_one(g: torch.Tensor) -> bool:
+    """True if ``g`` is a real (not traced) scalar equal to 1: the backward may then hand back the
+    stored gradient itself, saving a pass and an allocation (autograd steals it into .grad)."""
+    if g.numel() != 1 or torch.compiler.is_compiling() or is_fake(g):
+        return False
+    return bool(g.reshape(()) == 1)

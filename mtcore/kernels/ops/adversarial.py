@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, native_ready
+from . import backend_for, is_one, native_ready
 
 __all__ = ["adversarial_loss"]
 
@@ -53,7 +53,8 @@ def _backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() != ctx.numel:
         raise RuntimeError("mtcore::adv_loss_fwd was run with compute_grad=False; cannot backward")
-    return grad * grad_loss, None, None, None
+    out = grad if is_one(grad_loss) else grad * grad_loss
+    return out, None, None, None
 
 
 def _register() -> None:

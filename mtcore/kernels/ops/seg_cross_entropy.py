@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, native_ready
+from . import backend_for, is_one, native_ready
 
 __all__ = ["seg_cross_entropy"]
 
@@ -70,6 +70,8 @@ def _backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() != ctx.numel:
         raise RuntimeError("mtcore::seg_ce_fwd was run with compute_grad=False; cannot backward")
+    if ctx.reduction != 0 and is_one(grad_loss):
+        return grad, None, None, None, None, None, None
     g = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss
     return grad * g, None, None, None, None, None, None
 

@@ -1,0 +1,115 @@
+"""Backend selection (argument > set_backend > MTCORE_KERNELS > auto), the fallback warning of an
+unavailable backend or a failed build, and the build cache location."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import mtcore.kernels as K
+from mtcore.kernels import _backend, _build
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    monkeypatch.delenv("MTCORE_KERNELS", raising=False)
+    K.set_backend(None)
+    _backend._warned.clear()
+    yield
+    K.set_backend(None)
+    _backend._warned.clear()
+
+
+X = torch.zeros(2, 3)
+
+
+def test_auto_on_cpu_picks_cpp_when_built(cpp_built):
+    assert K.get_backend() == "auto"
+    assert _backend.resolve(X) == "cpp"
+    assert {"reference", "cpp"} <= set(K.available_backends("cpu"))
+
+
+def test_precedence_argument_over_set_backend_over_env(cpp_built, monkeypatch):
+    monkeypatch.setenv("MTCORE_KERNELS", "reference")
+    assert K.get_backend() == "reference" and _backend.resolve(X) == "reference"
+    K.set_backend("cpp")
+    assert K.get_backend() == "cpp" and _backend.resolve(X) == "cpp"
+    assert _backend.resolve(X, "reference") == "reference"
+    K.set_backend(None)
+    assert _backend.resolve(X) == "reference"  # back to the environment
+
+
+def test_dispatch_reaches_the_chosen_backend(cpp_built, monkeypatch):
+    calls = []
+    monkeypatch.setattr(K.ops.seg_cross_entropy.ref, "seg_cross_entropy",
+                        lambda *a, **k: calls.append("reference") or torch.tensor(0.0))
+    x, t = torch.randn(2, 3), torch.tensor([0, 2])
+    K.seg_cross_entropy(x, t, backend="cpp")
+    assert calls == []
+    K.set_backend("reference")
+    K.seg_cross_entropy(x, t)
+    assert calls == ["reference"]
+
+
+def test_unknown_names_raise():
+    with pytest.raises(ValueError, match="unknown kernel backend 'fast'"):
+        K.set_backend("fast")
+    with pytest.raises(ValueError, match="backend: unknown kernel backend"):
+        K.seg_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="fast")
+
+
+def test_bad_env_value_names_the_variable(monkeypatch):
+    monkeypatch.setenv("MTCORE_KERNELS", "gpu")
+    with pytest.raises(ValueError, match="MTCORE_KERNELS"):
+        K.get_backend()
+
+
+def test_explicit_unavailable_backend_raises():
+    with pytest.raises(RuntimeError, match="'cuda' requested but unavailable"):
+        K.seg_cross_entropy(torch.randn(2, 3), torch.tensor([0, 1]), backend="cuda")
+
+
+def test_configured_unavailable_backend_warns_once_and_falls_back(cpp_built):
+    K.set_backend("cuda")
+    with pytest.warns(RuntimeWarning, match=r"'cuda' is unavailable .* using 'cpp' instead"):
+        assert _backend.resolve(X) == "cpp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.resolve(X) == "cpp"  # no second warning
+
+
+def test_failed_build_warns_once_and_uses_reference(cpp_built, monkeypatch):
+    def broken(verbose):
+        raise RuntimeError("Error building extension 'mtcore_C': g++ not found")
+
+    monkeypatch.setattr(_build, "_build", broken)
+    _build._reset_for_tests()
+    try:
+        with pytest.warns(RuntimeWarning, match="building the C\\+\\+ kernels failed .*g\\+\\+ not "
+                                                "found.*falling back to the reference"):
+            assert _backend.resolve(X) == "reference"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert _backend.resolve(X) == "reference"
+            out = K.seg_cross_entropy(torch.zeros(2, 3), torch.tensor([0, 1]))
+        assert out.item() == pytest.approx(torch.log(torch.tensor(3.0)).item())
+        assert K.build_extensions() is None
+        with pytest.raises(RuntimeError, match="'cpp' requested but unavailable.*build failed"):
+            _backend.resolve(X, "cpp")
+    finally:
+        monkeypatch.undo()
+        _build._reset_for_tests()
+        assert _build.load_cpu_ops()
+
+
+def test_cache_dir_and_sources(monkeypatch, tmp_path):
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path))
+    assert _build.cache_dir() == tmp_path / "ext"
+    assert (_build.csrc_dir() / "cpu" / "seg_cross_entropy.cpp").is_file()
+
+
+def test_build_extensions_returns_library(cpp_built):
+    path = K.build_extensions()
+    assert path is not None and path.is_file() and path.name.startswith("mtcore_C_")
