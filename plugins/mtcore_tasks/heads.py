@@ -182,8 +182,13 @@ class VAEHead(TaskHead):
 
     def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
                  loss: nn.Module | None = None, latent_dim: int = 32, width: int = 32,
-                 in_feature: str | None = None) -> None:
+                 in_feature: str | None = None, kl_warmup_steps: int = 0) -> None:
         super().__init__()
+        if kl_warmup_steps < 0:
+            raise ValueError(f"vae head: kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
+        self.kl_warmup_steps = kl_warmup_steps
+        # steps taken, a buffer so checkpoints resume the KL warm-up exactly
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         f = _pick(features, in_feature, "vae head") if in_feature else _deepest(features)
         self.in_feature, self.latent_dim, self.info = f.name, latent_dim, info
         self.loss_fn = loss if loss is not None else VAELoss()
@@ -206,7 +211,15 @@ class VAEHead(TaskHead):
 
     def compute_loss(self, outputs, batch):
         recon = outputs["recon_logits"] if self.bernoulli else outputs["recon"]
-        return self.loss_fn(recon.float(), batch["image"], outputs["mu"], outputs["logvar"]).total
+        out = self.loss_fn(recon.float(), batch["image"], outputs["mu"], outputs["logvar"])
+        if self.training and self.kl_warmup_steps and int(self.steps) < self.kl_warmup_steps:
+            # KL warm-up (Bowman et al. 2016): ramp the KL term from 0 to avoid early collapse
+            ramp = float(self.steps) / self.kl_warmup_steps
+            return out.rec + (out.total - out.rec) * ramp
+        return out.total
+
+    def after_main_step(self):
+        self.steps += 1
 
     def new_metric(self):
         def update(m, o, b):
