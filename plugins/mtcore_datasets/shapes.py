@@ -90,7 +90,8 @@ def _shape_masks(
 
 
 def generate_shapes(
-    n: int, size: int, gen: torch.Generator, min_shapes: int = 1, max_shapes: int = 3
+    n: int, size: int, gen: torch.Generator, min_shapes: int = 1, max_shapes: int = 3,
+    radius_range: tuple[float, float] = _RADIUS_RANGE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Make ``n`` RGB images [n, 3, size, size], masks [n, size, size] (uint8) and labels [n].
 
@@ -107,7 +108,7 @@ def generate_shapes(
         kind = torch.randint(1, 4, (n,), generator=gen)
         cx = _uniform(gen, (n,), *_CENTRE_RANGE)
         cy = _uniform(gen, (n,), *_CENTRE_RANGE)
-        r = _uniform(gen, (n,), *_RADIUS_RANGE)
+        r = _uniform(gen, (n,), *radius_range)
         rot = _uniform(gen, (n,), -_MAX_ROTATION, _MAX_ROTATION)
         colour = _hsv_to_rgb(
             _uniform(gen, (n,), 0.0, 1.0),
@@ -143,6 +144,8 @@ class ShapesDataset(Dataset):
         min_shapes: int = 1,
         max_shapes: int = 3,
         channels: int = 3,
+        min_radius: float = _RADIUS_RANGE[0],
+        max_radius: float = _RADIUS_RANGE[1],
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -163,6 +166,9 @@ class ShapesDataset(Dataset):
             )
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
+        if not 0.02 <= min_radius <= max_radius <= 0.5:
+            raise ValueError("min_radius and max_radius (fractions of the image side) must satisfy "
+                             f"0.02 <= min_radius <= max_radius <= 0.5, got {min_radius}, {max_radius}")
         self.split = split
         self.info = DatasetInfo(
             name="shapes",
@@ -174,7 +180,8 @@ class ShapesDataset(Dataset):
             label_names=KINDS,
         )
         images, masks, labels = generate_shapes(
-            num_samples, size, _split_generator(seed, split), min_shapes, max_shapes
+            num_samples, size, _split_generator(seed, split), min_shapes, max_shapes,
+            (float(min_radius), float(max_radius)),
         )
         if channels == 1:  # ITU-R BT.601 luma; grey shapes are harder to tell from the background
             weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)

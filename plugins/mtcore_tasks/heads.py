@@ -63,8 +63,9 @@ def _need(info: DatasetInfo, flag: bool, what: str) -> None:
 
 
 class SegmentationHead(TaskHead):
-    """Per-pixel class logits. With a stride-1 decoder map (U-Net ``dec*``) a light conv head on it;
-    otherwise a top-down decoder that upsamples the deepest map and merges every skip."""
+    """Per-pixel class logits from a top-down decoder (FPN-like, Lin et al. 2017): it starts at the
+    coarsest map and merges every finer one (``in_features``, default: all the backbone returns),
+    so the prediction sees global context and full resolution."""
 
     task_type = "segmentation"
     targets = ("mask",)
@@ -78,8 +79,7 @@ class SegmentationHead(TaskHead):
         self.num_classes, self.ignore_index = info.num_seg_classes, info.ignore_index
         self.loss_fn = loss if loss is not None else SegCrossEntropy(ignore_index=info.ignore_index)
         if in_features is None:
-            dec = [f for f in features if f.stride == 1 and f.name.startswith("dec")]
-            in_features = [dec[-1].name] if dec else [f.name for f in features]
+            in_features = [f.name for f in features]
         chosen = [_pick(features, n, "segmentation head") for n in in_features]
         chosen.sort(key=lambda f: -f.stride)
         self.names = [f.name for f in chosen]
