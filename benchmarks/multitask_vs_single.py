@@ -47,16 +47,27 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default="runs/mtl")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse runs whose metrics.json already exists in --out")
     args = ap.parse_args()
     base = mtcore.build(None, args.overrides, splits=())
     tasks = [t for t in base.config["tasks"] if t in PRIMARY]
     common = args.overrides + ["train.progress=false", "train.samples_every=0"]
+
+    def run(overrides: list[str], out: Path) -> dict:
+        if args.reuse and (out / "metrics.json").exists():
+            return json.loads((out / "metrics.json").read_text())
+        return mtcore.fit(mtcore.build(None, overrides), out)
+
     single: dict[str, float] = {}
     for task in tasks:
         off = [f"tasks.{t}.enabled=false" for t in tasks if t != task]
-        result = mtcore.fit(mtcore.build(None, common + off), Path(args.out) / f"single_{task}")
+        if base.config["tasks"][task]["head"].get("params", {}).get("share_decoder"):
+            # alone, a generator cannot borrow another task's decoder: it gets its own
+            off.append(f"tasks.{task}.head.params.share_decoder=\"\"")
+        result = run(common + off, Path(args.out) / f"single_{task}")
         single.update(primary(result["metrics"], [task]))
-    result = mtcore.fit(mtcore.build(None, common), Path(args.out) / "multi")
+    result = run(common, Path(args.out) / "multi")
     multi = primary(result["metrics"], tasks)
     rows = ["| task | metric | single-task | multi-task |", "| --- | --- | --- | --- |"]
     for t in tasks:
