@@ -139,9 +139,8 @@ class Trainer:
         """Train mode everywhere, then freeze (and put in eval mode) what the stage says."""
         stage = self.exp.transfer.stage(epoch)
         self.model.train()
-        aux_ids = self.model.auxiliary_parameter_ids()
-        for p in self.model.parameters():
-            if id(p) not in aux_ids:
+        for g in self.optimizer.param_groups:  # only what the main optimizer trains (not D, not EMA)
+            for p in g["params"]:
                 p.requires_grad_(True)
         for prefix in stage.freeze:
             module = self.model.get_submodule(prefix)

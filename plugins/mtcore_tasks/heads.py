@@ -319,6 +319,12 @@ class GANHead(TaskHead):
     def auxiliary_parameters(self):
         return {"discriminator": list(self.discriminator.parameters())}
 
+    def main_parameters(self):
+        """Generator-side parameters; the EMA copy is updated by ``after_main_step``, not trained."""
+        skip = {id(p) for p in self.discriminator.parameters()}
+        skip |= {id(p) for p in self.ema.parameters()} if self.ema is not None else set()
+        return (p for p in self.parameters() if id(p) not in skip)
+
     @property
     def auxiliary_steps(self):
         return self.d_steps

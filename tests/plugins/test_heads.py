@@ -60,3 +60,17 @@ def test_gan_latent_mismatch_with_shared_decoder_is_a_build_error():
 def test_generative_heads_need_power_of_two_square_images():
     with pytest.raises(IncompatibleComponentsError, match="square images of 4\\*2\\^k pixels"):
         mtcore.build(None, BASE + ["data.dataset.params.size=24"], splits=("train",))
+
+
+def test_gan_ema_is_not_trained_by_the_optimizer():
+    from mtcore.trainer import Trainer
+
+    exp = mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.cls.enabled=false",
+                                     "train.progress=false"], splits=("train",))
+    trainer = Trainer(exp, None, progress=False)
+    trainer._apply_stage(0)
+    gan = exp.model.heads["gan"]
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert not any(id(p) in in_opt for p in gan.ema.parameters())
+    assert not any(p.requires_grad for p in gan.ema.parameters())
+    assert not any(id(p) in in_opt for p in gan.discriminator.parameters())
