@@ -36,7 +36,7 @@ class MultiTaskModel(nn.Module):
                 for p in ps}
 
     def generative_heads(self) -> dict[str, TaskHead]:
-        """Heads that can sample images (checked by asking for one sample)."""
+        """Heads that can sample images: those overriding ``TaskHead.sample``."""
         out = {}
         for name, head in self.heads.items():
             if type(head).sample is not TaskHead.sample:

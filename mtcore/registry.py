@@ -14,7 +14,7 @@ from typing import Any
 
 from mtcore.errors import ComponentClashError, ComponentNotFoundError, ConfigError
 from mtcore.plugin_manager import PluginManager, Provided, default_manager
-from mtcore.specs import KINDS, ComponentSpec
+from mtcore.specs import ComponentSpec
 
 
 def suggest(name: str, choices: list[str]) -> str:
@@ -109,7 +109,3 @@ def check_params(spec: ComponentSpec, params: Mapping[str, Any], key: str,
                 f"{key}.params.{p}: {spec.kind} {spec.name!r} has no parameter {p!r}."
                 f"{suggest(p, sorted(accepted))} Accepted: {', '.join(sorted(accepted)) or '(none)'}"
             )
-
-
-def kinds() -> list[str]:
-    return list(KINDS)
