@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,8 @@ def grid_image(rows: Mapping[str, torch.Tensor], scale: int = 2, pad: int = 2) -
     draw = ImageDraw.Draw(canvas)
     for r, (title, imgs) in enumerate(rows.items()):
         y = pad + r * (h + pad)
-        draw.text((4, y + h // 2 - 6), title[:16], fill=(0, 0, 0))
+        lines = textwrap.wrap(title, 16)[:3] or [""]  # word-wrapped, not cut mid-word
+        draw.multiline_text((4, y + h // 2 - 6 * len(lines)), "\n".join(lines), fill=(0, 0, 0))
         for c, arr in enumerate(to_uint8(imgs)):
             tile = Image.fromarray(arr).resize((w, h), Image.NEAREST)
             canvas.paste(tile, (LABEL_W + pad + c * (w + pad), y))

@@ -101,6 +101,7 @@ SCHEMA: dict[str, Any] = {
         "enabled": BOOL,
         "head": Component("head"),
         "loss": Component("loss"),
+        "optim": GROUP,  # this head's own optimizer settings, over optim.groups.heads
     }),
     "balancer": Component("balancer"),
     "transfer": Component("transfer"),

@@ -54,7 +54,12 @@ class TaskHead(nn.Module):
 
     # -- wiring -------------------------------------------------------------------------------
     def link(self, heads: Mapping[str, TaskHead]) -> None:
-        """Called once after all heads are built, e.g. for a GAN to share the VAE's decoder."""
+        """Called once after all heads are built, e.g. for a GAN to share the VAE's decoder or a
+        head to set ``reads``."""
+
+    #: names of the tasks whose outputs this head reads: the model runs them first and calls
+    #: ``forward(features, batch, upstream)`` with ``upstream = {task: outputs}`` (set by ``link``)
+    reads: tuple[str, ...] = ()
 
     def main_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters trained by the multi-task optimizer (everything not auxiliary)."""

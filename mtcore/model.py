@@ -8,11 +8,13 @@ import torch
 from torch import nn
 
 from mtcore.backbone import Backbone
+from mtcore.errors import IncompatibleComponentsError
 from mtcore.heads import Batch, Outputs, TaskHead
 
 
 class MultiTaskModel(nn.Module):
-    """``forward(batch)`` runs the backbone once and every head on its features."""
+    """``forward(batch)`` runs the backbone once and every head on its features; a head that
+    ``reads`` other tasks runs after them and gets their outputs (a task cascade)."""
 
     def __init__(self, backbone: Backbone, heads: Mapping[str, TaskHead]) -> None:
         super().__init__()
@@ -22,10 +24,18 @@ class MultiTaskModel(nn.Module):
             head.task_name = name
         for head in self.heads.values():
             head.link(dict(self.heads.items()))
+        self._order = _run_order({name: tuple(h.reads) for name, h in self.heads.items()})
 
     def forward(self, batch: Batch) -> dict[str, Outputs]:
         features = self.backbone(batch["image"])
-        return {name: head(features, batch) for name, head in self.heads.items()}
+        out: dict[str, Outputs] = {}
+        for name in self._order:
+            head = self.heads[name]
+            if head.reads:
+                out[name] = head(features, batch, {k: out[k] for k in head.reads})
+            else:
+                out[name] = head(features, batch)
+        return {name: out[name] for name in self.heads}  # config order
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every task shares (the backbone's) that currently train."""
@@ -47,3 +57,29 @@ class MultiTaskModel(nn.Module):
     def predict(self, images: torch.Tensor) -> dict[str, Outputs]:
         """Inference on images alone (no targets needed)."""
         return self({"image": images})
+
+
+def _run_order(reads: Mapping[str, tuple[str, ...]]) -> list[str]:
+    """Task names so that every task comes after the tasks it reads (config order otherwise)."""
+    order: list[str] = []
+    state: dict[str, int] = {}  # 1: being visited, 2: placed
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise IncompatibleComponentsError(
+                "tasks read each other's outputs in a cycle: " + " -> ".join((*path, name)))
+        if name not in reads:
+            raise IncompatibleComponentsError(
+                f"task {path[-1]!r} reads the outputs of task {name!r}, which does not exist; "
+                f"tasks: {', '.join(reads)}")
+        state[name] = 1
+        for dep in reads[name]:
+            visit(dep, (*path, name))
+        state[name] = 2
+        order.append(name)
+
+    for name in reads:
+        visit(name, ())
+    return order

@@ -100,8 +100,9 @@ class Trainer:
         groups = [{"name": "backbone", "params": take(self.model.backbone.parameters()),
                    "options": groups_cfg.get("backbone", {})}]
         for name, head in self.heads.items():
+            options = {**groups_cfg.get("heads", {}), **self.cfg["tasks"][name].get("optim", {})}
             groups.append({"name": f"head.{name}", "params": take(head.main_parameters()),
-                           "options": groups_cfg.get("heads", {})})
+                           "options": options})
         bal = take(self.balancer.parameters())
         if bal:
             groups.append({"name": "balancer", "params": bal,

@@ -59,6 +59,33 @@ static MT_AI float fast_exp(float x) {
 }
 static MT_AI double fast_exp(double x) { return std::exp(x); }
 
+// log(x) for a positive normal float, Cephes-style: x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+// then a degree-9 polynomial in m - 1 (about 1 ulp); branch-free so loops over it vectorise.
+static MT_AI float fast_log(float x) {
+  int32_t bits;
+  std::memcpy(&bits, &x, sizeof(bits));
+  int32_t e = ((bits >> 23) & 0xff) - 127;
+  bits = (bits & 0x007fffff) | 0x3f800000;  // mantissa m in [1, 2)
+  float m;
+  std::memcpy(&m, &bits, sizeof(m));
+  const bool big = m > 1.41421356f;
+  m = big ? m * 0.5f : m;
+  e = big ? e + 1 : e;
+  const float f = m - 1.0f, z = f * f, ef = static_cast<float>(e);
+  float y = 7.0376836292e-2f;
+  y = y * f - 1.1514610310e-1f;
+  y = y * f + 1.1676998740e-1f;
+  y = y * f - 1.2420140846e-1f;
+  y = y * f + 1.4249322787e-1f;
+  y = y * f - 1.6668057665e-1f;
+  y = y * f + 2.0000714765e-1f;
+  y = y * f - 2.4999993993e-1f;
+  y = y * f + 3.3333331174e-1f;
+  y = y * f * z - 2.12194440e-4f * ef - 0.5f * z;
+  return f + y + 0.693359375f * ef;
+}
+static MT_AI double fast_log(double x) { return std::log(x); }
+
 // log1p(exp(-|x|)) pieces for softplus: softplus(x) = max(x, 0) + log1p(exp(-|x|)).
 template <typename A> static MT_AI A softplus(A x) {
   return std::max(x, A(0)) + std::log1p(fast_exp(-std::abs(x)));
@@ -70,6 +97,7 @@ template <typename A> static MT_AI A sigmoid(A x) { return A(1) / (A(1) + fast_e
 template <typename F> double parallel_sum(int64_t n, int64_t grain, const F& f) {
   if (n <= 0) return 0.0;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>((n + grain - 1) / grain, 64));
+  if (chunks == 1) return f(int64_t(0), n);  // small input: no parallel region to start
   std::vector<double> part(chunks, 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t b, int64_t e) {
     for (int64_t c = b; c < e; ++c) part[c] = f(n * c / chunks, n * (c + 1) / chunks);
@@ -141,13 +169,14 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
         for (int64_t j = 0; j < len; ++j) sz[j] += wc * static_cast<A>(zc[j]);
       }
     }
+    for (int64_t j = 0; j < len; ++j) mx[j] += fast_log(s[j]);  // mx becomes log-sum-exp
     A bsum = A(0);
     for (int64_t j = 0; j < len; ++j) {
       const int64_t y = tb[j];
       const bool valid = y != p.ignore_index;
       const A wy = valid ? w[y] : A(0);
       const A zy = valid ? static_cast<A>(zb[y * HW + j]) : A(0);
-      const A lse = mx[j] + std::log(s[j]);
+      const A lse = mx[j];
       const A a = valid ? one_m_eps * wy + ec * wsum : A(0);
       const A l = valid ? a * lse - one_m_eps * wy * zy - ec * sz[j] : A(0);
       if (p.per_element) lossn[n * HW + p0 + j] = static_cast<T>(l);

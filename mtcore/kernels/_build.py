@@ -90,6 +90,10 @@ def _digest(srcs: list[Path], hdrs: list[Path], with_cuda: bool) -> str:
     return h.hexdigest()[:16]
 
 
+#: libraries loaded into this process; kept across ``_reset_for_tests`` (a library loads once).
+_LOADED: set[Path] = set()
+
+
 def _build(verbose: bool) -> Path:
     from torch.utils.cpp_extension import load
 
@@ -104,20 +108,29 @@ def _build(verbose: bool) -> Path:
     build_dir = cache_dir() / digest
     build_dir.mkdir(parents=True, exist_ok=True)
     lib = build_dir / f"{name}.so"
+    if lib in _LOADED:
+        return lib
+    if _LOADED:  # a second library would run the TORCH_LIBRARY registrations again: an abort
+        raise RuntimeError(f"another build of the kernels ({next(iter(_LOADED)).name}) is already "
+                           "loaded in this process (did csrc/ change?); restart Python to load "
+                           f"{lib.name}")
     if lib.exists():  # cached: skip ninja's (slow) up-to-date check
         torch.ops.load_library(str(lib))
+        _LOADED.add(lib)
         return lib
     load(
         name=name,
         sources=[str(s) for s in srcs],
-        extra_cflags=CFLAGS,
-        extra_ldflags=LDFLAGS,
-        extra_cuda_cflags=CUDA_FLAGS if with_cuda else None,
+        # copies: load() appends to these lists, which would change the digest of a later call
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
+        extra_cuda_cflags=list(CUDA_FLAGS) if with_cuda else None,
         extra_include_paths=[str(csrc_dir() / "cpu")],
         build_directory=str(build_dir),
         is_python_module=False,
         verbose=verbose,
     )
+    _LOADED.add(lib)
     return lib
 
 

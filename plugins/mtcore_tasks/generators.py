@@ -24,13 +24,30 @@ def num_upsamples(size: tuple[int, int], start: int = 4) -> int:
     return k
 
 
+class PixelNorm(nn.Module):
+    """Scale each pixel's feature vector to unit RMS (Karras et al. 2018, progressive GANs): a
+    normalisation with no batch statistics, so an EMA copy of the weights samples correctly."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
+
+
+DECODER_NORMS = ("batch", "pixel")
+
+
 class ImageDecoder(nn.Module):
     """``z [N, Z] -> image [N, C, H, W]``: linear to a 4x4 map, then (upsample, conv, norm, act)
-    stages halving the width. Output is raw (logits); the caller applies sigmoid."""
+    stages halving the width. Output is raw (logits); the caller applies sigmoid.
+
+    ``norm="batch"`` suits a VAE decoder; ``"pixel"`` suits a GAN generator sampled through an
+    EMA of its weights, whose activations BatchNorm's running statistics (copied from the trained
+    generator) would not match."""
 
     def __init__(self, latent_dim: int, out_channels: int, size: tuple[int, int],
-                 width: int = 32) -> None:
+                 width: int = 32, norm: str = "batch") -> None:
         super().__init__()
+        if norm not in DECODER_NORMS:
+            raise ValueError(f"decoder norm must be one of {list(DECODER_NORMS)}, got {norm!r}")
         k = num_upsamples(size)
         self.latent_dim = latent_dim
         c0 = width * 2 ** min(k, 3)
@@ -41,7 +58,8 @@ class ImageDecoder(nn.Module):
         for i in range(k):
             nxt = max(width, c // 2) if i < k - 1 else width
             layers += [nn.Upsample(scale_factor=2, mode="nearest"),
-                       nn.Conv2d(c, nxt, 3, padding=1, bias=False), nn.BatchNorm2d(nxt),
+                       nn.Conv2d(c, nxt, 3, padding=1, bias=norm != "batch"),
+                       nn.BatchNorm2d(nxt) if norm == "batch" else PixelNorm(),
                        nn.LeakyReLU(0.2, inplace=True)]
             c = nxt
         layers += [nn.Conv2d(c, out_channels, 3, padding=1)]

@@ -117,28 +117,93 @@ class SegmentationHead(TaskHead):
 
 
 class ClassificationHead(TaskHead):
-    """Global average + max pooling of one feature map, then an MLP to label logits."""
+    """Label logits from one feature map, pooled one of two ways.
+
+    ``pool="avgmax"``: global average + max pooling of a map (default: the deepest), then an MLP.
+    ``pool="none"`` (only with ``from_task``): no features of its own, just the term below.
+    ``pool="area"``: a small per-pixel classifier over the labels plus a "none" class on a map
+    (default: the finest; of equal strides the last listed, the U-Net's ``dec1``); each label's
+    logit is ``s * log(soft pixel share)`` with a learnt scale ``s``. It suits labels defined by
+    area ("the kind covering the most pixels"), where global pooling has to learn counting.
+
+    ``from_task = "<segmentation task>"`` (a task cascade): the logits also get a learnt linear
+    map of the log soft pixel share of every segmentation class, read from that task's output,
+    so the label can use what the fully supervised segmentation has learnt about each pixel.
+    When the labels are the segmentation classes after background (same names) the map starts
+    as "the label whose class covers the most pixels", else at zero.
+    """
 
     task_type = "classification"
     targets = ("label",)
     primary_metric = ("accuracy", True)
+    POOLS = ("avgmax", "area", "none")
 
     def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
                  loss: nn.Module | None = None, hidden: int = 64, dropout: float = 0.0,
-                 in_feature: str | None = None) -> None:
+                 in_feature: str | None = None, pool: str = "avgmax",
+                 from_task: str | None = None) -> None:
         super().__init__()
         _need(info, info.has_labels, "image-level labels (num_labels = 0)")
-        self.num_labels = info.num_labels
-        f = _pick(features, in_feature, "classification head") if in_feature else _deepest(features)
+        if pool not in self.POOLS:
+            raise ValueError(f"classification head: pool must be one of {list(self.POOLS)}, "
+                             f"got {pool!r}")
+        if pool == "none" and not from_task:
+            raise ValueError("classification head: pool='none' (no features of its own) needs "
+                             "from_task, the segmentation task to read")
+        self.num_labels, self.pool = info.num_labels, pool
+        if in_feature:
+            f = _pick(features, in_feature, "classification head")
+        elif pool == "area":
+            finest = min(x.stride for x in features)
+            f = [x for x in features if x.stride == finest][-1]
+        else:
+            f = _deepest(features)
         self.in_feature = f.name
         self.loss_fn = loss if loss is not None else ClsCrossEntropy()
-        self.mlp = nn.Sequential(nn.Linear(2 * f.channels, hidden), nn.ReLU(inplace=True),
-                                 nn.Dropout(dropout), nn.Linear(hidden, info.num_labels))
+        if pool == "area":
+            self.pixel = nn.Sequential(conv_block(f.channels, hidden),
+                                       nn.Conv2d(hidden, info.num_labels + 1, 1))
+            self.log_scale = nn.Parameter(torch.zeros(()))
+        elif pool == "avgmax":
+            self.mlp = nn.Sequential(nn.Linear(2 * f.channels, hidden), nn.ReLU(inplace=True),
+                                     nn.Dropout(dropout), nn.Linear(hidden, info.num_labels))
+        self.from_task = from_task or None
+        self.seg_area = None
+        if self.from_task:
+            _need(info, info.has_masks, "masks: from_task reads a segmentation task's output")
+            self.seg_area = nn.Linear(info.num_seg_classes, info.num_labels)
+            nn.init.zeros_(self.seg_area.weight)
+            nn.init.zeros_(self.seg_area.bias)
+            if tuple(info.seg_class_names[1:]) == tuple(info.label_names) and info.label_names:
+                # the labels are the segmentation classes after background (shapes): start from
+                # "the label whose class covers the most pixels"; training refines the map
+                with torch.no_grad():
+                    for k in range(info.num_labels):
+                        self.seg_area.weight[k, k + 1] = 1.0
 
-    def forward(self, features, batch):
+    def link(self, heads):
+        if not self.from_task:
+            return
+        other = heads.get(self.from_task)
+        if other is None or other.task_type != "segmentation":
+            raise IncompatibleComponentsError(
+                f"classification head: from_task={self.from_task!r} must name a segmentation "
+                "task; tasks: " + ", ".join(f"{k} ({h.task_type})" for k, h in heads.items()))
+        self.reads = (self.from_task,)
+
+    def forward(self, features, batch, upstream=None):
         x = features[self.in_feature]
-        pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
-        return {"logits": self.mlp(pooled)}
+        if self.pool == "area":
+            share = torch.softmax(self.pixel(x).float(), 1)[:, :self.num_labels].mean((2, 3))
+            logits = self.log_scale.exp() * torch.log(share + 1e-4)
+        elif self.pool == "avgmax":
+            logits = self.mlp(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
+        else:  # "none": the segmentation term alone
+            logits = 0.0
+        if self.seg_area is not None:
+            seg = upstream[self.from_task]["logits"].float()
+            logits = logits + self.seg_area(torch.log(torch.softmax(seg, 1).mean((2, 3)) + 1e-4))
+        return {"logits": logits}
 
     def compute_loss(self, outputs, batch):
         return self.loss_fn(outputs["logits"], batch["label"])
@@ -251,7 +316,9 @@ class GANHead(TaskHead):
     own optimizer. Protocol: in D steps the generator gets no gradients and its BatchNorm
     statistics stay fixed, fakes are detached; in the G step (the main multi-task step) the trainer
     freezes D; the EMA generator updates after each G step and is used for sampling.
-    ``share_decoder = "<vae task>"`` makes the generator the VAE's decoder (VAE-GAN)."""
+    ``share_decoder = "<vae task>"`` makes the generator the VAE's decoder (VAE-GAN); otherwise
+    the head owns a generator normalised by ``g_norm`` ("pixel" by default: no batch statistics,
+    so the EMA copy samples exactly what its weights compute)."""
 
     task_type = "gan"
     targets = ("image",)
@@ -260,7 +327,7 @@ class GANHead(TaskHead):
                  loss: nn.Module | None = None, latent_dim: int = 32, width: int = 32,
                  d_width: int = 32, conditional: bool = True, share_decoder: str | None = None,
                  d_steps: int = 1, r1_gamma: float = 0.5, r1_every: int = 4,
-                 ema_decay: float = 0.99, mbstd_group: int = 4) -> None:
+                 ema_decay: float = 0.99, mbstd_group: int = 4, g_norm: str = "pixel") -> None:
         super().__init__()
         if d_steps < 1 or r1_every < 1 or not 0 <= ema_decay < 1 or r1_gamma < 0:
             raise ValueError("gan head: need d_steps >= 1, r1_every >= 1, 0 <= ema_decay < 1, "
@@ -275,7 +342,7 @@ class GANHead(TaskHead):
         self.ema_decay = ema_decay
         self.embed = nn.Embedding(info.num_labels, latent_dim) if self.conditional else None
         self._own = None if share_decoder else ImageDecoder(latent_dim, info.channels,
-                                                            info.image_size, width)
+                                                            info.image_size, width, g_norm)
         self._shared: list[nn.Module] = []  # the VAE decoder, held without registering it twice
         self.discriminator = Discriminator(info.channels, info.image_size, d_width,
                                            info.num_labels if self.conditional else 0, mbstd_group)

@@ -113,3 +113,29 @@ def test_cache_dir_and_sources(monkeypatch, tmp_path):
 def test_build_extensions_returns_library(cpp_built):
     path = K.build_extensions()
     assert path is not None and path.is_file() and path.name.startswith("mtcore_C_")
+
+
+def test_a_build_leaves_the_flags_alone_so_the_cache_key_is_stable(monkeypatch, tmp_path):
+    """cpp_extension.load appends to the flag lists it gets; a changed key would build and load a
+    second library in the same process, whose TORCH_LIBRARY registrations abort Python."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_build, "_LOADED", set())
+
+    def fake_load(**kw):
+        kw["extra_cflags"].append("-DADDED_BY_LOAD")
+        kw["extra_ldflags"].append("-lgomp")
+
+    monkeypatch.setattr(cpp_ext, "load", fake_load)
+    before = (list(_build.CFLAGS), list(_build.LDFLAGS))
+    first = _build._build(verbose=False)
+    assert (list(_build.CFLAGS), list(_build.LDFLAGS)) == before
+    assert _build._build(verbose=False) == first  # same key: not built or loaded again
+
+
+def test_loading_a_second_build_is_a_clear_error_not_an_abort(monkeypatch, tmp_path):
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_build, "_LOADED", {tmp_path / "mtcore_C_0000000000000000.so"})
+    with pytest.raises(RuntimeError, match="another build of the kernels .* restart Python"):
+        _build._build(verbose=False)

@@ -344,3 +344,64 @@ def test_kernel_raw_op_checks_metadata():
         ops.adv_loss_fwd(torch.zeros(3, dtype=torch.long), 0, 2, False)
     with pytest.raises(ValueError, match="role must be"):
         ops.adv_loss_fwd(torch.zeros(3), 0, 5, False)
+
+
+# ----------------------------------------------------------------------------- unused outputs
+
+
+@pytest.mark.parametrize("which", ["total", "terms"])
+def test_joint_gradient_through_one_output_only(which):
+    """Autograd passes None for an unused output (no zero fill); both ways must stay exact."""
+    a = _joint_inputs(torch.float64)
+    outs = []
+    for backend in ("cpp", "reference"):
+        ins = {k: (v.clone().requires_grad_() if k in GRAD_KEYS else v) for k, v in a.items()}
+        o = joint_loss(*ins.values(), "uncertainty", backend=backend, beta=0.4)
+        y = o.total if which == "total" else o.terms[2]
+        outs.append(torch.autograd.grad(y, [ins[k] for k in GRAD_KEYS], allow_unused=True,
+                                        materialize_grads=True))
+    for k, x, y in zip(GRAD_KEYS, *outs, strict=True):
+        assert _rel(x, y) <= 1e-10, k
+
+
+def test_vae_gradient_through_one_term_only():
+    g = _gen(4)
+    recon, image = torch.randn(2, 3, 4, 4, generator=g), torch.rand(2, 3, 4, 4, generator=g)
+    mu, logvar = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
+    grads = []
+    for backend in ("cpp", "reference"):
+        ins = [t.clone().requires_grad_() for t in (recon, mu, logvar)]
+        out = vae_loss(ins[0], image, ins[1], ins[2], beta=0.3, recon_kind="bernoulli",
+                       backend=backend)
+        grads.append(torch.autograd.grad(out.kl, ins, allow_unused=True, materialize_grads=True))
+    for x, y in zip(*grads, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def _big_allocations(fn, nbytes: int) -> list[int]:
+    """Sizes of the CPU allocations of at least ``nbytes`` that ``fn()`` makes (profiler)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    sizes, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation and e.extra_fields.alloc_size >= nbytes:
+            sizes.append(e.extra_fields.alloc_size)
+    return sizes
+
+
+def test_seg_ce_fwd_bwd_allocates_the_logits_gradient_once():
+    """The fused op writes d(loss)/d(logits) in the forward and hands that buffer back: one
+    logits-sized allocation in all (eager keeps log-softmax and makes the gradient: two)."""
+    x = torch.randn(4, 6, 32, 32, requires_grad=True)
+    t = torch.randint(0, 6, (4, 32, 32))
+
+    def run(backend):
+        return lambda: torch.autograd.grad(seg_cross_entropy(x, t, backend=backend), x)
+
+    assert _big_allocations(run("cpp"), x.numel() * 4) == [x.numel() * 4]
+    assert len(_big_allocations(run("reference"), x.numel() * 4)) >= 2

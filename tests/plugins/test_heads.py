@@ -74,3 +74,127 @@ def test_gan_ema_is_not_trained_by_the_optimizer():
     assert not any(id(p) in in_opt for p in gan.ema.parameters())
     assert not any(p.requires_grad for p in gan.ema.parameters())
     assert not any(id(p) in in_opt for p in gan.discriminator.parameters())
+
+
+def _cls_only(extra=()):
+    return mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.vae.enabled=false",
+                                      "tasks.gan.enabled=false", *extra], splits=("train",))
+
+
+def test_area_pooling_logits_are_scaled_log_pixel_shares():
+    exp = _cls_only(["tasks.cls.head.params.pool=\"area\""])
+    head = exp.model.heads["cls"]
+    assert head.in_feature == "dec1"  # the finest map; of the two at stride 1, the decoder's
+    with torch.no_grad():
+        head.log_scale.fill_(torch.log(torch.tensor(2.0)))
+    x = torch.randn(2, head.pixel[0][0].in_channels, 4, 4)
+    logits = head({"dec1": x}, {})["logits"]
+    # by hand: per-pixel softmax over labels + "none", mean over the 16 pixels, 2 * log(share)
+    p = torch.softmax(head.pixel(x), dim=1)
+    share = torch.stack([p[:, k].sum((1, 2)) / 16 for k in range(head.num_labels)], dim=1)
+    assert torch.allclose(logits, 2.0 * torch.log(share + 1e-4), atol=1e-6)
+    # confident per-pixel kinds: label 1 on 9 pixels, label 0 on 4, "none" on 3 -> label 1 wins
+    kinds = torch.tensor([1] * 9 + [0] * 4 + [head.num_labels] * 3).view(1, 4, 4)
+
+    class Confident(torch.nn.Module):
+        def forward(self, _):
+            return 50.0 * torch.nn.functional.one_hot(kinds, head.num_labels + 1).permute(
+                0, 3, 1, 2).float()
+
+    head.pixel = Confident()
+    logits = head({"dec1": x[:1]}, {})["logits"]
+    assert logits.argmax(1).item() == 1
+    assert torch.allclose(logits[0, :2], 2.0 * torch.log(torch.tensor([4 / 16, 9 / 16]) + 1e-4),
+                          atol=1e-4)
+
+
+def test_unknown_pooling_is_a_clear_error():
+    with pytest.raises(ValueError, match="pool must be one of .*'none'\\], got 'mean'"):
+        _cls_only(["tasks.cls.head.params.pool=\"mean\""])
+    with pytest.raises(ValueError, match="pool='none' .* needs from_task"):
+        _cls_only(["tasks.cls.head.params.pool=\"none\""])
+
+
+def test_a_task_optim_table_overrides_the_heads_group():
+    from mtcore.trainer import Trainer
+
+    exp = _cls_only(["tasks.cls.optim={lr=0.01, betas=[0.5, 0.9], weight_decay=0.0}",
+                     "optim.groups.heads={lr=0.005, weight_decay=0.1}", "train.progress=false"])
+    groups = {g["name"]: g for g in Trainer(exp, None, progress=False).optimizer.param_groups}
+    assert groups["head.cls"]["lr"] == pytest.approx(0.01)
+    assert groups["head.cls"]["betas"] == (0.5, 0.9)
+    assert groups["head.cls"]["weight_decay"] == 0.0
+    assert groups["backbone"]["lr"] == pytest.approx(exp.config["optim"]["lr"])
+
+
+def test_pixel_norm_generator_samples_the_same_in_train_and_eval_mode():
+    from mtcore_tasks.generators import ImageDecoder, PixelNorm
+
+    torch.manual_seed(0)
+    dec = ImageDecoder(8, 3, (16, 16), width=8, norm="pixel")
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in dec.modules())
+    z = torch.randn(5, 8)
+    train_out = dec.train()(z)
+    assert torch.equal(dec.eval()(z), train_out)  # no batch statistics: the EMA copy is exact
+    torch.testing.assert_close(dec(z[:1]), train_out[:1])  # one sample does not need the batch
+    x = torch.tensor([[[[3.0]], [[4.0]]]])  # one pixel, features (3, 4): RMS = sqrt(12.5)
+    torch.testing.assert_close(PixelNorm()(x), x / 12.5**0.5)
+
+
+def test_gan_own_generator_uses_pixel_norm_and_bad_norm_is_an_error():
+    exp = mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.cls.enabled=false",
+                                     "tasks.vae.enabled=false"], splits=("train",))
+    gan = exp.model.heads["gan"]
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in gan.generator.modules())
+    with pytest.raises(ValueError, match="decoder norm must be one of \\['batch', 'pixel'\\]"):
+        mtcore.build(None, BASE + ["tasks.gan.head.params.g_norm=\"layer\""], splits=("train",))
+
+
+def test_cascade_classification_reads_the_segmentation_output():
+    exp = mtcore.build(None, BASE + ["tasks.vae.enabled=false", "tasks.gan.enabled=false",
+                                     "tasks.cls.head.params.from_task=\"seg\""], splits=("train",))
+    model = exp.model.eval()
+    cls, seg = model.heads["cls"], model.heads["seg"]
+    assert cls.reads == ("seg",) and model._order.index("seg") < model._order.index("cls")
+    with torch.no_grad():
+        cls.seg_area.weight.normal_()
+        cls.seg_area.bias.normal_()
+        batch = {"image": exp.datasets["train"].images[:3]}
+        out = model(batch)
+        feats = model.backbone(batch["image"])
+        x = feats[cls.in_feature]
+        plain = cls.mlp(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
+        share = torch.softmax(out["seg"]["logits"], 1).mean((2, 3))  # [3, num_seg_classes]
+        expected = plain + torch.log(share + 1e-4) @ cls.seg_area.weight.T + cls.seg_area.bias
+    assert list(out) == ["seg", "cls"]
+    torch.testing.assert_close(out["cls"]["logits"], expected)
+    assert seg.num_classes == share.shape[1]
+
+
+def test_cascade_from_a_non_segmentation_task_is_a_build_error():
+    with pytest.raises(IncompatibleComponentsError, match="from_task='vae' must name a segmentation"):
+        mtcore.build(None, BASE + ["tasks.cls.head.params.from_task=\"vae\""], splits=("train",))
+
+
+def test_run_order_puts_readers_after_what_they_read_and_rejects_cycles():
+    from mtcore.model import _run_order
+
+    assert _run_order({"a": ("c",), "b": (), "c": ("b",)}) == ["b", "c", "a"]
+    assert _run_order({"x": (), "y": ()}) == ["x", "y"]
+    with pytest.raises(IncompatibleComponentsError, match="cycle: a -> b -> a"):
+        _run_order({"a": ("b",), "b": ("a",)})
+    with pytest.raises(IncompatibleComponentsError, match="task 'a' reads .* 'zz', which does not"):
+        _run_order({"a": ("zz",)})
+
+
+def test_cascade_map_starts_as_the_largest_class_rule_when_labels_are_the_classes():
+    exp = mtcore.build(None, BASE + ["tasks.vae.enabled=false", "tasks.gan.enabled=false",
+                                     "tasks.cls.head.params.from_task=\"seg\""], splits=("train",))
+    info, lin = exp.info, exp.model.heads["cls"].seg_area
+    assert info.seg_class_names[1:] == info.label_names  # shapes: background + the 3 kinds
+    expected = torch.zeros(info.num_labels, info.num_seg_classes)
+    expected[torch.arange(3), torch.arange(3) + 1] = 1.0
+    assert torch.equal(lin.weight, expected) and not lin.bias.any()
+    # so seg shares (bg 0.5, circle 0.1, square 0.3, triangle 0.1) give "square" the top logit
+    share = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
+    assert lin(torch.log(share)).argmax(1).item() == 1

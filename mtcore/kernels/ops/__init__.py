@@ -47,6 +47,14 @@ def backend_for(tensor: torch.Tensor, backend: str | None, op: str) -> str:
     return _backend.resolve(tensor, backend, op=op)
 
 
+def or_zero(g: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """An incoming gradient, or a zero scalar where autograd passed None (an unused output).
+
+    The ops call ``ctx.set_materialize_grads(False)``: otherwise autograd fills a zero tensor the
+    size of every unused output (the stored gradients), costing a full pass and its memory."""
+    return like.new_zeros(()) if g is None else g
+
+
 def is_one(g: torch.Tensor) -> bool:
     """True if ``g`` is a real (not traced) scalar equal to 1: the backward may then hand back the
     stored gradient itself, saving a pass and an allocation (autograd steals it into .grad)."""

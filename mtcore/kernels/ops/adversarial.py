@@ -45,6 +45,7 @@ def _fake(logits, kind, role, compute_grad):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the grad output is not differentiable: no zero fill
     ctx.numel = inputs[0].numel()
     ctx.save_for_backward(output[1])
 
@@ -53,6 +54,8 @@ def _backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() != ctx.numel:
         raise RuntimeError("mtcore::adv_loss_fwd was run with compute_grad=False; cannot backward")
+    if grad_loss is None:
+        return None, None, None, None
     out = grad if is_one(grad_loss) else grad * grad_loss
     return out, None, None, None
 

@@ -11,7 +11,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, is_one, native_ready
+from . import backend_for, is_one, native_ready, or_zero
 
 __all__ = ["joint_loss"]
 
@@ -93,6 +93,7 @@ def _fake(seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logv
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (grads, terms) get None, not zero tensors
     ctx.mode = inputs[10]
     ctx.numel = inputs[0].numel()
     ctx.save_for_backward(inputs[9], *output[2:])
@@ -102,6 +103,8 @@ def _backward(ctx, g_terms, g_total, *_unused):
     weights, g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w = ctx.saved_tensors
     if g_seg.numel() != ctx.numel:
         raise RuntimeError("mtcore::joint_loss_fwd was run with compute_grad=False; cannot backward")
+    g_terms = weights.new_zeros((4,)) if g_terms is None else g_terms
+    g_total = or_zero(g_total, weights)
     c = weights if ctx.mode == 0 else torch.exp(-weights)
     nonzero = c != 0
     per_term = torch.where(nonzero, g_terms / torch.where(nonzero, c, torch.ones_like(c)), 0.0)

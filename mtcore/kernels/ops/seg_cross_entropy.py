@@ -61,6 +61,7 @@ def _fake(logits, target, weight, ignore_index, label_smoothing, reduction, comp
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # the grad output is not differentiable: no zero fill
     ctx.reduction = inputs[5]
     ctx.numel = inputs[0].numel()
     ctx.save_for_backward(output[1])
@@ -70,6 +71,8 @@ def _backward(ctx, grad_loss, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() != ctx.numel:
         raise RuntimeError("mtcore::seg_ce_fwd was run with compute_grad=False; cannot backward")
+    if grad_loss is None:
+        return (None,) * 7
     if ctx.reduction != 0 and is_one(grad_loss):
         return grad, None, None, None, None, None, None
     g = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss

@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, native_ready
+from . import backend_for, is_one, native_ready, or_zero
 
 __all__ = ["vae_loss"]
 
@@ -59,6 +59,7 @@ def _fake(recon, target, mu, logvar, beta, recon_kind, compute_grad):
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # unused outputs (grads, terms) get None, not zero tensors
     ctx.beta = inputs[4]
     ctx.numel = inputs[0].numel()
     ctx.save_for_backward(*output[3:])
@@ -68,9 +69,11 @@ def _backward(ctx, g_rec, g_kl, g_total, *_unused):
     grad_recon, grad_mu, grad_logvar = ctx.saved_tensors
     if grad_recon.numel() != ctx.numel:
         raise RuntimeError("mtcore::vae_loss_fwd was run with compute_grad=False; cannot backward")
-    g_r = g_rec + g_total
-    g_k = g_kl + ctx.beta * g_total
-    return grad_recon * g_r, None, grad_mu * g_k, grad_logvar * g_k, None, None, None
+    g_total = or_zero(g_total, grad_recon)
+    g_r = or_zero(g_rec, grad_recon) + g_total
+    g_k = or_zero(g_kl, grad_recon) + ctx.beta * g_total
+    g_recon = grad_recon if is_one(g_r) else grad_recon * g_r
+    return g_recon, None, grad_mu * g_k, grad_logvar * g_k, None, None, None
 
 
 def _register() -> None:

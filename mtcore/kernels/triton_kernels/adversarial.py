@@ -118,6 +118,7 @@ adv_loss_fwd = make_op("adv_loss_fwd", _adv_fwd, _fake, _adv_kernel)
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the unused outputs
     ctx.has_grad = inputs[3]
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
@@ -130,6 +131,8 @@ def _backward(ctx, grad_loss, _grad_grad):
             "so it cannot backpropagate"
         )
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 4
     return grad * grad_loss.to(grad.dtype), None, None, None
 
 

@@ -117,6 +117,7 @@ joint_loss_fwd = make_op("joint_loss_fwd", _joint_fwd, _fake, _adv_kernel)
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the unused outputs
     ctx.mode = inputs[10]
     ctx.has_grad = inputs[16]
     ctx.save_for_backward(inputs[9], output[0], *output[2:])

@@ -213,6 +213,7 @@ seg_ce_fwd = make_op("seg_ce_fwd", _seg_ce_fwd, _fake, _seg_ce_kernel)
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the unused outputs
     ctx.reduction = inputs[5]
     ctx.has_grad = inputs[6]
     ctx.save_for_backward(output[1])
@@ -226,6 +227,8 @@ def _backward(ctx, grad_loss, _grad_grad):
             "so it cannot backpropagate"
         )
     (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return (None,) * 7
     g = grad_loss.to(grad.dtype)
     g = g.unsqueeze(1) if ctx.reduction == 0 else g
     return grad * g, None, None, None, None, None, None

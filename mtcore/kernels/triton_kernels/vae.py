@@ -176,6 +176,7 @@ vae_loss_fwd = make_op("vae_loss_fwd", _vae_fwd, _fake, _rec_kernel)
 
 
 def _setup_context(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # no zero-filled grads for the unused outputs
     ctx.beta = inputs[4]
     ctx.has_grad = inputs[6]
     ctx.save_for_backward(*output[3:])
