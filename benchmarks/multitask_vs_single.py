@@ -3,7 +3,8 @@
     python benchmarks/multitask_vs_single.py [--set key=value ...] [--out runs/mtl]
 
 Every run uses the same config (default: the built-in experiment) and so the same number of
-epochs and steps; single-task runs disable the other tasks. Prints each task's primary metric
+epochs and steps; single-task runs disable the other tasks (a head that reads or shares another
+task's parts gets its own: a GAN its own generator, a cascaded classifier the pooled head). Prints each task's primary metric
 and delta_m (Maninis et al. 2019): the mean over tasks of the signed relative change of the
 multi-task model against the single-task model, in percent,
 
@@ -62,9 +63,14 @@ def main() -> None:
     single: dict[str, float] = {}
     for task in tasks:
         off = [f"tasks.{t}.enabled=false" for t in tasks if t != task]
-        if base.config["tasks"][task]["head"].get("params", {}).get("share_decoder"):
+        params = base.config["tasks"][task]["head"].get("params", {})
+        if params.get("share_decoder"):
             # alone, a generator cannot borrow another task's decoder: it gets its own
             off.append(f"tasks.{task}.head.params.share_decoder=\"\"")
+        if params.get("from_task"):
+            # alone, a classifier cannot read another task's output: it gets the pooled head
+            off += [f"tasks.{task}.head.params.from_task=\"\"",
+                    f"tasks.{task}.head.params.pool=\"avgmax\""]
         result = run(common + off, Path(args.out) / f"single_{task}")
         single.update(primary(result["metrics"], [task]))
     result = run(common, Path(args.out) / "multi")

@@ -130,7 +130,9 @@ class ClassificationHead(TaskHead):
     map of the log soft pixel share of every segmentation class, read from that task's output,
     so the label can use what the fully supervised segmentation has learnt about each pixel.
     When the labels are the segmentation classes after background (same names) the map starts
-    as "the label whose class covers the most pixels", else at zero.
+    as "the label whose class covers the most pixels", else at zero; ``fixed_map=True`` keeps
+    that rule and learns only a temperature. ``detach_from_task=True`` stops the classification
+    loss's gradient at the segmentation output.
     """
 
     task_type = "classification"
@@ -141,7 +143,8 @@ class ClassificationHead(TaskHead):
     def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
                  loss: nn.Module | None = None, hidden: int = 64, dropout: float = 0.0,
                  in_feature: str | None = None, pool: str = "avgmax",
-                 from_task: str | None = None) -> None:
+                 from_task: str | None = None, detach_from_task: bool = False,
+                 fixed_map: bool = False) -> None:
         super().__init__()
         _need(info, info.has_labels, "image-level labels (num_labels = 0)")
         if pool not in self.POOLS:
@@ -168,18 +171,30 @@ class ClassificationHead(TaskHead):
             self.mlp = nn.Sequential(nn.Linear(2 * f.channels, hidden), nn.ReLU(inplace=True),
                                      nn.Dropout(dropout), nn.Linear(hidden, info.num_labels))
         self.from_task = from_task or None
+        self.detach_from_task, self.fixed_map = bool(detach_from_task), bool(fixed_map)
         self.seg_area = None
         if self.from_task:
             _need(info, info.has_masks, "masks: from_task reads a segmentation task's output")
             self.seg_area = nn.Linear(info.num_seg_classes, info.num_labels)
             nn.init.zeros_(self.seg_area.weight)
             nn.init.zeros_(self.seg_area.bias)
-            if tuple(info.seg_class_names[1:]) == tuple(info.label_names) and info.label_names:
+            same = tuple(info.seg_class_names[1:]) == tuple(info.label_names) and info.label_names
+            if same:
                 # the labels are the segmentation classes after background (shapes): start from
                 # "the label whose class covers the most pixels"; training refines the map
                 with torch.no_grad():
                     for k in range(info.num_labels):
                         self.seg_area.weight[k, k + 1] = 1.0
+            if fixed_map:
+                if not same:
+                    raise IncompatibleComponentsError(
+                        "classification head: fixed_map needs labels that are the segmentation "
+                        f"classes after background; labels {info.label_names}, segmentation "
+                        f"classes {info.seg_class_names}")
+                # keep the rule (a buffer: nothing trains it); learn only its sharpness
+                self.register_buffer("seg_rule", self.seg_area.weight.detach().clone())
+                self.seg_area = None
+                self.rule_log_scale = nn.Parameter(torch.zeros(()))
 
     def link(self, heads):
         if not self.from_task:
@@ -187,12 +202,13 @@ class ClassificationHead(TaskHead):
         other = heads.get(self.from_task)
         if other is None or other.task_type != "segmentation":
             raise IncompatibleComponentsError(
-                f"classification head: from_task={self.from_task!r} must name a segmentation "
-                "task; tasks: " + ", ".join(f"{k} ({h.task_type})" for k, h in heads.items()))
+                f"tasks.{self.task_name}.head.params.from_task={self.from_task!r} must name an "
+                "enabled segmentation task (or be \"\" with pool = \"avgmax\"); tasks: "
+                + ", ".join(f"{k} ({h.task_type})" for k, h in heads.items()))
         self.reads = (self.from_task,)
 
     def forward(self, features, batch, upstream=None):
-        x = features[self.in_feature]
+        x = features[self.in_feature] if self.pool != "none" else None
         if self.pool == "area":
             share = torch.softmax(self.pixel(x).float(), 1)[:, :self.num_labels].mean((2, 3))
             logits = self.log_scale.exp() * torch.log(share + 1e-4)
@@ -200,9 +216,16 @@ class ClassificationHead(TaskHead):
             logits = self.mlp(torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1))
         else:  # "none": the segmentation term alone
             logits = 0.0
-        if self.seg_area is not None:
+        if self.from_task:
             seg = upstream[self.from_task]["logits"].float()
-            logits = logits + self.seg_area(torch.log(torch.softmax(seg, 1).mean((2, 3)) + 1e-4))
+            if self.detach_from_task:  # the label's loss then leaves the segmentation alone
+                seg = seg.detach()
+            log_share = torch.log(torch.softmax(seg, 1).mean((2, 3)) + 1e-4)
+            if self.fixed_map:
+                term = self.rule_log_scale.exp() * (log_share @ self.seg_rule.T)
+            else:
+                term = self.seg_area(log_share)
+            logits = logits + term
         return {"logits": logits}
 
     def compute_loss(self, outputs, batch):

@@ -78,7 +78,10 @@ def test_gan_ema_is_not_trained_by_the_optimizer():
 
 def _cls_only(extra=()):
     return mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.vae.enabled=false",
-                                      "tasks.gan.enabled=false", *extra], splits=("train",))
+                                      "tasks.gan.enabled=false", *POOLED, *extra], splits=("train",))
+
+
+POOLED = ["tasks.cls.head.params.from_task=\"\"", "tasks.cls.head.params.pool=\"avgmax\""]
 
 
 def test_area_pooling_logits_are_scaled_log_pixel_shares():
@@ -113,6 +116,9 @@ def test_unknown_pooling_is_a_clear_error():
         _cls_only(["tasks.cls.head.params.pool=\"mean\""])
     with pytest.raises(ValueError, match="pool='none' .* needs from_task"):
         _cls_only(["tasks.cls.head.params.pool=\"none\""])
+    with pytest.raises(IncompatibleComponentsError,
+                       match="tasks.cls.head.params.from_task='seg' must name an enabled segm"):
+        mtcore.build(None, BASE + ["tasks.seg.enabled=false"], splits=("train",))
 
 
 def test_a_task_optim_table_overrides_the_heads_group():
@@ -152,7 +158,9 @@ def test_gan_own_generator_uses_pixel_norm_and_bad_norm_is_an_error():
 
 def test_cascade_classification_reads_the_segmentation_output():
     exp = mtcore.build(None, BASE + ["tasks.vae.enabled=false", "tasks.gan.enabled=false",
-                                     "tasks.cls.head.params.from_task=\"seg\""], splits=("train",))
+                                     "tasks.cls.head.params.from_task=\"seg\"",
+                                     "tasks.cls.head.params.pool=\"avgmax\"",
+                                     "tasks.cls.head.params.fixed_map=false"], splits=("train",))
     model = exp.model.eval()
     cls, seg = model.heads["cls"], model.heads["seg"]
     assert cls.reads == ("seg",) and model._order.index("seg") < model._order.index("cls")
@@ -172,7 +180,7 @@ def test_cascade_classification_reads_the_segmentation_output():
 
 
 def test_cascade_from_a_non_segmentation_task_is_a_build_error():
-    with pytest.raises(IncompatibleComponentsError, match="from_task='vae' must name a segmentation"):
+    with pytest.raises(IncompatibleComponentsError, match="from_task='vae' must name an enabled segm"):
         mtcore.build(None, BASE + ["tasks.cls.head.params.from_task=\"vae\""], splits=("train",))
 
 
@@ -189,7 +197,8 @@ def test_run_order_puts_readers_after_what_they_read_and_rejects_cycles():
 
 def test_cascade_map_starts_as_the_largest_class_rule_when_labels_are_the_classes():
     exp = mtcore.build(None, BASE + ["tasks.vae.enabled=false", "tasks.gan.enabled=false",
-                                     "tasks.cls.head.params.from_task=\"seg\""], splits=("train",))
+                                     "tasks.cls.head.params.from_task=\"seg\"",
+                                     "tasks.cls.head.params.fixed_map=false"], splits=("train",))
     info, lin = exp.info, exp.model.heads["cls"].seg_area
     assert info.seg_class_names[1:] == info.label_names  # shapes: background + the 3 kinds
     expected = torch.zeros(info.num_labels, info.num_seg_classes)
@@ -198,3 +207,44 @@ def test_cascade_map_starts_as_the_largest_class_rule_when_labels_are_the_classe
     # so seg shares (bg 0.5, circle 0.1, square 0.3, triangle 0.1) give "square" the top logit
     share = torch.tensor([[0.5, 0.1, 0.3, 0.1]])
     assert lin(torch.log(share)).argmax(1).item() == 1
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_cascade_gradient_reaches_the_segmentation_head_unless_detached(detach):
+    exp = mtcore.build(None, BASE + ["tasks.vae.enabled=false", "tasks.gan.enabled=false",
+                                     "tasks.cls.head.params.from_task=\"seg\"",
+                                     f"tasks.cls.head.params.detach_from_task={str(detach).lower()}"],
+                       splits=("train",))
+    model = exp.model.train()
+    ds = exp.datasets["train"]
+    batch = {"image": ds.images[:4], "label": ds.labels[:4]}
+    out = model(batch)
+    loss = model.heads["cls"].compute_loss(out["cls"], batch)
+    seg_w = model.heads["seg"].classifier.weight
+    (g,) = torch.autograd.grad(loss, [seg_w], allow_unused=True, materialize_grads=True)
+    assert bool(g.abs().sum() == 0) == detach
+
+
+def test_fixed_map_cascade_is_the_largest_class_rule_with_a_learnt_temperature():
+    exp = mtcore.build(None, BASE + ["tasks.vae.enabled=false", "tasks.gan.enabled=false",
+                                     "tasks.cls.head.params.from_task=\"seg\"",
+                                     "tasks.cls.head.params.pool=\"none\"",
+                                     "tasks.cls.head.params.fixed_map=true"], splits=("train",))
+    cls = exp.model.heads["cls"]
+    trainable = [n for n, p in cls.named_parameters()]
+    assert trainable == ["rule_log_scale"]  # the rule itself is a buffer: no optimizer moves it
+    with torch.no_grad():
+        cls.rule_log_scale.fill_(torch.log(torch.tensor(3.0)))
+    seg = torch.log(torch.tensor([[0.5, 0.1, 0.3, 0.1]])).view(1, 4, 1, 1)  # one-pixel "image"
+    logits = cls({}, {}, {"seg": {"logits": seg}})["logits"]
+    expected = 3.0 * torch.log(torch.tensor([[0.1, 0.3, 0.1]]) + 1e-4)  # the 3 kinds' shares
+    torch.testing.assert_close(logits, expected)
+    # labels that are not the segmentation classes after background: no rule to fix
+    from mtcore.plugin import DatasetInfo, FeatureInfo
+    from mtcore_tasks.heads import ClassificationHead
+
+    info = DatasetInfo(name="x", channels=3, image_size=(8, 8), num_seg_classes=3, num_labels=2,
+                       seg_class_names=("bg", "a", "b"), label_names=("b", "a"))
+    with pytest.raises(IncompatibleComponentsError, match="fixed_map needs labels that are"):
+        ClassificationHead([FeatureInfo("f", 4, 1)], info, from_task="seg", fixed_map=True,
+                           pool="none")
