@@ -117,7 +117,7 @@ class SegmentationHead(TaskHead):
 
 
 class ClassificationHead(TaskHead):
-    """Label logits from one feature map, pooled one of two ways.
+    """Label logits from a pooled backbone map, from a segmentation task's output, or both.
 
     ``pool="avgmax"``: global average + max pooling of a map (default: the deepest), then an MLP.
     ``pool="none"`` (only with ``from_task``): no features of its own, just the term below.
