@@ -18,6 +18,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -37,10 +38,9 @@ template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
 // exp(x) for float, Cephes-style range reduction + degree-6 polynomial (about 1-2 ulp), written
-// without branches or libm calls so the compiler vectorises it. Inputs are clamped to the range
-// where the result is a normal float.
-static MT_AI float fast_exp(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
+// without branches or libm calls so the compiler vectorises it. x must lie in [-87.3, 88.3], the
+// range where the result is a normal float: the wrappers below clamp it.
+static MT_AI float fast_exp_clamped(float x) {
   float n = x * 1.44269504088896341f + 12582912.0f;  // round to nearest via the 1.5*2^23 trick
   n -= 12582912.0f;
   float r = x - n * 0.693359375f;
@@ -57,7 +57,11 @@ static MT_AI float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
+static MT_AI float fast_exp(float x) { return fast_exp_clamped(std::min(std::max(x, -87.3f), 88.3f)); }
+// exp(x) for x <= 0 (a logit minus its row maximum): only the lower clamp is needed.
+static MT_AI float fast_exp_nonpos(float x) { return fast_exp_clamped(std::max(x, -87.3f)); }
 static MT_AI double fast_exp(double x) { return std::exp(x); }
+static MT_AI double fast_exp_nonpos(double x) { return std::exp(x); }
 
 // log(x) for a positive normal float, Cephes-style: x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
 // then a degree-9 polynomial in m - 1 (about 1 ulp); branch-free so loops over it vectorise.
@@ -135,7 +139,8 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
   const int64_t bpn = (HW + kBlock - 1) / kBlock;
   const A eps = static_cast<A>(p.eps), ec = static_cast<A>(p.eps / static_cast<double>(C));
   const A one_m_eps = A(1) - eps, wsum = static_cast<A>(p.wsum), scale = static_cast<A>(p.scale);
-  std::vector<A> buf(static_cast<size_t>(C * kBlock));
+  // exp(z - max) of one block, every class; default-initialised (a std::vector would zero it)
+  std::unique_ptr<A[]> buf(new A[static_cast<size_t>(C * kBlock)]);
   A mx[kBlock], s[kBlock], sz[kBlock], ca[kBlock], cw[kBlock], dy[kBlock];
   int32_t ty[kBlock];
   double total = 0.0;
@@ -155,9 +160,9 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
     }
     for (int64_t c = 0; c < C; ++c) {
       const T* zc = zb + c * HW;
-      A* e = buf.data() + c * kBlock;
+      A* e = buf.get() + c * kBlock;
       for (int64_t j = 0; j < len; ++j) {
-        const A v = fast_exp(static_cast<A>(zc[j]) - mx[j]);
+        const A v = fast_exp_nonpos(static_cast<A>(zc[j]) - mx[j]);
         e[j] = v;
         s[j] += v;
       }
@@ -190,7 +195,7 @@ static MT_AI double ce_spatial_impl(const T* __restrict z, const int64_t* __rest
     if (p.grad) {
       T* gb = g + n * C * HW + p0;
       for (int64_t c = 0; c < C; ++c) {
-        const A* e = buf.data() + c * kBlock;
+        const A* e = buf.get() + c * kBlock;
         const A wc = w[c];
         T* gc = gb + c * HW;
         const int32_t c32 = static_cast<int32_t>(c);
