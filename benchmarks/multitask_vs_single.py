@@ -4,9 +4,9 @@
 
 Every run uses the same config (default: the built-in experiment) and so the same number of
 epochs and steps; single-task runs disable the other tasks (a head that reads or shares another
-task's parts gets its own: a GAN its own generator, a cascaded classifier the pooled head). Prints each task's primary metric
-and delta_m (Maninis et al. 2019): the mean over tasks of the signed relative change of the
-multi-task model against the single-task model, in percent,
+task's parts gets its own: a GAN its own generator, a cascaded classifier the pooled head).
+Prints each task's primary metric and delta_m (Maninis et al. 2019): the mean over tasks of the
+signed relative change of the multi-task model against the single-task model, in percent,
 
     delta_m = 100/T * sum_k (-1)^{l_k} (M_mt,k - M_st,k) / M_st,k
 

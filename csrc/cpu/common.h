@@ -18,10 +18,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <memory>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
@@ -57,7 +57,9 @@ static MT_AI float fast_exp_clamped(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-static MT_AI float fast_exp(float x) { return fast_exp_clamped(std::min(std::max(x, -87.3f), 88.3f)); }
+static MT_AI float fast_exp(float x) {
+  return fast_exp_clamped(std::min(std::max(x, -87.3f), 88.3f));
+}
 // exp(x) for x <= 0 (a logit minus its row maximum): only the lower clamp is needed.
 static MT_AI float fast_exp_nonpos(float x) { return fast_exp_clamped(std::max(x, -87.3f)); }
 static MT_AI double fast_exp(double x) { return std::exp(x); }
