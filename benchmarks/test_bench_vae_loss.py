@@ -1,8 +1,9 @@
-"""Benchmark of the VAE loss; shapes in :data:`mtcore.kernels.bench.CASES`."""
+"""Benchmark of the VAE loss (MSE and Bernoulli reconstruction); shapes in
+:data:`mtcore.kernels.bench.CASES`."""
 
 import pytest
 
-pytestmark = pytest.mark.parametrize("op", ["vae_loss"])
+pytestmark = pytest.mark.parametrize("op", ["vae_loss", "vae_bce"])
 
 
 def test_vae_loss(run_bench, op, impl, pass_):

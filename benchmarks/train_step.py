@@ -7,6 +7,11 @@ process; repeats interleave the two (alternating which goes first), so machine l
 alike. The step is ``Trainer.train_step``: the GAN discriminator step (with R1) and the balanced
 main step of all four tasks. Prints each median and quartiles and the speed-up reference / cpp
 (the issue's target is >= 1.15x).
+
+``--bound`` adds a third trainer, "free", whose fused ops are stand-ins that cost next to nothing
+(bias + activation returns its input, each loss is a plain mean, minibatch-stddev appends a
+copied channel): reference / free is the most any kernel for these ops could gain in this step
+(Amdahl's law), the figure that says whether the 1.15x target is reachable with them at all.
 """
 
 from __future__ import annotations
@@ -19,10 +24,45 @@ import torch
 
 import mtcore
 from mtcore import kernels
+from mtcore.kernels.reference.losses import VAELossTerms
 from mtcore.trainer import Trainer
 
 BASE = ["train.progress=false", "data.dataset.params.num_samples=256"]
 KINDS = ("cpp", "reference")
+FUSED_OPS = ("bias_act", "minibatch_stddev", "seg_cross_entropy", "vae_loss", "adversarial_loss")
+
+
+def _free_ops() -> dict[str, object]:
+    """Near-zero-cost stand-ins with the fused ops' signatures, outputs and gradient paths."""
+    def vae_loss(recon, target, mu, logvar, *args, **kwargs):
+        rec, kl = recon.float().mean(), (mu.float().mean() + logvar.float().mean())
+        return VAELossTerms(rec, kl, rec + kl)
+
+    return {
+        "bias_act": lambda x, b, *args, **kwargs: x,
+        "minibatch_stddev": lambda x, *args, **kwargs: torch.cat([x, x[:, :1]], 1),
+        "seg_cross_entropy": lambda logits, *args, **kwargs: logits.float().mean(),
+        "vae_loss": vae_loss,
+        "adversarial_loss": lambda logits, *args, **kwargs: logits.float().mean(),
+    }
+
+
+class _Patched:
+    """Swap ``mtcore.kernels``' fused ops for ``ops`` inside the block (the components look them
+    up there on every call)."""
+
+    def __init__(self, ops: dict[str, object] | None) -> None:
+        self.ops, self.saved = ops, {}
+
+    def __enter__(self) -> None:
+        for name, fn in (self.ops or {}).items():
+            self.saved[name] = getattr(kernels, name)
+            setattr(kernels, name, fn)
+
+    def __exit__(self, *exc: object) -> None:
+        for name, fn in self.saved.items():
+            setattr(kernels, name, fn)
+        self.saved = {}
 
 
 def _quartiles(ts: list[float]) -> tuple[float, float, float]:
@@ -37,13 +77,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override key=value (repeatable)")
+    p.add_argument("--bound", action="store_true",
+                   help="also time the step with near-free stand-ins for the fused ops")
     args = p.parse_args(argv)
     if "cpp" not in kernels.available_backends("cpu"):
         print("the C++ kernels are unavailable here; nothing to compare")
         return 1
+    kinds = (*KINDS, "free") if args.bound else KINDS
+    ops = {"free": _free_ops()}
     trainers, batch = {}, None
-    for kind in KINDS:
-        exp = mtcore.build(None, [*BASE, *args.overrides, f'kernels="{kind}"'])
+    for kind in kinds:
+        backend = "reference" if kind == "free" else kind
+        exp = mtcore.build(None, [*BASE, *args.overrides, f'kernels="{backend}"'])
         trainer = Trainer(exp, None, progress=False, log=lambda _: None)
         trainer._apply_stage(0)
         if batch is None:  # one fixed batch, shared by both
@@ -51,19 +96,21 @@ def main(argv: list[str] | None = None) -> int:
             batch = {k: v.to(trainer.device) if torch.is_tensor(v) else v
                      for k, v in batch.items()}
         trainers[kind] = trainer
-    times: dict[str, list[float]] = {k: [] for k in KINDS}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(args.warmup + args.repeats):
-        order = KINDS if i % 2 == 0 else KINDS[::-1]
+        order = kinds if i % 2 == 0 else kinds[::-1]
         for kind in order:
-            kernels.set_backend(kind)
-            t0 = time.perf_counter()
-            trainers[kind].train_step(batch)
+            kernels.set_backend("reference" if kind == "free" else kind)
+            with _Patched(ops.get(kind)):
+                t0 = time.perf_counter()
+                trainers[kind].train_step(batch)
+                elapsed = time.perf_counter() - t0
             if i >= args.warmup:
-                times[kind].append(time.perf_counter() - t0)
+                times[kind].append(elapsed)
     shape = {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {shape}")
     print(f"{'kernels':<10} {'median ms':>10} {'q25 ms':>9} {'q75 ms':>9} {'min ms':>9}")
-    for kind in KINDS:
+    for kind in kinds:
         q25, med, q75 = _quartiles(times[kind])
         print(f"{kind:<10} {med:>10.1f} {q25:>9.1f} {q75:>9.1f} {min(times[kind]) * 1e3:>9.1f}")
     ratio = statistics.median(times["reference"]) / statistics.median(times["cpp"])
@@ -71,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up cpp vs reference: {ratio:.3f}x (median of step times; per-pair ratio "
           f"q25..q75 {statistics.quantiles(per_pair, n=4)[0]:.3f}..{statistics.quantiles(per_pair, n=4)[2]:.3f}); "
           f"target >= 1.15x: {'met' if ratio >= 1.15 else 'missed'}")
+    if args.bound:
+        bound = statistics.median(times["reference"]) / statistics.median(times["free"])
+        print(f"bound: reference vs free fused ops ({', '.join(FUSED_OPS)}): {bound:.3f}x, the "
+              "most that faster kernels for these ops can gain in this step")
     return 0
 
 

@@ -77,9 +77,10 @@ def _pair() -> Key:
                lambda v: len(v) == 2 and all(isinstance(x, int | float) and 0 <= x < 1 for x in v))
 
 
+SCHEDULES = ("constant", "cosine", "step", "onecycle")
 GROUP = {
     "lr": _num(0, strict=True), "weight_decay": _num(0), "betas": _pair(),
-    "momentum": _num(0), "grad_clip": _num(0),
+    "momentum": _num(0), "grad_clip": _num(0), "schedule": _choice(*SCHEDULES),
 }
 
 SCHEMA: dict[str, Any] = {
@@ -113,7 +114,7 @@ SCHEMA: dict[str, Any] = {
         "betas": _pair(),
         "momentum": _num(0),
         "grad_clip": _num(0),
-        "schedule": _choice("constant", "cosine", "step", "onecycle"),
+        "schedule": _choice(*SCHEDULES),
         "warmup_epochs": _num(0),
         "step_size": _num(1, integer=True),
         "gamma": _num(0, strict=True),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -16,10 +16,11 @@ def make_optimizer(groups: list[dict[str, Any]], optim_cfg: Mapping[str, Any],
     base = {k: optim_cfg[k] for k in ("lr", "weight_decay") if k in optim_cfg}
     kind = optim_cfg.get("optimizer", "adamw")
     params = []
+    not_torch = ("grad_clip", "schedule")  # group options the trainer and scheduler read
     for g in groups:
         entry = {"params": g["params"], "name": g["name"], **base}
-        entry.update({k: v for k, v in (override or {}).items() if k != "grad_clip"})
-        entry.update({k: v for k, v in g.get("options", {}).items() if k != "grad_clip"})
+        entry.update({k: v for k, v in (override or {}).items() if k not in not_torch})
+        entry.update({k: v for k, v in g.get("options", {}).items() if k not in not_torch})
         if "betas" in entry:
             entry["betas"] = tuple(entry["betas"])
         if kind == "sgd":
@@ -36,17 +37,31 @@ def make_optimizer(groups: list[dict[str, Any]], optim_cfg: Mapping[str, Any],
 
 
 def make_schedule(opt: torch.optim.Optimizer, optim_cfg: Mapping[str, Any], steps_per_epoch: int,
-                  lr_scale=lambda step: 1.0) -> torch.optim.lr_scheduler.LambdaLR:
+                  lr_scale=lambda step: 1.0,
+                  kinds: list[str | None] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
     """A per-step multiplier: linear warm-up, then constant / cosine / step / one-cycle decay.
 
-    ``lr_scale(step)`` multiplies it (the transfer strategy's per-stage scale).
+    ``lr_scale(step)`` multiplies it (the transfer strategy's per-stage scale). ``kinds`` gives
+    each parameter group its own schedule (None: ``optim_cfg["schedule"]``), e.g. a constant
+    rate for a GAN while the rest decays.
     """
     epochs = optim_cfg["epochs"]
     total = max(1, epochs * steps_per_epoch)
     warm = int(optim_cfg.get("warmup_epochs", 0) * steps_per_epoch)
-    kind = optim_cfg.get("schedule", "constant")
+    default = optim_cfg.get("schedule", "constant")
     step_size = optim_cfg.get("step_size", max(1, epochs // 3)) * steps_per_epoch
     gamma = optim_cfg.get("gamma", 0.1)
+    kinds = list(kinds) if kinds is not None else [None] * len(opt.param_groups)
+    if len(kinds) != len(opt.param_groups):
+        raise ValueError(f"make_schedule: {len(kinds)} schedule kinds for "
+                         f"{len(opt.param_groups)} parameter groups")
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, [_factor(k or default, total, warm, step_size, gamma, lr_scale) for k in kinds])
+
+
+def _factor(kind: str, total: int, warm: int, step_size: int, gamma: float,
+            lr_scale) -> Callable[[int], float]:
+    """The multiplier of one schedule ``kind`` as a function of the step."""
 
     def factor(step: int) -> float:
         if warm and step < warm:
@@ -64,7 +79,7 @@ def make_schedule(opt: torch.optim.Optimizer, optim_cfg: Mapping[str, Any], step
             f = 1.0
         return f * lr_scale(step)
 
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return factor
 
 
 def clip(params: Iterable[nn.Parameter], max_norm: float) -> float:

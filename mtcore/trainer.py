@@ -42,6 +42,19 @@ def frozen(params: list[torch.nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(f)
 
 
+@contextlib.contextmanager
+def preserved_buffers(module: torch.nn.Module) -> Iterator[None]:
+    """Restore ``module``'s buffers (BatchNorm running statistics, ...) on exit, so an extra
+    forward pass in train mode leaves no trace in them."""
+    saved = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, copy in saved:
+                b.copy_(copy)
+
+
 class Trainer:
     """Trains an :class:`Experiment`; writes artefacts to ``out_dir`` when given."""
 
@@ -112,14 +125,16 @@ class Trainer:
         self.clip_norms = {g["name"]: g["options"].get("grad_clip", ocfg.get("grad_clip", 0.0))
                            for g in groups}
         stage_scale = lambda step: self.exp.transfer.stage(step // self.steps_per_epoch).lr_scale  # noqa: E731
-        self.scheduler = make_schedule(self.optimizer, ocfg, self.steps_per_epoch, stage_scale)
+        self.scheduler = make_schedule(self.optimizer, ocfg, self.steps_per_epoch, stage_scale,
+                                       [g["options"].get("schedule") for g in groups])
         self.aux: dict[tuple[str, str], tuple[torch.optim.Optimizer, Any, list]] = {}
         for name, head in self.heads.items():
             for gname, params in head.auxiliary_parameters().items():
                 opts = groups_cfg.get(gname, {})
                 opt = make_optimizer([{"name": f"{name}.{gname}", "params": params,
                                        "options": opts}], ocfg)
-                sched = make_schedule(opt, ocfg, self.steps_per_epoch)
+                sched = make_schedule(opt, ocfg, self.steps_per_epoch,
+                                      kinds=[opts.get("schedule")])
                 self.aux[(name, gname)] = (opt, sched, params)
 
     def _autocast(self):
@@ -202,7 +217,8 @@ class Trainer:
             head.after_main_step()
 
         def recompute() -> dict[str, torch.Tensor]:
-            with torch.no_grad():
+            # same batch, same (train-mode) normalisation as the step, but no running-stat update
+            with torch.no_grad(), preserved_buffers(self.model):
                 return self._losses(batch)[1]
 
         self.balancer.after_step(losses, recompute)

@@ -92,9 +92,18 @@ static MT_AI float fast_log(float x) {
 }
 static MT_AI double fast_log(double x) { return std::log(x); }
 
-// log1p(exp(-|x|)) pieces for softplus: softplus(x) = max(x, 0) + log1p(exp(-|x|)).
+// log1p(e) for e in [0, 1] without a libm call, so loops over it vectorise: log(u) * e / (u - 1)
+// with u = 1 + e rounded, which cancels u's rounding error (Goldberg's log1p; e itself where
+// u rounds to 1).
+static MT_AI float log1p_unit(float e) {
+  const float u = 1.0f + e, d = u - 1.0f;
+  return d == 0.0f ? e : fast_log(u) * (e / d);
+}
+static MT_AI double log1p_unit(double e) { return std::log1p(e); }
+
+// softplus(x) = max(x, 0) + log1p(exp(-|x|)): no overflow for large |x|.
 template <typename A> static MT_AI A softplus(A x) {
-  return std::max(x, A(0)) + std::log1p(fast_exp(-std::abs(x)));
+  return std::max(x, A(0)) + log1p_unit(fast_exp(-std::abs(x)));
 }
 template <typename A> static MT_AI A sigmoid(A x) { return A(1) / (A(1) + fast_exp(-x)); }
 
@@ -416,15 +425,18 @@ static MT_AI double vae_rec_impl(const T* __restrict x, const T* __restrict t, i
         s += d * d;
       }
     }
-  } else {
+  } else if (g != nullptr) {  // the branch outside the loops, so each one vectorises
     for (int64_t i = i0; i < i1; ++i) {
       const A xv = static_cast<A>(x[i]), tv = static_cast<A>(t[i]);
       const A e = fast_exp(-std::abs(xv));
-      s += std::max(xv, A(0)) - xv * tv + std::log1p(e);
-      if (g != nullptr) {
-        const A sig = xv >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
-        g[i] = static_cast<T>(gfac * (sig - tv));
-      }
+      s += std::max(xv, A(0)) - xv * tv + log1p_unit(e);
+      const A sig = (xv >= A(0) ? A(1) : e) / (A(1) + e);
+      g[i] = static_cast<T>(gfac * (sig - tv));
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const A xv = static_cast<A>(x[i]), tv = static_cast<A>(t[i]);
+      s += std::max(xv, A(0)) - xv * tv + log1p_unit(fast_exp(-std::abs(xv)));
     }
   }
   return static_cast<double>(s);
@@ -460,8 +472,8 @@ static MT_AI double adv_impl(const T* __restrict x, int64_t kind, int64_t role, 
     if (kind == 0) {
       const A u = fake ? v : -v;  // loss = softplus(u), dloss/du = sigmoid(u)
       const A e = fast_exp(-std::abs(u));
-      l = std::max(u, A(0)) + std::log1p(e);
-      const A sig = u >= A(0) ? A(1) / (A(1) + e) : e / (A(1) + e);
+      l = std::max(u, A(0)) + log1p_unit(e);
+      const A sig = (u >= A(0) ? A(1) : e) / (A(1) + e);
       d = fake ? sig : -sig;
     } else if (kind == 1) {
       if (role == 2) {

@@ -123,6 +123,10 @@ CASES: dict[str, BenchCase] = {c.name: c for c in (
               lambda fn, t: fn(t["x"], t["b"], 1, "lrelu")),
     BenchCase("vae_loss", "vae_loss", "32x3x64x64 Z=128", "4x3x8x8 Z=8", _make_vae,
               lambda fn, t: fn(t["recon"], t["image"], t["mu"], t["logvar"], 0.5, "mse").total),
+    # the default config's VAE: Bernoulli (BCE-with-logits) reconstruction
+    BenchCase("vae_bce", "vae_loss", "32x3x64x64 Z=128", "4x3x8x8 Z=8", _make_vae,
+              lambda fn, t: fn(t["recon"], t["image"], t["mu"], t["logvar"], 1.0,
+                               "bernoulli").total),
     BenchCase("adversarial", "adversarial_loss", "4096", "64", _make_adv,
               lambda fn, t: fn(t["logits"], "non_saturating", "g")),
     BenchCase("mbstd", "minibatch_stddev", "32x256x8x8 G=4", "8x16x4x4 G=4", _make_mbstd,

@@ -7,6 +7,7 @@ classification (the kind covering the most pixels) at any image size.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -125,6 +126,21 @@ def generate_shapes(
     return image, mask, labels
 
 
+def _split_size(num_samples: int | Mapping[str, int] | None, split: str) -> int:
+    """Images in ``split``: one int for every split, or a table by split (missing: the default)."""
+    if isinstance(num_samples, Mapping):
+        unknown = sorted(set(num_samples) - set(SPLITS))
+        if unknown:
+            raise ValueError(f"num_samples: unknown split(s) {unknown}; the splits are {SPLITS}")
+        num_samples = num_samples.get(split)
+    if num_samples is None:
+        return DEFAULT_NUM_SAMPLES[split]
+    if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
+        raise ValueError("num_samples must be a positive int, a table of them by split "
+                         f"(e.g. {{ train = 4000 }}), or None; got {num_samples!r} for {split!r}")
+    return num_samples
+
+
 class ShapesDataset(Dataset):
     """Procedural circles/squares/triangles with per-pixel kind masks and a largest-kind label.
 
@@ -132,14 +148,16 @@ class ShapesDataset(Dataset):
     0 background, 1 circle, 2 square, 3 triangle; ``label``: 0 circle, 1 square, 2 triangle, the
     kind with the most pixels in the mask (shapes of one kind count together, so the label can be
     checked from the mask alone). Shape size is relative to ``size``, and each split draws from
-    its own seed stream, so train, val and test never share an image.
+    its own seed stream, so train, val and test never share an image. ``num_samples`` is one size
+    for every split or a table by split (``{"train": 4000}``); a split it leaves out keeps its
+    default (train 2000, val 500, test 500).
     """
 
     def __init__(
         self,
         split: str = "train",
         size: int = 32,
-        num_samples: int | None = None,
+        num_samples: int | Mapping[str, int] | None = None,
         seed: int = 0,
         min_shapes: int = 1,
         max_shapes: int = 3,
@@ -151,10 +169,7 @@ class ShapesDataset(Dataset):
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         if not isinstance(size, int) or isinstance(size, bool) or size < 8:
             raise ValueError(f"size must be an int >= 8, got {size!r}")
-        if num_samples is None:
-            num_samples = DEFAULT_NUM_SAMPLES[split]
-        if not isinstance(num_samples, int) or isinstance(num_samples, bool) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive int or None, got {num_samples!r}")
+        num_samples = _split_size(num_samples, split)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if not (isinstance(min_shapes, int) and isinstance(max_shapes, int)) or not (

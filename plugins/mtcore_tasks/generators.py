@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from mtcore import kernels
 from mtcore.plugin import IncompatibleComponentsError
+
+from .augment import check_policy, diff_augment
 
 
 def num_upsamples(size: tuple[int, int], start: int = 4) -> int:
@@ -102,11 +104,13 @@ class FusedConv(nn.Module):
 
 class Discriminator(nn.Module):
     """Strided conv stack (fused bias+lrelu), minibatch-stddev, then a linear logit; with labels,
-    a projection term ``<embed(y), h>`` (Miyato & Koyama 2018)."""
+    a projection term ``<embed(y), h>`` (Miyato & Koyama 2018). In train mode its inputs first go
+    through the differentiable augmentations ``augment`` (see :mod:`.augment`)."""
 
     def __init__(self, in_channels: int, size: tuple[int, int], width: int = 32,
-                 num_labels: int = 0, mbstd_group: int = 4) -> None:
+                 num_labels: int = 0, mbstd_group: int = 4, augment: Sequence[str] = ()) -> None:
         super().__init__()
+        self.augment = check_policy(augment)
         k = num_upsamples(size)
         layers: list[nn.Module] = [FusedConv(in_channels, width)]
         c = width
@@ -122,7 +126,10 @@ class Discriminator(nn.Module):
         self.embed = nn.Embedding(num_labels, c) if num_labels else None
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(x * 2 - 1)
+        x = x * 2 - 1
+        if self.training and self.augment:
+            x = diff_augment(x, self.augment)
+        h = self.features(x)
         g = self.mbstd_group
         while g > 1 and h.shape[0] % g:
             g -= 1

@@ -175,16 +175,12 @@ class ClassificationHead(TaskHead):
         self.seg_area = None
         if self.from_task:
             _need(info, info.has_masks, "masks: from_task reads a segmentation task's output")
-            self.seg_area = nn.Linear(info.num_seg_classes, info.num_labels)
-            nn.init.zeros_(self.seg_area.weight)
-            nn.init.zeros_(self.seg_area.bias)
             same = tuple(info.seg_class_names[1:]) == tuple(info.label_names) and info.label_names
+            # when the labels are the segmentation classes after background (shapes), the map
+            # starts from "the label whose class covers the most pixels"; else from zero
+            rule = torch.zeros(info.num_labels, info.num_seg_classes)
             if same:
-                # the labels are the segmentation classes after background (shapes): start from
-                # "the label whose class covers the most pixels"; training refines the map
-                with torch.no_grad():
-                    for k in range(info.num_labels):
-                        self.seg_area.weight[k, k + 1] = 1.0
+                rule[:, 1:].fill_diagonal_(1.0)
             if fixed_map:
                 if not same:
                     raise IncompatibleComponentsError(
@@ -192,9 +188,13 @@ class ClassificationHead(TaskHead):
                         f"classes after background; labels {info.label_names}, segmentation "
                         f"classes {info.seg_class_names}")
                 # keep the rule (a buffer: nothing trains it); learn only its sharpness
-                self.register_buffer("seg_rule", self.seg_area.weight.detach().clone())
-                self.seg_area = None
+                self.register_buffer("seg_rule", rule)
                 self.rule_log_scale = nn.Parameter(torch.zeros(()))
+            else:  # a learnt map, trained from the rule
+                self.seg_area = nn.Linear(info.num_seg_classes, info.num_labels)
+                with torch.no_grad():
+                    self.seg_area.weight.copy_(rule)
+                    self.seg_area.bias.zero_()
 
     def link(self, heads):
         if not self.from_task:
@@ -341,7 +341,9 @@ class GANHead(TaskHead):
     freezes D; the EMA generator updates after each G step and is used for sampling.
     ``share_decoder = "<vae task>"`` makes the generator the VAE's decoder (VAE-GAN); otherwise
     the head owns a generator normalised by ``g_norm`` ("pixel" by default: no batch statistics,
-    so the EMA copy samples exactly what its weights compute)."""
+    so the EMA copy samples exactly what its weights compute). ``augment`` (e.g.
+    ``["color", "translation", "cutout"]``) passes D's inputs, real and fake, through those
+    differentiable augmentations in training (DiffAugment, Zhao et al. 2020)."""
 
     task_type = "gan"
     targets = ("image",)
@@ -350,7 +352,8 @@ class GANHead(TaskHead):
                  loss: nn.Module | None = None, latent_dim: int = 32, width: int = 32,
                  d_width: int = 32, conditional: bool = True, share_decoder: str | None = None,
                  d_steps: int = 1, r1_gamma: float = 0.5, r1_every: int = 4,
-                 ema_decay: float = 0.99, mbstd_group: int = 4, g_norm: str = "pixel") -> None:
+                 ema_decay: float = 0.99, mbstd_group: int = 4, g_norm: str = "pixel",
+                 augment: Sequence[str] = ()) -> None:
         super().__init__()
         if d_steps < 1 or r1_every < 1 or not 0 <= ema_decay < 1 or r1_gamma < 0:
             raise ValueError("gan head: need d_steps >= 1, r1_every >= 1, 0 <= ema_decay < 1, "
@@ -368,7 +371,8 @@ class GANHead(TaskHead):
                                                             info.image_size, width, g_norm)
         self._shared: list[nn.Module] = []  # the VAE decoder, held without registering it twice
         self.discriminator = Discriminator(info.channels, info.image_size, d_width,
-                                           info.num_labels if self.conditional else 0, mbstd_group)
+                                           info.num_labels if self.conditional else 0, mbstd_group,
+                                           augment)
         self.ema = copy.deepcopy(self._own) if self._own is not None else None
         if self.ema is not None:
             self.ema.requires_grad_(False)

@@ -131,3 +131,46 @@ def test_loss_that_does_not_fit_the_head_is_a_build_error():
     with pytest.raises(IncompatibleComponentsError, match="loss 'dice' is for 'segmentation'"):
         mtcore.build({"tasks": {"c": {"head": {"name": "classification"},
                                       "loss": {"name": "dice"}}}}, TINY[:5])
+
+
+def test_famo_recompute_leaves_batchnorm_statistics_alone():
+    """FAMO evaluates the batch again after the step (in train mode, as the step did); that pass
+    must not update running statistics a second time: one step = one BN update."""
+    exp = mtcore.build(None, [*TINY, 'balancer.name="famo"', "tasks.gan.enabled=false"])
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    trainer._apply_stage(0)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    bns = [m for m in trainer.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    calls = []
+    original = trainer.balancer.after_step
+
+    def spy(losses, recompute):
+        calls.append(1)
+        return original(losses, recompute)
+
+    trainer.balancer.after_step = spy
+    trainer.train_step(batch)
+    assert calls == [1]
+    assert all(int(m.num_batches_tracked) == 1 for m in bns)
+
+
+def test_a_group_schedule_overrides_the_global_one():
+    """The default keeps the GAN (generator group and discriminator) at a constant rate while
+    the rest follows the cosine: halfway, cosine groups are at lr/2, the GAN's at lr."""
+    exp = mtcore.build(None, TINY)  # TINY keeps the default's schedules: 2 epochs of 3 steps
+    assert exp.config["optim"]["schedule"] == "cosine"
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    factor = {g["name"]: f(3) for g, f in zip(trainer.optimizer.param_groups,
+                                              trainer.scheduler.lr_lambdas, strict=True)}
+    assert factor["backbone"] == pytest.approx(0.5)  # 3 of 6 steps into the cosine
+    assert factor["head.seg"] == pytest.approx(0.5)
+    assert factor["head.gan"] == 1.0
+    (d_opt, d_sched, _), = trainer.aux.values()
+    assert d_sched.lr_lambdas[0](3) == 1.0
+    assert "schedule" not in d_opt.param_groups[0]  # a trainer option, not an optimizer one
+
+
+def test_an_unknown_group_schedule_is_a_config_error():
+    with pytest.raises(mtcore.errors.ConfigError, match="tasks.gan.optim.schedule"):
+        mtcore.build(None, [*TINY, 'tasks.gan.optim.schedule="linear"'])

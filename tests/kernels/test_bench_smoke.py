@@ -63,3 +63,51 @@ def test_cpu_peak_memory_sees_a_known_allocation():
     # gradient of x (12 MiB) are both allocated; at most both at once plus small scalars
     assert 4 * size <= peak <= 2 * 4 * size + 4096
     assert held < 4 * size  # nothing large is saved for backward
+
+
+def _load_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_train_step_bound_stand_ins_match_the_real_ops_outputs():
+    """The `free` column only bounds the step if its stand-ins return what the real ops return
+    (shapes, a scalar loss, a gradient path to every input the op differentiates)."""
+    free = _load_script("train_step")._free_ops()
+    from mtcore import kernels
+
+    x, b = torch.randn(4, 8, 5, 5, requires_grad=True), torch.randn(8)
+    assert free["bias_act"](x, b, act="lrelu").shape == kernels.bias_act(x, b, act="lrelu").shape
+    h = torch.randn(8, 6, 4, 4)
+    assert free["minibatch_stddev"](h, group_size=4).shape == kernels.minibatch_stddev(h, 4).shape
+    logits, target = torch.randn(2, 3, 4, 4, requires_grad=True), torch.randint(0, 3, (2, 4, 4))
+    assert free["seg_cross_entropy"](logits, target).dim() == 0
+    recon, mu, lv = (torch.randn(2, 3, 4, 4, requires_grad=True),
+                     torch.randn(2, 5, requires_grad=True), torch.randn(2, 5, requires_grad=True))
+    terms = free["vae_loss"](recon, torch.rand(2, 3, 4, 4), mu, lv, 1.0, "bernoulli")
+    assert type(terms) is type(kernels.vae_loss(recon, torch.rand(2, 3, 4, 4), mu, lv))
+    terms.total.backward()
+    assert all(t.grad is not None for t in (recon, mu, lv))
+    assert free["adversarial_loss"](torch.randn(6), "hinge", "g").dim() == 0
+
+
+def test_train_step_and_step_ops_scripts_run(capsys):
+    tiny = ["data.dataset.params.size=16", "data.dataset.params.num_samples=32",
+            "data.batch_size=16", "model.backbone.params.width=8",
+            "tasks.vae.head.params.width=8", "tasks.gan.head.params.width=8",
+            "tasks.gan.head.params.d_width=8"]
+    args = ["--repeats", "2", "--warmup", "0", "--bound"]
+    for o in tiny:
+        args += ["--set", o]
+    assert _load_script("train_step").main(args) == 0
+    out = capsys.readouterr().out
+    assert "speed-up cpp vs reference" in out and "bound: reference vs free" in out
+    assert _load_script("step_ops").main(["--calls", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith(tuple("0123456789"))]
+    assert len(rows) == 7 and all(float(r.split()[-1]) > 0 for r in rows)

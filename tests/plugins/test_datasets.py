@@ -119,12 +119,25 @@ def test_shapes_scale_with_image_size():
     assert (small.labels == large.labels).float().mean() > 0.9
 
 
+def test_shapes_num_samples_by_split():
+    """A table sizes each split; a split it leaves out keeps its default size."""
+    sizes = {"train": 30}
+    assert len(ShapesDataset("train", size=16, num_samples=sizes)) == 30
+    assert len(ShapesDataset("val", size=16, num_samples=sizes)) == 500
+    # the same split and seed draw the same first images whatever the table says of other splits
+    a = ShapesDataset("val", size=16, num_samples={"val": 20, "train": 5})
+    b = ShapesDataset("val", size=16, num_samples=20)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
         ({"split": "training"}, "split must be one of"),
         ({"size": 4}, "size must be an int >= 8"),
         ({"num_samples": 0}, "num_samples"),
+        ({"num_samples": {"train": 0}}, "got 0 for 'train'"),
+        ({"num_samples": {"trian": 10}}, r"unknown split\(s\) \['trian'\]"),
         ({"min_shapes": 3, "max_shapes": 2}, "min_shapes"),
         ({"channels": 2}, "channels"),
         ({"seed": -1}, "seed"),

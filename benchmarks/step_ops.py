@@ -1,0 +1,86 @@
+"""Each fused op at the sizes the default training step calls it with, cpp vs reference.
+
+    python benchmarks/step_ops.py [--calls 300]
+
+The op table of ``mtcore bench`` uses large shapes (the issue's); the default step (batch 32,
+32x32 images, 4 segmentation classes, a width-16 discriminator) calls the same ops on much
+smaller tensors, where a custom op's fixed cost matters. Prints the median forward + backward
+time of each and the ratio reference / cpp (> 1: cpp faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from mtcore import kernels as K
+
+
+def _median_us(fn: Callable[[], object], calls: int) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def cases() -> dict[str, Callable[[str], object]]:
+    """name -> fn(backend) running one forward + backward at a default-step size."""
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).requires_grad_(True)
+
+    x1, b1 = leaf(32, 16, 32, 32), leaf(16)
+    x2, b2 = leaf(32, 64, 8, 8), leaf(64)
+    h = leaf(32, 128, 4, 4)
+    seg, seg_t = leaf(32, 4, 32, 32), torch.randint(0, 4, (32, 32, 32), generator=g)
+    cls, cls_t = leaf(32, 3), torch.randint(0, 3, (32,), generator=g)
+    recon, image = leaf(32, 3, 32, 32), torch.rand(32, 3, 32, 32, generator=g)
+    mu, logvar = leaf(32, 32), leaf(32, 32)
+    d_logits = leaf(32)
+    return {
+        "bias_act lrelu 32x16x32x32": lambda be: K.bias_act(x1, b1, act="lrelu", backend=be)
+        .sum().backward(),
+        "bias_act lrelu 32x64x8x8": lambda be: K.bias_act(x2, b2, act="lrelu", backend=be)
+        .sum().backward(),
+        "minibatch_stddev 32x128x4x4": lambda be: K.minibatch_stddev(h, 4, backend=be)
+        .sum().backward(),
+        "seg_cross_entropy 32x4x32x32": lambda be: K.seg_cross_entropy(seg, seg_t, backend=be)
+        .backward(),
+        "classification CE 32x3": lambda be: K.seg_cross_entropy(
+            cls, cls_t, None, -100, 0.05, "mean", backend=be).backward(),
+        "vae_loss bernoulli 32x3x32x32": lambda be: K.vae_loss(
+            recon, image, mu, logvar, 1.0, "bernoulli", backend=be).total.backward(),
+        "adversarial g 32": lambda be: K.adversarial_loss(d_logits, "non_saturating", "g",
+                                                          backend=be).backward(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=300)
+    args = p.parse_args(argv)
+    if "cpp" not in K.available_backends("cpu"):
+        print("the C++ kernels are unavailable here; nothing to compare")
+        return 1
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd medians of "
+          f"{args.calls} calls")
+    print(f"{'op at the default step size':<32} {'reference us':>13} {'cpp us':>9} {'ratio':>6}")
+    for name, fn in cases().items():
+        ref = _median_us(functools.partial(fn, "reference"), args.calls)
+        cpp = _median_us(functools.partial(fn, "cpp"), args.calls)
+        print(f"{name:<32} {ref:>13.1f} {cpp:>9.1f} {ref / cpp:>6.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
