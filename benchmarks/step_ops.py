@@ -32,37 +32,44 @@ def _median_us(fn: Callable[[], object], calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def cases() -> dict[str, Callable[[str], object]]:
-    """name -> fn(backend) running one forward + backward at a default-step size."""
+def cases() -> dict[str, Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]]]:
+    """name -> fn(backend) giving (a scalar of one op call at a default-step size, its inputs)."""
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g).requires_grad_(True)
 
-    x1, b1 = leaf(32, 16, 32, 32), leaf(16)
-    x2, b2 = leaf(32, 64, 8, 8), leaf(64)
+    out: dict[str, Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]]] = {}
+    # the width-16 discriminator's fused layers: 32x32 (stride 1), then 16, 8, 4, and the final
+    for c, s in ((16, 32), (32, 16), (64, 8), (128, 4)):
+        x, b = leaf(32, c, s, s), leaf(c)
+        out[f"bias_act lrelu 32x{c}x{s}x{s}"] = (
+            lambda be, x=x, b=b: (K.bias_act(x, b, act="lrelu", backend=be).sum(), [x, b]))
     h = leaf(32, 128, 4, 4)
+    out["minibatch_stddev 32x128x4x4"] = lambda be: (
+        K.minibatch_stddev(h, 4, backend=be).sum(), [h])
     seg, seg_t = leaf(32, 4, 32, 32), torch.randint(0, 4, (32, 32, 32), generator=g)
+    out["seg_cross_entropy 32x4x32x32"] = lambda be: (
+        K.seg_cross_entropy(seg, seg_t, backend=be), [seg])
     cls, cls_t = leaf(32, 3), torch.randint(0, 3, (32,), generator=g)
+    out["classification CE 32x3"] = lambda be: (
+        K.seg_cross_entropy(cls, cls_t, None, -100, 0.05, "mean", backend=be), [cls])
     recon, image = leaf(32, 3, 32, 32), torch.rand(32, 3, 32, 32, generator=g)
     mu, logvar = leaf(32, 32), leaf(32, 32)
+    out["vae_loss bernoulli 32x3x32x32"] = lambda be: (
+        K.vae_loss(recon, image, mu, logvar, 1.0, "bernoulli", backend=be).total,
+        [recon, mu, logvar])
     d_logits = leaf(32)
-    return {
-        "bias_act lrelu 32x16x32x32": lambda be: K.bias_act(x1, b1, act="lrelu", backend=be)
-        .sum().backward(),
-        "bias_act lrelu 32x64x8x8": lambda be: K.bias_act(x2, b2, act="lrelu", backend=be)
-        .sum().backward(),
-        "minibatch_stddev 32x128x4x4": lambda be: K.minibatch_stddev(h, 4, backend=be)
-        .sum().backward(),
-        "seg_cross_entropy 32x4x32x32": lambda be: K.seg_cross_entropy(seg, seg_t, backend=be)
-        .backward(),
-        "classification CE 32x3": lambda be: K.seg_cross_entropy(
-            cls, cls_t, None, -100, 0.05, "mean", backend=be).backward(),
-        "vae_loss bernoulli 32x3x32x32": lambda be: K.vae_loss(
-            recon, image, mu, logvar, 1.0, "bernoulli", backend=be).total.backward(),
-        "adversarial g 32": lambda be: K.adversarial_loss(d_logits, "non_saturating", "g",
-                                                          backend=be).backward(),
-    }
+    for role in ("d_real", "d_fake", "g"):
+        out[f"adversarial {role}, 32 logits"] = (
+            lambda be, role=role: (K.adversarial_loss(d_logits, "non_saturating", role,
+                                                      backend=be), [d_logits]))
+    return out
+
+
+def _fwd_bwd(fn: Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]], backend: str) -> None:
+    loss, inputs = fn(backend)
+    torch.autograd.grad(loss, inputs)  # gradients returned, not accumulated into .grad
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.calls} calls")
     print(f"{'op at the default step size':<32} {'reference us':>13} {'cpp us':>9} {'ratio':>6}")
     for name, fn in cases().items():
-        ref = _median_us(functools.partial(fn, "reference"), args.calls)
-        cpp = _median_us(functools.partial(fn, "cpp"), args.calls)
+        ref = _median_us(functools.partial(_fwd_bwd, fn, "reference"), args.calls)
+        cpp = _median_us(functools.partial(_fwd_bwd, fn, "cpp"), args.calls)
         print(f"{name:<32} {ref:>13.1f} {cpp:>9.1f} {ref / cpp:>6.2f}")
     return 0
 

@@ -3,7 +3,7 @@
     python benchmarks/train_step.py [--repeats 15] [--warmup 3] [--set key=value ...]
 
 Both trainers are built from the same config and seed and train on the same fixed batch in one
-process; repeats interleave the two (alternating which goes first), so machine load hits both
+process; repeats interleave them (rotating which goes first), so machine load hits both
 alike. The step is ``Trainer.train_step``: the GAN discriminator step (with R1) and the balanced
 main step of all four tasks. Prints each median and quartiles and the speed-up reference / cpp
 (the issue's target is >= 1.15x).
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         trainers[kind] = trainer
     times: dict[str, list[float]] = {k: [] for k in kinds}
     for i in range(args.warmup + args.repeats):
-        order = kinds if i % 2 == 0 else kinds[::-1]
+        order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]  # each kind in each slot
         for kind in order:
             kernels.set_backend("reference" if kind == "free" else kind)
             with _Patched(ops.get(kind)):

@@ -213,15 +213,17 @@ class Trainer:
                 self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)  # G keeps no gradients into the D step
             self.scheduler.step()
-        for head in self.heads.values():
-            head.after_main_step()
 
         def recompute() -> dict[str, torch.Tensor]:
             # same batch, same (train-mode) normalisation as the step, but no running-stat update
             with torch.no_grad(), preserved_buffers(self.model):
                 return self._losses(batch)[1]
 
+        # before the heads' bookkeeping, so a recompute sees the step's own loss schedule (the
+        # VAE's KL warm-up counter moves in after_main_step)
         self.balancer.after_step(losses, recompute)
+        for head in self.heads.values():
+            head.after_main_step()
         self.global_step += 1
         for k, v in losses.items():
             logs[f"{k}.loss"] = float(v.detach())

@@ -44,11 +44,14 @@ def translation(x: Tensor, ratio: float = 0.125) -> Tensor:
 
 
 def cutout(x: Tensor, ratio: float = 0.5) -> Tensor:
-    """Zero a square of side ``ratio`` of the image centred on a random pixel (may overhang)."""
+    """Zero a square of side ``ratio`` of the image at a random place (may overhang the border).
+
+    The top-left corner is uniform over the positions that overlap the image by at least half a
+    side, so every row (column) is covered equally often from either border."""
     n, _, h, w = x.shape
     sh, sw = int(h * ratio + 0.5), int(w * ratio + 0.5)
-    top = torch.randint(0, h, (n, 1, 1), device=x.device) - sh // 2
-    left = torch.randint(0, w, (n, 1, 1), device=x.device) - sw // 2
+    top = torch.randint(0, h + 1 - sh % 2, (n, 1, 1), device=x.device) - sh // 2
+    left = torch.randint(0, w + 1 - sw % 2, (n, 1, 1), device=x.device) - sw // 2
     ys = torch.arange(h, device=x.device).view(1, h, 1)
     xs = torch.arange(w, device=x.device).view(1, 1, w)
     inside = (ys >= top) & (ys < top + sh) & (xs >= left) & (xs < left + sw)

@@ -135,7 +135,8 @@ def test_loss_that_does_not_fit_the_head_is_a_build_error():
 
 def test_famo_recompute_leaves_batchnorm_statistics_alone():
     """FAMO evaluates the batch again after the step (in train mode, as the step did); that pass
-    must not update running statistics a second time: one step = one BN update."""
+    must not update running statistics a second time (one step = one BN update) and must see the
+    step's own loss schedule (the VAE's KL warm-up counter moves after it)."""
     exp = mtcore.build(None, [*TINY, 'balancer.name="famo"', "tasks.gan.enabled=false"])
     trainer = Trainer(exp, None, progress=False, log=lambda _: None)
     trainer._apply_stage(0)
@@ -144,14 +145,16 @@ def test_famo_recompute_leaves_batchnorm_statistics_alone():
     assert bns
     calls = []
     original = trainer.balancer.after_step
+    vae = trainer.heads["vae"]
 
     def spy(losses, recompute):
-        calls.append(1)
+        calls.append(int(vae.steps))  # the KL warm-up counter the recompute sees
         return original(losses, recompute)
 
     trainer.balancer.after_step = spy
     trainer.train_step(batch)
-    assert calls == [1]
+    assert calls == [0]  # the step's own (first) KL weight, not the next step's
+    assert int(vae.steps) == 1
     assert all(int(m.num_batches_tracked) == 1 for m in bns)
 
 

@@ -110,4 +110,4 @@ def test_train_step_and_step_ops_scripts_run(capsys):
     assert "speed-up cpp vs reference" in out and "bound: reference vs free" in out
     assert _load_script("step_ops").main(["--calls", "2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith(tuple("0123456789"))]
-    assert len(rows) == 7 and all(float(r.split()[-1]) > 0 for r in rows)
+    assert len(rows) == 11 and all(float(r.split()[-1]) > 0 for r in rows)

@@ -74,3 +74,16 @@ def test_discriminator_augments_only_in_train_mode():
     torch.testing.assert_close(d(x), plain(x))
     d.train(), plain.train()
     assert not torch.allclose(d(x), plain(x))
+
+
+def test_cutout_covers_both_borders_equally_often():
+    """The square's position is symmetric: opposite border rows (columns) are cut equally often
+    (here exactly: 3 of the 9 possible top rows cover row 0, 3 cover row 7)."""
+    torch.manual_seed(3)
+    y = cutout(torch.ones(9000, 1, 8, 8), ratio=0.5)
+    cut = y[:, 0] == 0
+    rows = cut.any(2).float().mean(0)  # [8]: fraction of images in which each row was cut
+    cols = cut.any(1).float().mean(0)
+    for a, b in ((rows[0], rows[7]), (cols[0], cols[7]), (rows[1], rows[6])):
+        assert abs(float(a) - float(b)) < 0.03
+    assert abs(float(rows[0]) - 3 / 9) < 0.03
