@@ -69,7 +69,8 @@ class LossBalancer(nn.Module):
     def after_step(self, losses: Mapping[str, torch.Tensor],
                    recompute: Callable[[], Mapping[str, torch.Tensor]]) -> None:
         """Called after the optimizer step with the step's losses and a closure that evaluates the
-        same batch again without gradients. Default: nothing (FAMO-like methods override)."""
+        same batch again without gradients (same random draws, no side effects on the model's
+        buffers or the random stream). Default: nothing (FAMO-like methods override)."""
 
     # -- helpers for subclasses ---------------------------------------------------------------
     def _check(self, losses: Mapping[str, torch.Tensor]) -> None:

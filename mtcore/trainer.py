@@ -196,6 +196,7 @@ class Trainer:
         aux_params = [p for (_, _, ps) in self.aux.values() for p in ps]
         with frozen(aux_params):
             self.optimizer.zero_grad(set_to_none=True)
+            rng = self._rng_state()  # the step's random draws, replayed by recompute()
             _, losses = self._losses(batch)
             for k, v in losses.items():
                 if not torch.isfinite(v):
@@ -215,8 +216,10 @@ class Trainer:
             self.scheduler.step()
 
         def recompute() -> dict[str, torch.Tensor]:
-            # same batch, same (train-mode) normalisation as the step, but no running-stat update
-            with torch.no_grad(), preserved_buffers(self.model):
+            # same batch, same (train-mode) normalisation and the same random draws (VAE noise,
+            # GAN latents) as the step, so the losses differ only by the update; no running-stat
+            # update, and the training's random stream continues as if this never ran
+            with torch.no_grad(), preserved_buffers(self.model), self._replayed_rng(rng):
                 return self._losses(batch)[1]
 
         # before the heads' bookkeeping, so a recompute sees the step's own loss schedule (the
@@ -230,6 +233,22 @@ class Trainer:
             logs[f"{k}.weight"] = float(result.weights.get(k, float("nan")))
         logs["total"] = result.total
         return logs
+
+    def _rng_devices(self) -> list[torch.device]:
+        return [self.device] if self.device.type == "cuda" else []
+
+    def _rng_state(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The CPU generator's state and the training device's (CUDA) generator's, if any."""
+        return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in self._rng_devices()]
+
+    @contextlib.contextmanager
+    def _replayed_rng(self, state: tuple[torch.Tensor, list[torch.Tensor]]) -> Iterator[None]:
+        """Run the block from the random state ``state``; restore the current one afterwards."""
+        with torch.random.fork_rng(devices=self._rng_devices()):
+            torch.set_rng_state(state[0])
+            for d, s in zip(self._rng_devices(), state[1], strict=True):
+                torch.cuda.set_rng_state(s, d)
+            yield
 
     # -- epochs -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:

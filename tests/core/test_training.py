@@ -177,3 +177,30 @@ def test_a_group_schedule_overrides_the_global_one():
 def test_an_unknown_group_schedule_is_a_config_error():
     with pytest.raises(mtcore.errors.ConfigError, match="tasks.gan.optim.schedule"):
         mtcore.build(None, [*TINY, 'tasks.gan.optim.schedule="linear"'])
+
+
+def test_famo_recompute_replays_the_steps_random_draws():
+    """With a learning rate too small to move any weight, FAMO's recompute must return exactly the
+    step's losses, stochastic tasks included (VAE reparameterisation noise, GAN latents): it
+    replays the step's random draws, and the training stream continues as if it had not run."""
+    exp = mtcore.build(None, [*TINY, 'balancer.name="famo"', "optim.lr=1e-30",
+                              "optim.groups.discriminator.lr=1e-30", "tasks.gan.optim.lr=1e-30"])
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    trainer._apply_stage(0)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    seen = {}
+    original = trainer.balancer.after_step
+
+    def spy(losses, recompute):
+        seen["step"] = {k: v.detach().clone() for k, v in losses.items()}
+        state = torch.get_rng_state()
+        seen["again"] = recompute()
+        seen["rng_kept"] = torch.equal(state, torch.get_rng_state())
+        return original(losses, lambda: seen["again"])
+
+    trainer.balancer.after_step = spy
+    trainer.train_step(batch)
+    assert set(seen["step"]) == {"seg", "cls", "vae", "gan"}
+    for k, v in seen["step"].items():
+        assert torch.equal(v, seen["again"][k]), k
+    assert seen["rng_kept"]
