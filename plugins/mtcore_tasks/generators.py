@@ -104,11 +104,13 @@ class FusedConv(nn.Module):
 
 class Discriminator(nn.Module):
     """Strided conv stack (fused bias+lrelu), minibatch-stddev, then a linear logit; with labels,
-    a projection term ``<embed(y), h>`` (Miyato & Koyama 2018). In train mode its inputs first go
-    through the differentiable augmentations ``augment`` (see :mod:`.augment`)."""
+    a projection term ``<embed(y), h>`` (Miyato & Koyama 2018) and, with ``class_head``, an
+    auxiliary classifier (AC-GAN). In train mode its inputs first go through the differentiable
+    augmentations ``augment`` (see :mod:`.augment`)."""
 
     def __init__(self, in_channels: int, size: tuple[int, int], width: int = 32,
-                 num_labels: int = 0, mbstd_group: int = 4, augment: Sequence[str] = ()) -> None:
+                 num_labels: int = 0, mbstd_group: int = 4, augment: Sequence[str] = (),
+                 class_head: bool = False) -> None:
         super().__init__()
         self.augment = check_policy(augment)
         k = num_upsamples(size)
@@ -124,8 +126,15 @@ class Discriminator(nn.Module):
         self.fc = nn.Linear(c * 16, c)
         self.out = nn.Linear(c, 1)
         self.embed = nn.Embedding(num_labels, c) if num_labels else None
+        # AC-GAN (Odena et al. 2017): a class prediction from the same features
+        self.classes = nn.Linear(c, num_labels) if class_head and num_labels else None
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None,
+                return_classes: bool = False):
+        """The real/fake logit [N]; with ``return_classes``, also the class logits [N, labels]
+        of the auxiliary classifier (needs ``class_head``)."""
+        if return_classes and self.classes is None:
+            raise RuntimeError("discriminator: return_classes needs class_head=True")
         x = x * 2 - 1
         if self.training and self.augment:
             x = diff_augment(x, self.augment)
@@ -139,6 +148,8 @@ class Discriminator(nn.Module):
         logit = self.out(h).squeeze(1)
         if self.embed is not None and labels is not None:
             logit = logit + (self.embed(labels) * h).sum(1) / math.sqrt(h.shape[1])
+        if return_classes:
+            return logit, self.classes(h)
         return logit
 
 

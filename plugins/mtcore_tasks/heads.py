@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtcore import kernels
 from mtcore.plugin import DatasetInfo, FeatureInfo, IncompatibleComponentsError, TaskHead
 
 from . import metrics as M
@@ -343,7 +344,10 @@ class GANHead(TaskHead):
     the head owns a generator normalised by ``g_norm`` ("pixel" by default: no batch statistics,
     so the EMA copy samples exactly what its weights compute). ``augment`` (e.g.
     ``["color", "translation", "cutout"]``) passes D's inputs, real and fake, through those
-    differentiable augmentations in training (DiffAugment, Zhao et al. 2020)."""
+    differentiable augmentations in training (DiffAugment, Zhao et al. 2020). ``ac_weight > 0``
+    (conditional only) adds an auxiliary classifier to D (AC-GAN, Odena et al. 2017): D learns
+    the class of real images, the generator is pushed to make fakes D classifies as their
+    label, each term weighted by ``ac_weight``."""
 
     task_type = "gan"
     targets = ("image",)
@@ -353,8 +357,10 @@ class GANHead(TaskHead):
                  d_width: int = 32, conditional: bool = True, share_decoder: str | None = None,
                  d_steps: int = 1, r1_gamma: float = 0.5, r1_every: int = 4,
                  ema_decay: float = 0.99, mbstd_group: int = 4, g_norm: str = "pixel",
-                 augment: Sequence[str] = ()) -> None:
+                 augment: Sequence[str] = (), ac_weight: float = 0.0) -> None:
         super().__init__()
+        if not ac_weight >= 0:
+            raise ValueError(f"gan head: ac_weight must be >= 0, got {ac_weight}")
         if d_steps < 1 or r1_every < 1 or not 0 <= ema_decay < 1 or r1_gamma < 0:
             raise ValueError("gan head: need d_steps >= 1, r1_every >= 1, 0 <= ema_decay < 1, "
                              f"r1_gamma >= 0; got {d_steps}, {r1_every}, {ema_decay}, {r1_gamma}")
@@ -370,9 +376,10 @@ class GANHead(TaskHead):
         self._own = None if share_decoder else ImageDecoder(latent_dim, info.channels,
                                                             info.image_size, width, g_norm)
         self._shared: list[nn.Module] = []  # the VAE decoder, held without registering it twice
+        self.ac_weight = float(ac_weight) if self.conditional else 0.0
         self.discriminator = Discriminator(info.channels, info.image_size, d_width,
                                            info.num_labels if self.conditional else 0, mbstd_group,
-                                           augment)
+                                           augment, class_head=self.ac_weight > 0)
         self.ema = copy.deepcopy(self._own) if self._own is not None else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
@@ -428,10 +435,18 @@ class GANHead(TaskHead):
         labels = self._labels(batch, n)
         gen = self.generator if self.training else self.ema
         fake = torch.sigmoid(gen(self._z(n, labels)))
+        if self.ac_weight > 0:
+            logits, classes = self.discriminator(fake, labels, return_classes=True)
+            return {"fake": fake, "fake_logits": logits, "fake_classes": classes,
+                    "labels": labels}
         return {"fake": fake, "fake_logits": self.discriminator(fake, labels)}
 
     def compute_loss(self, outputs, batch):
-        return self.loss_fn.g_loss(outputs["fake_logits"].float())
+        loss = self.loss_fn.g_loss(outputs["fake_logits"].float())
+        if self.ac_weight > 0:  # the generator makes fakes that D classifies as their label
+            loss = loss + self.ac_weight * kernels.seg_cross_entropy(
+                outputs["fake_classes"].float(), outputs["labels"])
+        return loss
 
     def auxiliary_loss(self, batch, step):
         real = batch["image"]
@@ -439,10 +454,18 @@ class GANHead(TaskHead):
         labels = self._labels(batch, n)
         with torch.no_grad(), frozen_norm_stats(self.generator):
             fake = torch.sigmoid(self.generator(self._z(n, labels)))
-        d_loss = self.loss_fn.d_loss(self.discriminator(real, labels).float(),
+        if self.ac_weight > 0:
+            real_logits, real_classes = self.discriminator(real, labels, return_classes=True)
+        else:
+            real_logits, real_classes = self.discriminator(real, labels), None
+        d_loss = self.loss_fn.d_loss(real_logits.float(),
                                      self.discriminator(fake.detach(), labels).float())
         out = {"d_loss": d_loss}
         loss = d_loss
+        if real_classes is not None:  # D's classifier learns from real images only
+            ac = kernels.seg_cross_entropy(real_classes.float(), labels)
+            out["d_ac"] = ac
+            loss = loss + self.ac_weight * ac
         if self.r1_gamma > 0 and step % self.r1_every == 0:
             x = real.detach().requires_grad_(True)
             r1 = r1_penalty(x, self.discriminator(x, labels).float(), self.r1_gamma)

@@ -248,3 +248,40 @@ def test_fixed_map_cascade_is_the_largest_class_rule_with_a_learnt_temperature()
     with pytest.raises(IncompatibleComponentsError, match="fixed_map needs labels that are"):
         ClassificationHead([FeatureInfo("f", 4, 1)], info, from_task="seg", fixed_map=True,
                            pool="none")
+
+
+def _gan_only(extra):
+    return mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.cls.enabled=false",
+                                      "tasks.vae.enabled=false", *extra], splits=("train",))
+
+
+def test_ac_gan_terms_are_cross_entropies_of_the_discriminator_classifier():
+    """ac_weight adds CE(D's class logits on reals, labels) to the D loss and
+    CE(D's class logits on fakes, their labels) to the generator loss, each times ac_weight."""
+    import torch.nn.functional as F
+
+    exp = _gan_only(["tasks.gan.head.params.ac_weight=0.5"])
+    head = exp.model.heads["gan"].train()
+    d = head.discriminator
+    ds = exp.datasets["train"]
+    batch = {"image": ds.images[:8], "label": ds.labels[:8]}
+    torch.manual_seed(0)
+    aux = head.auxiliary_loss(batch, step=1)  # step 1: no R1 (r1_every > 1)
+    _, classes = d(batch["image"], batch["label"], return_classes=True)
+    expected_ac = F.cross_entropy(classes, batch["label"])
+    torch.testing.assert_close(aux["d_ac"], expected_ac)
+    torch.testing.assert_close(aux["loss"], aux["d_loss"] + 0.5 * expected_ac)
+    out = head({}, batch)
+    g_plain = head.loss_fn.g_loss(out["fake_logits"])
+    expected_g = g_plain + 0.5 * F.cross_entropy(out["fake_classes"], batch["label"])
+    torch.testing.assert_close(head.compute_loss(out, batch), expected_g)
+
+
+def test_ac_gan_off_by_default_and_bad_weight_is_an_error():
+    head = _gan_only([]).model.heads["gan"]
+    assert head.discriminator.classes is None
+    with pytest.raises(RuntimeError, match="return_classes needs class_head"):
+        head.discriminator(torch.rand(4, 3, 16, 16), torch.zeros(4, dtype=torch.long),
+                           return_classes=True)
+    with pytest.raises(ValueError, match="ac_weight must be >= 0"):
+        _gan_only(["tasks.gan.head.params.ac_weight=-1.0"])
