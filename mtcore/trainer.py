@@ -284,7 +284,7 @@ class Trainer:
         loss_sums: dict[str, float] = defaultdict(float)
         n = 0
         # Evaluation draws noise (VAE samples, GAN z); keep the training RNG stream untouched.
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(self.cfg["seed"] + 1)
             for batch in self._loader(dataset, train=False):
                 batch = to_device(batch, self.device)
@@ -306,7 +306,7 @@ class Trainer:
         split = split or self.val_split
         self.model.eval()
         out: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+        with torch.random.fork_rng(devices=self._rng_devices()):
             for name, head in self.heads.items():
                 vals = head.generation_metrics(self.exp.datasets, split,
                                                self.cfg["train"]["gen_metric_samples"],

@@ -105,7 +105,12 @@ static MT_AI double log1p_unit(double e) { return std::log1p(e); }
 template <typename A> static MT_AI A softplus(A x) {
   return std::max(x, A(0)) + log1p_unit(fast_exp(-std::abs(x)));
 }
-template <typename A> static MT_AI A sigmoid(A x) { return A(1) / (A(1) + fast_exp(-x)); }
+// softplus(x), and its derivative sigmoid(x) into `sig`, from one exp(-|x|).
+template <typename A> static MT_AI A softplus_sigmoid(A x, A& sig) {
+  const A e = fast_exp(-std::abs(x));
+  sig = (x >= A(0) ? A(1) : e) / (A(1) + e);
+  return std::max(x, A(0)) + log1p_unit(e);
+}
 
 // Sum of f(lo, hi) over a fixed split of [0, n) into at most 64 chunks, run with at::parallel_for.
 // The split does not depend on the thread count, so the result is deterministic.
@@ -428,15 +433,14 @@ static MT_AI double vae_rec_impl(const T* __restrict x, const T* __restrict t, i
   } else if (g != nullptr) {  // the branch outside the loops, so each one vectorises
     for (int64_t i = i0; i < i1; ++i) {
       const A xv = static_cast<A>(x[i]), tv = static_cast<A>(t[i]);
-      const A e = fast_exp(-std::abs(xv));
-      s += std::max(xv, A(0)) - xv * tv + log1p_unit(e);
-      const A sig = (xv >= A(0) ? A(1) : e) / (A(1) + e);
+      A sig;
+      s += softplus_sigmoid(xv, sig) - xv * tv;
       g[i] = static_cast<T>(gfac * (sig - tv));
     }
   } else {
     for (int64_t i = i0; i < i1; ++i) {
       const A xv = static_cast<A>(x[i]), tv = static_cast<A>(t[i]);
-      s += std::max(xv, A(0)) - xv * tv + log1p_unit(fast_exp(-std::abs(xv)));
+      s += softplus(xv) - xv * tv;
     }
   }
   return static_cast<double>(s);
@@ -471,9 +475,8 @@ static MT_AI double adv_impl(const T* __restrict x, int64_t kind, int64_t role, 
     A l, d;
     if (kind == 0) {
       const A u = fake ? v : -v;  // loss = softplus(u), dloss/du = sigmoid(u)
-      const A e = fast_exp(-std::abs(u));
-      l = std::max(u, A(0)) + log1p_unit(e);
-      const A sig = (u >= A(0) ? A(1) : e) / (A(1) + e);
+      A sig;
+      l = softplus_sigmoid(u, sig);
       d = fake ? sig : -sig;
     } else if (kind == 1) {
       if (role == 2) {

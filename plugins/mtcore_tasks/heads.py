@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtcore import kernels
 from mtcore.plugin import DatasetInfo, FeatureInfo, IncompatibleComponentsError, TaskHead
 
 from . import metrics as M
@@ -377,6 +376,7 @@ class GANHead(TaskHead):
                                                             info.image_size, width, g_norm)
         self._shared: list[nn.Module] = []  # the VAE decoder, held without registering it twice
         self.ac_weight = float(ac_weight) if self.conditional else 0.0
+        self.ac_loss = ClsCrossEntropy(label_smoothing=0.0)  # AC-GAN's class term
         self.discriminator = Discriminator(info.channels, info.image_size, d_width,
                                            info.num_labels if self.conditional else 0, mbstd_group,
                                            augment, class_head=self.ac_weight > 0)
@@ -435,17 +435,23 @@ class GANHead(TaskHead):
         labels = self._labels(batch, n)
         gen = self.generator if self.training else self.ema
         fake = torch.sigmoid(gen(self._z(n, labels)))
+        logits, classes = self._judge(fake, labels)
+        out = {"fake": fake, "fake_logits": logits}
+        if classes is not None:
+            out.update(fake_classes=classes, labels=labels)
+        return out
+
+    def _judge(self, images, labels):
+        """D's real/fake logits, and its class logits with AC-GAN (else None)."""
         if self.ac_weight > 0:
-            logits, classes = self.discriminator(fake, labels, return_classes=True)
-            return {"fake": fake, "fake_logits": logits, "fake_classes": classes,
-                    "labels": labels}
-        return {"fake": fake, "fake_logits": self.discriminator(fake, labels)}
+            return self.discriminator(images, labels, return_classes=True)
+        return self.discriminator(images, labels), None
 
     def compute_loss(self, outputs, batch):
         loss = self.loss_fn.g_loss(outputs["fake_logits"].float())
         if self.ac_weight > 0:  # the generator makes fakes that D classifies as their label
-            loss = loss + self.ac_weight * kernels.seg_cross_entropy(
-                outputs["fake_classes"].float(), outputs["labels"])
+            loss = loss + self.ac_weight * self.ac_loss(outputs["fake_classes"].float(),
+                                                        outputs["labels"])
         return loss
 
     def auxiliary_loss(self, batch, step):
@@ -454,16 +460,13 @@ class GANHead(TaskHead):
         labels = self._labels(batch, n)
         with torch.no_grad(), frozen_norm_stats(self.generator):
             fake = torch.sigmoid(self.generator(self._z(n, labels)))
-        if self.ac_weight > 0:
-            real_logits, real_classes = self.discriminator(real, labels, return_classes=True)
-        else:
-            real_logits, real_classes = self.discriminator(real, labels), None
+        real_logits, real_classes = self._judge(real, labels)
         d_loss = self.loss_fn.d_loss(real_logits.float(),
                                      self.discriminator(fake.detach(), labels).float())
         out = {"d_loss": d_loss}
         loss = d_loss
         if real_classes is not None:  # D's classifier learns from real images only
-            ac = kernels.seg_cross_entropy(real_classes.float(), labels)
+            ac = self.ac_loss(real_classes.float(), labels)
             out["d_ac"] = ac
             loss = loss + self.ac_weight * ac
         if self.r1_gamma > 0 and step % self.r1_every == 0:
