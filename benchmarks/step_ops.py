@@ -1,11 +1,13 @@
 """Each fused op at the sizes the default training step calls it with, cpp vs reference.
 
-    python benchmarks/step_ops.py [--calls 300]
+    python benchmarks/step_ops.py [--calls 300] [--layout channels_last|contiguous]
 
 The op table of ``mtcore bench`` uses large shapes (the issue's); the default step (batch 32,
 32x32 images, 4 segmentation classes, a width-16 discriminator) calls the same ops on much
-smaller tensors, where a custom op's fixed cost matters. Prints the median forward + backward
-time of each and the ratio reference / cpp (> 1: cpp faster).
+smaller tensors, where a custom op's fixed cost matters. Feature maps, segmentation logits and
+VAE reconstructions come in the model's memory format (``model.channels_last``, on by default);
+images and targets from the loader stay contiguous. Prints the median forward + backward time of
+each and the ratio reference / cpp (> 1: cpp faster).
 """
 
 from __future__ import annotations
@@ -32,12 +34,17 @@ def _median_us(fn: Callable[[], object], calls: int) -> float:
     return statistics.median(times) * 1e6
 
 
-def cases() -> dict[str, Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]]]:
-    """name -> fn(backend) giving (a scalar of one op call at a default-step size, its inputs)."""
+def cases(channels_last: bool = True
+          ) -> dict[str, Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]]]:
+    """name -> fn(backend) giving (a scalar of one op call at a default-step size, its inputs);
+    4-d model outputs in channels_last memory format if ``channels_last``."""
     g = torch.Generator().manual_seed(0)
 
     def leaf(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).requires_grad_(True)
+        x = torch.randn(*shape, generator=g)
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.requires_grad_(True)
 
     out: dict[str, Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]]] = {}
     # the width-16 discriminator's fused layers: 32x32 (stride 1), then 16, 8, 4, and the final
@@ -75,14 +82,16 @@ def _fwd_bwd(fn: Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]], backe
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--layout", choices=("channels_last", "contiguous"), default="channels_last",
+                   help="memory format of the 4-d model outputs (the default config's: channels_last)")
     args = p.parse_args(argv)
     if "cpp" not in K.available_backends("cpu"):
         print("the C++ kernels are unavailable here; nothing to compare")
         return 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd medians of "
-          f"{args.calls} calls")
+          f"{args.calls} calls, {args.layout} model outputs")
     print(f"{'op at the default step size':<32} {'reference us':>13} {'cpp us':>9} {'ratio':>6}")
-    for name, fn in cases().items():
+    for name, fn in cases(args.layout == "channels_last").items():
         ref = _median_us(functools.partial(_fwd_bwd, fn, "reference"), args.calls)
         cpp = _median_us(functools.partial(_fwd_bwd, fn, "cpp"), args.calls)
         print(f"{name:<32} {ref:>13.1f} {cpp:>9.1f} {ref / cpp:>6.2f}")

@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -78,6 +79,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         if tcfg.get("deterministic", True) and self.device.type == "cpu":
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # Deterministic mode also NaN-fills every fresh tensor (a debugging aid against reads of
+            # uninitialised memory, which no op here does): ~7% of a default CPU step, for nothing.
+            torch.utils.deterministic.fill_uninitialized_memory = False
         self.train_set = exp.datasets.get("train")
         self.val_split = self.cfg["data"]["val_split"]
         self.val_set = exp.datasets.get(self.val_split)
@@ -420,10 +424,21 @@ class Trainer:
         self.load_state(state, str(path))
 
     def load_state(self, state: dict[str, Any], path: str) -> None:
-        if state["config"].get("tasks") != self.cfg.get("tasks") or \
-                state["config"].get("model") != self.cfg.get("model"):
-            raise CheckpointError(f"{path}: was written for a different model/tasks config; "
-                                  "resume with the run's own config.toml")
+        saved = state["config"]
+        changed = [k for k in _diff(saved.get("tasks"), self.cfg.get("tasks"), "tasks")
+                   + _diff(saved.get("model"), self.cfg.get("model"), "model")
+                   if k not in _LAYOUT_ONLY]
+        if changed:
+            raise CheckpointError(f"{path}: was written for a different model/tasks config "
+                                  f"({', '.join(changed[:5])} differ); resume with the run's "
+                                  "own config.toml")
+        optim = [k for k in _diff(saved.get("optim"), self.cfg.get("optim"), "optim")
+                 if k != "optim.epochs"]  # more (or fewer) epochs is what resuming is for
+        if optim:
+            warnings.warn(f"{path}: resuming with changed optimizer settings ({', '.join(optim)}); "
+                          f"the restored optimizer and schedule continue from step "
+                          f"{state['global_step']} under the new values", RuntimeWarning,
+                          stacklevel=2)
         ckpt_io.load_model_weights(self.model, state["model"], path)
         self.balancer.load_state_dict(state["balancer"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -439,6 +454,19 @@ class Trainer:
         if self.out is not None:  # metrics.jsonl continues from the checkpoint's history
             with open(self.out / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
+
+
+# Config keys that change how tensors are laid out, not what the model is: a checkpoint resumes
+# across them (the weights load into either memory format).
+_LAYOUT_ONLY = ("model.channels_last",)
+
+
+def _diff(a: Any, b: Any, prefix: str) -> list[str]:
+    """Dotted keys under ``prefix`` whose values differ between two config tables."""
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+        return [k for key in sorted(set(a) | set(b), key=str)
+                for k in _diff(a.get(key), b.get(key), f"{prefix}.{key}")]
+    return [] if a == b else [prefix]
 
 
 def _headline(val: Mapping[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,23 @@ def test_default_config_tiny_run_writes_every_artefact(tmp_path):
     assert resolve_config(load_toml(out / "config.toml")) == exp.config
 
 
+def test_cpu_trainer_runs_channels_last_without_nan_filling(monkeypatch):
+    """The default config trains NHWC (faster oneDNN convolutions) and deterministic mode skips
+    PyTorch's NaN-filling of every fresh tensor, which costs time and buys nothing here."""
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    trainer = Trainer(mtcore.build(None, TINY), None, progress=False)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert not torch.utils.deterministic.fill_uninitialized_memory
+    convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    logits = trainer.model(batch)["seg"]["logits"]
+    assert logits.is_contiguous(memory_format=torch.channels_last) and not logits.is_contiguous()
+    plain = Trainer(mtcore.build(None, [*TINY, "model.channels_last=false"]), None, progress=False)
+    assert all(c.weight.is_contiguous() for c in plain.model.modules()
+               if isinstance(c, torch.nn.Conv2d))
+
+
 def _params(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -115,6 +132,30 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     trainer = Trainer(mtcore.build(None, TINY), tmp_path / "empty", progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
         trainer.fit(resume=True)
+
+
+def test_resume_checks_what_changed(tmp_path):
+    """A changed model is refused (naming the key); the memory format and the epoch count may
+    change; other optimizer changes resume with a warning that names them."""
+    import warnings
+
+    from mtcore.errors import CheckpointError
+
+    sets = TINY + ["train.gen_metrics=\"none\"", "train.samples_every=0", "optim.epochs=1",
+                   "model.channels_last=false"]
+    Trainer(mtcore.build(None, sets), tmp_path, progress=False).fit()
+    with pytest.raises(CheckpointError, match=r"model\.backbone\.params\.width differ"):
+        Trainer(mtcore.build(None, [*sets, "model.backbone.params.width=4"]), tmp_path,
+                progress=False).fit(resume=True)
+    more = [*sets, "optim.epochs=2", "model.channels_last=true"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no warning for epochs or the layout
+        resumed = Trainer(mtcore.build(None, more), tmp_path, progress=False)
+        resumed.fit(resume=True)
+    assert resumed.epoch == 2 and [r["epoch"] for r in resumed.history if r["split"] == "val"] == [1, 2]
+    with pytest.warns(RuntimeWarning, match=r"changed optimizer settings \(optim\.lr\)"):
+        Trainer(mtcore.build(None, [*more, "optim.epochs=3", "optim.lr=1e-4"]), tmp_path,
+                progress=False).fit(resume=True)
 
 
 def test_head_backbone_mismatch_is_a_build_error():

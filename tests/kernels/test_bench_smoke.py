@@ -108,6 +108,15 @@ def test_train_step_and_step_ops_scripts_run(capsys):
     assert _load_script("train_step").main(args) == 0
     out = capsys.readouterr().out
     assert "speed-up cpp vs reference" in out and "bound: reference vs free" in out
-    assert _load_script("step_ops").main(["--calls", "2"]) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.endswith(tuple("0123456789"))]
-    assert len(rows) == 11 and all(float(r.split()[-1]) > 0 for r in rows)
+    step_ops = _load_script("step_ops")
+    for layout in ("channels_last", "contiguous"):
+        assert step_ops.main(["--calls", "2", "--layout", layout]) == 0
+        out = capsys.readouterr().out
+        rows = [line for line in out.splitlines() if line.endswith(tuple("0123456789"))]
+        assert f"{layout} model outputs" in out
+        assert len(rows) == 11 and all(float(r.split()[-1]) > 0 for r in rows)
+    # the layouts hold the same numbers, so both time the same maths
+    loss_cl, (x_cl, *_) = step_ops.cases(True)["bias_act lrelu 32x16x32x32"]("reference")
+    loss_c, (x_c, *_) = step_ops.cases(False)["bias_act lrelu 32x16x32x32"]("reference")
+    assert x_cl.is_contiguous(memory_format=torch.channels_last) and x_c.is_contiguous()
+    assert torch.equal(x_cl, x_c) and torch.allclose(loss_cl, loss_c, rtol=1e-5)
