@@ -67,8 +67,9 @@ __global__ void bias_act_kernel(const scalar_t* __restrict__ x, const scalar_t* 
 }
 
 // dx = dy * gain * act'(.) * clamp mask, following the CPU kernel's contract: relu/lrelu read the
-// derivative off y's sign (times the gain's sign), tanh/sigmoid/silu recompute it from x (+ b), and
-// the clamp mask is |y| < clamp (StyleGAN2's convention). Unneeded inputs may be nullptr.
+// derivative off y's sign (times the gain's sign), tanh/sigmoid/silu recompute it from x (+ b); the
+// clamp mask is |y| < clamp for linear/relu/lrelu (StyleGAN2's convention) and |act(x + b) * gain|
+// < clamp, recomputed, for tanh/sigmoid/silu. Unneeded inputs may be nullptr.
 template <typename scalar_t, typename acc_t>
 __global__ void bias_act_grad_kernel(const scalar_t* __restrict__ dy,
                                      const scalar_t* __restrict__ x,
@@ -82,15 +83,20 @@ __global__ void bias_act_grad_kernel(const scalar_t* __restrict__ dy,
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < a.n;
        i += (int64_t)gridDim.x * blockDim.x) {
     acc_t g = static_cast<acc_t>(dy[i]) * gain;
-    if (a.act == 1 || a.act == 2) {
-      const bool pos = static_cast<acc_t>(y[i]) * gain_sign > acc_t(0);
-      g = pos ? g : (a.act == 1 ? acc_t(0) : g * alpha);
-    } else if (a.act >= 3) {
+    if (a.act >= 3) {
       acc_t v = static_cast<acc_t>(x[i]);
       if (b) v += static_cast<acc_t>(b[(i / a.inner) % a.C]);
       g *= act_deriv(v, a.act, alpha);
+      // the clamp mask from the recomputed pre-clamp value (y is not passed for these acts, and a
+      // bf16/fp16 y could round onto the bound), as the CPU kernel does
+      if (clamp >= acc_t(0) && !(fabs(act_value(v, a.act, alpha) * gain) < clamp)) g = acc_t(0);
+    } else {
+      if (a.act == 1 || a.act == 2) {
+        const bool pos = static_cast<acc_t>(y[i]) * gain_sign > acc_t(0);
+        g = pos ? g : (a.act == 1 ? acc_t(0) : g * alpha);
+      }
+      if (clamp >= acc_t(0) && !(fabs(static_cast<acc_t>(y[i])) < clamp)) g = acc_t(0);
     }
-    if (clamp >= acc_t(0) && !(fabs(static_cast<acc_t>(y[i])) < clamp)) g = acc_t(0);
     dx[i] = static_cast<scalar_t>(g);
   }
 }
@@ -160,8 +166,8 @@ at::Tensor bias_act_cuda(const at::Tensor& x_in, const c10::optional<at::Tensor>
   return y;
 }
 
-// x may be empty unless act is tanh/sigmoid/silu; y may be empty unless act is relu/lrelu or
-// clamp >= 0 (the autograd glue need not keep them alive). dx takes the layout of y, else x, else
+// x may be empty unless act is tanh/sigmoid/silu; y may be empty unless act is relu/lrelu, or
+// linear with clamp >= 0 (the autograd glue need not keep them alive). dx takes the layout of y, else x, else
 // dy, as the CPU kernel (and the fake in Python) do.
 at::Tensor bias_act_grad_cuda(const at::Tensor& dy, const at::Tensor& x,
                               const c10::optional<at::Tensor>& b_in, const at::Tensor& y,
@@ -171,7 +177,7 @@ at::Tensor bias_act_grad_cuda(const at::Tensor& dy, const at::Tensor& x,
   check_float(dy, kOp, "dy");
   check_act(kOp, act, alpha, gain);
   const bool need_x = act >= 3;
-  const bool need_y = act == 1 || act == 2 || clamp >= 0;
+  const bool need_y = act == 1 || act == 2 || (act == 0 && clamp >= 0);  // as _uses_y in Python
   for (auto [t, name, needed] :
        {std::make_tuple(&x, "x", need_x), std::make_tuple(&y, "y", need_y)}) {
     if (!needed && (!t->defined() || t->numel() == 0)) continue;

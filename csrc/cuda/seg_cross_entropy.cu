@@ -75,18 +75,20 @@ __global__ void seg_ce_spatial_kernel(const scalar_t* __restrict__ logits,
     const int64_t t = target[p];
     const bool valid = t != a.ignore_index && t >= 0 && t < a.C;
     // online log-sum-exp (Milakov & Gimelshein 2018) and sum_c w_c z_c in one sweep
+    // A -inf logit adds exp(-inf) = 0 (the guard keeps exp(-inf - -inf) = NaN out), and sum w z
+    // is only formed with smoothing on, so masked classes (-inf) give a finite loss as on the CPU.
     acc_t m = static_cast<acc_t>(z[0]);
     acc_t l = 1;
-    acc_t wz = (weight ? weight[0] : acc_t(1)) * m;
+    acc_t wz = eps != acc_t(0) ? (weight ? weight[0] : acc_t(1)) * m : acc_t(0);
     for (int64_t c = 1; c < a.C; ++c) {
       const acc_t v = static_cast<acc_t>(z[c * a.S]);
       if (v > m) {
         l = l * exp(m - v) + acc_t(1);
         m = v;
-      } else {
+      } else if (v != -INFINITY) {
         l += exp(v - m);
       }
-      wz += (weight ? weight[c] : acc_t(1)) * v;
+      if (eps != acc_t(0)) wz += (weight ? weight[c] : acc_t(1)) * v;
     }
     const acc_t lse = m + log(l);
     acc_t loss = 0;
@@ -94,7 +96,8 @@ __global__ void seg_ce_spatial_kernel(const scalar_t* __restrict__ logits,
     if (valid) {
       wt = weight ? weight[t] : acc_t(1);
       const acc_t zt = static_cast<acc_t>(z[t * a.S]);
-      loss = (acc_t(1) - eps) * wt * (lse - zt) + eps / C_acc * (W * lse - wz);
+      loss = (acc_t(1) - eps) * wt * (lse - zt);
+      if (eps != acc_t(0)) loss += eps / C_acc * (W * lse - wz);
     }
     if (a.reduction == 0) {
       loss_none[p] = static_cast<scalar_t>(loss);
@@ -145,15 +148,15 @@ __global__ void seg_ce_rows_kernel(const scalar_t* __restrict__ logits,
     acc_t m = -INFINITY;
     acc_t l = 0;
     acc_t wz = 0;
-    for (int64_t c = lane; c < a.C; c += 32) {
+    for (int64_t c = lane; c < a.C; c += 32) {  // -inf logits as in the spatial kernel
       const acc_t v = static_cast<acc_t>(z[c]);
       if (v > m) {
         l = l * exp(m - v) + acc_t(1);
         m = v;
-      } else {
+      } else if (v != -INFINITY) {
         l += exp(v - m);
       }
-      wz += (weight ? weight[c] : acc_t(1)) * v;
+      if (eps != acc_t(0)) wz += (weight ? weight[c] : acc_t(1)) * v;
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -172,8 +175,8 @@ __global__ void seg_ce_rows_kernel(const scalar_t* __restrict__ logits,
     acc_t wt = 0;
     if (valid) {
       wt = weight ? weight[t] : acc_t(1);
-      loss = (acc_t(1) - eps) * wt * (lse - static_cast<acc_t>(z[t])) +
-             eps / C_acc * (W * lse - wz);
+      loss = (acc_t(1) - eps) * wt * (lse - static_cast<acc_t>(z[t]));
+      if (eps != acc_t(0)) loss += eps / C_acc * (W * lse - wz);
     }
     if (lane == 0) {
       if (a.reduction == 0) {
