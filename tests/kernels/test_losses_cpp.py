@@ -405,3 +405,41 @@ def test_seg_ce_fwd_bwd_allocates_the_logits_gradient_once():
 
     assert _big_allocations(run("cpp"), x.numel() * 4) == [x.numel() * 4]
     assert len(_big_allocations(run("reference"), x.numel() * 4)) >= 2
+
+
+@pytest.mark.parametrize("op", ["seg_ce", "adversarial", "joint"])
+def test_fp16_gradients_keep_their_precision(op):
+    """The fused gradient is stored pre-scaled by 1/#elements; in fp16 that scale would push it into
+    the subnormals (or to 0) before a loss-scaling factor lifts it. fp16 inputs run in fp32."""
+    g = _gen(31)
+    if op == "seg_ce":
+        x = 2 * torch.randn(2, 3, 128, 128, generator=g)  # 32768 targets: grads ~ p / 32768
+        t = torch.randint(0, 3, (2, 128, 128), generator=g)
+        fn = lambda z, be: seg_cross_entropy(z, t, backend=be)  # noqa: E731
+    elif op == "adversarial":
+        x = 2 * torch.randn(40000, generator=g)
+        fn = lambda z, be: adversarial_loss(z, "non_saturating", "d_real", backend=be)  # noqa: E731
+    else:  # the segmentation logits of the joint loss, the other inputs fp32
+        x = 2 * torch.randn(2, 3, 128, 128, generator=g)
+        a = _joint_inputs(torch.float32, n=2)
+        t = torch.randint(0, 3, (2, 128, 128), generator=g)
+
+        def fn(z, be):
+            rest = {k: (v.to(z.dtype) if v.is_floating_point() else v) for k, v in a.items()
+                    if k not in ("seg_logits", "seg_target", "weights")}
+            out = joint_loss(z, t, rest["cls_logits"], rest["cls_target"], rest["recon"],
+                             rest["image"], rest["mu"], rest["logvar"], rest["fake_logits"],
+                             a["weights"].to(torch.float16 if z.dtype == torch.float16 else z.dtype),
+                             backend=be)
+            return out.total
+    xh = x.half().requires_grad_()
+    loss = fn(xh, "cpp")
+    assert loss.dtype == torch.float16
+    (gh,) = torch.autograd.grad(loss, xh, torch.tensor(1024.0, dtype=torch.float16))  # a GradScaler
+    xd = x.half().double().requires_grad_()
+    (gd,) = torch.autograd.grad(fn(xd, "reference") * 1024, xd)
+    assert gh.dtype == torch.float16
+    normal = gd.abs() > 1e-4  # fp16 normals (>= 6.1e-5): rounding alone costs <= 2^-11
+    rel = ((gh.double() - gd).abs() / gd.abs())[normal]
+    assert normal.float().mean() > 0.5 and float(rel.max()) < 1e-3
+    assert not bool(((gh == 0) & (gd.abs() > 1e-6)).any())

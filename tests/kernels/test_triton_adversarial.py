@@ -67,6 +67,15 @@ def test_many_blocks_and_extremes_float32():
     torch.testing.assert_close(g, torch.sigmoid(x) / x.numel(), rtol=1e-5, atol=1e-9)
 
 
+def test_softplus_tail_is_accurate_in_float32():
+    """d_fake's softplus(x) near x = -9, where log(1 + t) with t = exp(-9) loses ~5e-4 in fp32."""
+    x = torch.linspace(-9.5, -7.0, 64)
+    for xi in x:
+        got = tk.adversarial_loss(xi.reshape(1), "non_saturating", "d_fake")
+        want = torch.nn.functional.softplus(xi.double())
+        assert abs(got.double().item() / want.item() - 1) < 2e-6, float(xi)
+
+
 def test_hinge_kink_has_zero_gradient_like_torch():
     x = torch.tensor([1.0, -1.0, 0.5], requires_grad=True)
     (g,) = torch.autograd.grad(tk.adversarial_loss(x, "hinge", "d_real"), x)

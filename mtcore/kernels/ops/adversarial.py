@@ -31,6 +31,9 @@ def adversarial_loss(
     name = backend_for(logits, backend, "adv_loss_fwd")
     if name == "reference":
         return ref.adversarial_loss(logits, kind, role)
+    if logits.dtype == torch.float16:  # fp32 inside, as for seg_cross_entropy: the stored
+        # gradient is pre-scaled by 1/#logits, which fp16 would round into its subnormals
+        return adversarial_loss(logits.float(), kind, role, backend=name).to(torch.float16)
     if name == "triton":
         return _backend.triton_function("adversarial_loss")(logits, kind, role)
     native_ready("adv_loss_fwd", _register)

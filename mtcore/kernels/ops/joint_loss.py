@@ -67,10 +67,13 @@ def joint_loss(
             fake_logits, weights, mode)
     if name == "reference":
         return ref.joint_loss(*args, **kwargs)
-    if name == "triton":
-        if not torch.compiler.is_compiling():
-            ref.check_target_values(seg_target, seg_logits.shape[1], ignore_index)
-            ref.check_target_values(cls_target, cls_logits.shape[1], ignore_index)
+    if any(t.dtype == torch.float16 for t in (seg_logits, cls_logits, recon, mu, fake_logits)):
+        # fp32 inside, as in seg_cross_entropy: fused gradients are stored pre-scaled by
+        # 1/#elements, which fp16 would round into its subnormals
+        up = [t.float() if torch.is_tensor(t) and t.dtype == torch.float16 else t for t in args]
+        out = joint_loss(*up, **kwargs, backend=name)
+        return ref.JointLoss(out.terms.to(weights.dtype), out.total.to(weights.dtype))
+    if name == "triton":  # it checks the target values itself
         return _backend.triton_function("joint_loss")(*args, **kwargs)
     native_ready("joint_loss_fwd", _register)
     grads = (seg_logits, cls_logits, recon, mu, logvar, fake_logits, weights)

@@ -35,9 +35,14 @@ def seg_cross_entropy(
         return ref.seg_cross_entropy(
             logits, target, weight, ignore_index, label_smoothing, reduction
         )
-    if name == "triton":
-        if not torch.compiler.is_compiling():
-            ref.check_target_values(target, logits.shape[1], ignore_index)
+    if logits.dtype == torch.float16:
+        # The fused gradient is stored pre-scaled by 1/#targets, which in fp16 sinks into the
+        # subnormals (or to 0) before a GradScaler factor could lift it: compute in fp32, as
+        # torch.autocast runs cross entropy, and hand back an fp16 loss.
+        w = weight.float() if weight is not None and weight.dtype == torch.float16 else weight
+        return seg_cross_entropy(logits.float(), target, w, ignore_index, label_smoothing,
+                                 reduction, backend=name).to(torch.float16)
+    if name == "triton":  # it checks the target values itself
         fn = _backend.triton_function("seg_cross_entropy")
         return fn(logits, target, weight, ignore_index, label_smoothing, reduction)
     native_ready("seg_ce_fwd", _register)

@@ -72,7 +72,8 @@ def _out_kernel(
 ):
     i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = i < numel
-    per_n = (C + F) * HW
+    # int64 (from the program id): (C + F) * H * W may pass 2**31; C, F or HW may be a constexpr 1
+    per_n = (tl.program_id(0).to(tl.int64) * 0 + C + F) * HW
     n = i // per_n
     r = i - n * per_n
     c = r // HW
