@@ -8,6 +8,9 @@ alike. The step is ``Trainer.train_step``: the GAN discriminator step (with R1) 
 main step of all four tasks. Prints each median and quartiles and the speed-up reference / cpp
 (the issue's target is >= 1.15x).
 
+``--vs key=value`` (repeatable) adds a trainer "vs": the cpp kernels with those overrides on top
+(``--vs model.channels_last=false``: what the NHWC default gains), timed in the same rotation.
+
 ``--bound`` adds a third trainer, "free", whose fused ops are stand-ins that cost next to nothing
 (bias + activation returns its input, each loss is a plain mean, minibatch-stddev appends a
 copied channel): reference / free is the most any kernel for these ops could gain in this step
@@ -79,16 +82,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override key=value (repeatable)")
     p.add_argument("--bound", action="store_true",
                    help="also time the step with near-free stand-ins for the fused ops")
+    p.add_argument("--vs", dest="vs", action="append", default=[],
+                   help="also time cpp with these overrides on top (repeatable), e.g. "
+                        "model.channels_last=false")
     args = p.parse_args(argv)
     if "cpp" not in kernels.available_backends("cpu"):
         print("the C++ kernels are unavailable here; nothing to compare")
         return 1
-    kinds = (*KINDS, "free") if args.bound else KINDS
+    kinds = (*KINDS, *(("free",) if args.bound else ()), *(("vs",) if args.vs else ()))
     ops = {"free": _free_ops()}
+    backends = {"free": "reference", "vs": "cpp"}
     trainers, batch = {}, None
     for kind in kinds:
-        backend = "reference" if kind == "free" else kind
-        exp = mtcore.build(None, [*BASE, *args.overrides, f'kernels="{backend}"'])
+        backend = backends.get(kind, kind)
+        extra = args.vs if kind == "vs" else []
+        exp = mtcore.build(None, [*BASE, *args.overrides, *extra, f'kernels="{backend}"'])
         trainer = Trainer(exp, None, progress=False, log=lambda _: None)
         trainer._apply_stage(0)
         if batch is None:  # one fixed batch, shared by both
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.warmup + args.repeats):
         order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]  # each kind in each slot
         for kind in order:
-            kernels.set_backend("reference" if kind == "free" else kind)
+            kernels.set_backend(backends.get(kind, kind))
             with _Patched(ops.get(kind)):
                 t0 = time.perf_counter()
                 trainers[kind].train_step(batch)
@@ -118,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"speed-up cpp vs reference: {ratio:.3f}x (median of step times; per-pair ratio "
           f"q25..q75 {statistics.quantiles(per_pair, n=4)[0]:.3f}..{statistics.quantiles(per_pair, n=4)[2]:.3f}); "
           f"target >= 1.15x: {'met' if ratio >= 1.15 else 'missed'}")
+    if args.vs:
+        vs = statistics.median(times["vs"]) / statistics.median(times["cpp"])
+        print(f"vs ({', '.join(args.vs)}) / cpp: {vs:.3f}x the step time")
     if args.bound:
         bound = statistics.median(times["reference"]) / statistics.median(times["free"])
         print(f"bound: reference vs free fused ops ({', '.join(FUSED_OPS)}): {bound:.3f}x, the "

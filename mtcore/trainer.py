@@ -77,10 +77,11 @@ class Trainer:
         if self.amp == "fp16" and self.device.type != "cuda":
             raise ConfigError("train.amp: 'fp16' needs a CUDA device; use 'bf16' on the CPU")
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
-        if tcfg.get("deterministic", True) and self.device.type == "cpu":
+        if (tcfg.get("deterministic", True) and self.device.type == "cpu"
+                and not torch.are_deterministic_algorithms_enabled()):  # a user's setting stays
             torch.use_deterministic_algorithms(True, warn_only=True)
             # Deterministic mode also NaN-fills every fresh tensor (a debugging aid against reads of
-            # uninitialised memory, which no op here does): ~7% of a default CPU step, for nothing.
+            # uninitialised memory, which no op here does): ~2% of a default CPU step, for nothing.
             torch.utils.deterministic.fill_uninitialized_memory = False
         self.train_set = exp.datasets.get("train")
         self.val_split = self.cfg["data"]["val_split"]
@@ -424,28 +425,34 @@ class Trainer:
         self.load_state(state, str(path))
 
     def load_state(self, state: dict[str, Any], path: str) -> None:
+        """Restore a checkpoint written by :meth:`save` (resume, ``mtcore eval``/``sample``).
+
+        The model, tasks and optimizer kind must match; ``model.channels_last`` and the epoch
+        count may change; other optimizer settings (``optim``, ``tasks.*.optim``) may too, with a
+        warning, and take effect from the resume point: the hyperparameters the optimizers were
+        just built with replace the checkpoint's, the moments and step counts stay.
+        """
         saved = state["config"]
-        changed = [k for k in _diff(saved.get("tasks"), self.cfg.get("tasks"), "tasks")
-                   + _diff(saved.get("model"), self.cfg.get("model"), "model")
-                   if k not in _LAYOUT_ONLY]
-        if changed:
-            raise CheckpointError(f"{path}: was written for a different model/tasks config "
-                                  f"({', '.join(changed[:5])} differ); resume with the run's "
-                                  "own config.toml")
+        every = (_diff(saved.get("tasks"), self.cfg.get("tasks"), "tasks")
+                 + _diff(saved.get("model"), self.cfg.get("model"), "model"))
+        refused = [k for k in every if not _is_optim_key(k) and k not in _LAYOUT_ONLY]
         optim = [k for k in _diff(saved.get("optim"), self.cfg.get("optim"), "optim")
                  if k != "optim.epochs"]  # more (or fewer) epochs is what resuming is for
+        optim += [k for k in every if _is_optim_key(k)]
+        refused += [k for k in optim if k == "optim.optimizer"]  # its state would not fit
+        if refused:
+            raise CheckpointError(f"{path}: was written for a different config ({_listed(refused)} "
+                                  "changed); resume with the run's own config.toml")
         if optim:
-            warnings.warn(f"{path}: resuming with changed optimizer settings ({', '.join(optim)}); "
-                          f"the restored optimizer and schedule continue from step "
-                          f"{state['global_step']} under the new values", RuntimeWarning,
-                          stacklevel=2)
+            warnings.warn(f"{path}: resuming with changed optimizer settings ({_listed(optim)}); "
+                          "they apply from the resume point", RuntimeWarning, stacklevel=2)
         ckpt_io.load_model_weights(self.model, state["model"], path)
         self.balancer.load_state_dict(state["balancer"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        _load_keeping_hyperparameters(self.optimizer, self.scheduler, state["optimizer"],
+                                      state["scheduler"])
         for (n, g), (o, s, _) in self.aux.items():
-            o.load_state_dict(state["aux"][f"{n}/{g}"]["optimizer"])
-            s.load_state_dict(state["aux"][f"{n}/{g}"]["scheduler"])
+            _load_keeping_hyperparameters(o, s, state["aux"][f"{n}/{g}"]["optimizer"],
+                                          state["aux"][f"{n}/{g}"]["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
@@ -459,6 +466,32 @@ class Trainer:
 # Config keys that change how tensors are laid out, not what the model is: a checkpoint resumes
 # across them (the weights load into either memory format).
 _LAYOUT_ONLY = ("model.channels_last",)
+# Hyperparameters of a parameter group that a resumed run takes from its own (new) config.
+_HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
+
+
+def _is_optim_key(key: str) -> bool:
+    """A task's own optimizer settings (``tasks.NAME.optim.*``)."""
+    parts = key.split(".")
+    return len(parts) > 2 and parts[0] == "tasks" and parts[2] == "optim"
+
+
+def _listed(keys: list[str], most: int = 6) -> str:
+    return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def _load_keeping_hyperparameters(opt: torch.optim.Optimizer, sched: Any,
+                                  opt_state: dict[str, Any], sched_state: dict[str, Any]) -> None:
+    """Load an optimizer and its LambdaLR, then put back the hyperparameters they were built with
+    (a resumed run's config), rescheduling the learning rate at the restored step."""
+    fresh = [{k: g[k] for k in _HYPER if k in g} for g in opt.param_groups]
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(sched_state)
+    for group, hyper in zip(opt.param_groups, fresh, strict=True):
+        group.update(hyper)
+    sched.base_lrs = [g["initial_lr"] for g in opt.param_groups]
+    for group, base, factor in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+        group["lr"] = base * factor(sched.last_epoch)
 
 
 def _diff(a: Any, b: Any, prefix: str) -> list[str]:

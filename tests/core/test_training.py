@@ -55,9 +55,14 @@ def test_cpu_trainer_runs_channels_last_without_nan_filling(monkeypatch):
     """The default config trains NHWC (faster oneDNN convolutions) and deterministic mode skips
     PyTorch's NaN-filling of every fresh tensor, which costs time and buys nothing here."""
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    torch.use_deterministic_algorithms(False)  # as in a fresh process
     trainer = Trainer(mtcore.build(None, TINY), None, progress=False)
     assert torch.are_deterministic_algorithms_enabled()
     assert not torch.utils.deterministic.fill_uninitialized_memory
+    # a user who turned deterministic mode on (to debug with NaN-filling, say) keeps it as set
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    Trainer(mtcore.build(None, TINY), None, progress=False)
+    assert torch.utils.deterministic.fill_uninitialized_memory
     convs = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
     batch = next(iter(trainer._loader(trainer.train_set, True)))
@@ -135,8 +140,9 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_resume_checks_what_changed(tmp_path):
-    """A changed model is refused (naming the key); the memory format and the epoch count may
-    change; other optimizer changes resume with a warning that names them."""
+    """A changed model, loss or optimizer kind is refused, naming the keys; the memory format and
+    the epoch count may change silently; other optimizer settings with a warning that names them,
+    and they take effect (the checkpoint's own values do not come back)."""
     import warnings
 
     from mtcore.errors import CheckpointError
@@ -144,18 +150,36 @@ def test_resume_checks_what_changed(tmp_path):
     sets = TINY + ["train.gen_metrics=\"none\"", "train.samples_every=0", "optim.epochs=1",
                    "model.channels_last=false"]
     Trainer(mtcore.build(None, sets), tmp_path, progress=False).fit()
-    with pytest.raises(CheckpointError, match=r"model\.backbone\.params\.width differ"):
-        Trainer(mtcore.build(None, [*sets, "model.backbone.params.width=4"]), tmp_path,
-                progress=False).fit(resume=True)
-    more = [*sets, "optim.epochs=2", "model.channels_last=true"]
+
+    def resume(*extra):
+        trainer = Trainer(mtcore.build(None, [*sets, *extra]), tmp_path, progress=False)
+        trainer._resume()
+        return trainer
+
+    with pytest.raises(CheckpointError, match=r"model\.backbone\.params\.width changed"):
+        resume("model.backbone.params.width=4")
+    with pytest.raises(CheckpointError, match=r"tasks\.seg\.loss\.params\.label_smoothing"):
+        resume("tasks.seg.loss.params.label_smoothing=0.2")
+    with pytest.raises(CheckpointError, match=r"optim\.optimizer changed"):
+        resume('optim.optimizer="sgd"')
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no warning for epochs or the layout
-        resumed = Trainer(mtcore.build(None, more), tmp_path, progress=False)
-        resumed.fit(resume=True)
-    assert resumed.epoch == 2 and [r["epoch"] for r in resumed.history if r["split"] == "val"] == [1, 2]
-    with pytest.warns(RuntimeWarning, match=r"changed optimizer settings \(optim\.lr\)"):
-        Trainer(mtcore.build(None, [*more, "optim.epochs=3", "optim.lr=1e-4"]), tmp_path,
-                progress=False).fit(resume=True)
+        warnings.filterwarnings("error", message=".*changed optimizer settings")
+        kept = resume("optim.epochs=2", "model.channels_last=true")
+    with pytest.warns(RuntimeWarning, match=r"changed optimizer settings \(optim\.lr, "
+                                           r"optim\.weight_decay, tasks\.gan\.optim\.betas\)"):
+        new = resume("optim.epochs=2", "optim.lr=1e-4", "optim.weight_decay=0.5",
+                     "tasks.gan.optim.betas=[0.5, 0.9]")
+    for a, b in zip(kept.optimizer.param_groups, new.optimizer.param_groups, strict=True):
+        factor = a["lr"] / a["initial_lr"]  # the schedule at the restored step, the same in both
+        if a["name"] != "head.gan":  # the GAN generator group has its own settings
+            assert b["initial_lr"] == 1e-4 and b["weight_decay"] == 0.5
+            assert b["lr"] == pytest.approx(1e-4 * factor)
+        else:
+            assert b["betas"] == (0.5, 0.9) and a["betas"] == (0.0, 0.99)
+    assert kept.scheduler.last_epoch == new.scheduler.last_epoch == kept.global_step > 0
+    assert new.scheduler.base_lrs == [g["initial_lr"] for g in new.optimizer.param_groups]
+    kept.fit(resume=False)  # continues from the restored state: the second epoch only
+    assert kept.epoch == 2 and [r["epoch"] for r in kept.history if r["split"] == "val"] == [1, 2]
 
 
 def test_head_backbone_mismatch_is_a_build_error():
