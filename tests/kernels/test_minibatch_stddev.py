@@ -178,6 +178,7 @@ def test_opcheck(cpp, case):
         (torch.ones(4, 4, 2), 4, 1, ValueError, r"\[N, C, H, W\].*\(4, 4, 2\)"),
         (torch.ones(4, 4, 2, 2), 0, 1, ValueError, "group_size must be an int >= 1"),
         (torch.ones(0, 4, 2, 2), 4, 1, ValueError, "empty batch"),
+        (torch.ones(4, 0, 2, 2), 4, 1, ValueError, "no channels"),
     ],
 )
 def test_bad_arguments(x, group, f, exc, msg):

@@ -164,6 +164,8 @@ def check_mbstd_args(x: torch.Tensor, group_size: int, num_channels: int) -> tup
         )
     if n == 0:
         raise ValueError(f"minibatch_stddev: x has an empty batch (shape {tuple(x.shape)})")
+    if c == 0:  # the statistic would be a mean over nothing
+        raise ValueError(f"minibatch_stddev: x has no channels (shape {tuple(x.shape)})")
     g = min(group_size, n)
     if n % g != 0:
         raise ValueError(
