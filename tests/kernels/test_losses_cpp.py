@@ -445,3 +445,18 @@ def test_fp16_gradients_keep_their_precision(op):
     rel = ((gh.double() - gd).abs() / gd.abs())[normal]
     assert normal.float().mean() > 0.5 and float(rel.max()) < 1e-3
     assert not bool(((gh == 0) & (gd.abs() > 1e-6)).any())
+
+
+def test_integer_targets_of_any_width():
+    """int32 / uint8 masks (as image loaders give) work as on the reference, not only int64."""
+    x, t = _ce_case((2, 5, 6, 7), torch.float32, seed=40, ignore_every=0)
+    t[0, 0, :3] = 255
+    want = seg_cross_entropy(x, t, ignore_index=255, backend="reference")
+    for dtype in (torch.int32, torch.uint8):
+        got = seg_cross_entropy(x, t.to(dtype), ignore_index=255, backend="cpp")
+        assert _rel(got, want) <= 2e-5, dtype
+    a = _joint_inputs()
+    ref_out = joint_loss(*a.values(), backend="reference")
+    a["seg_target"], a["cls_target"] = a["seg_target"].int(), a["cls_target"].to(torch.uint8)
+    got = joint_loss(*a.values(), backend="cpp")
+    assert _rel(got.terms, ref_out.terms) <= 2e-5

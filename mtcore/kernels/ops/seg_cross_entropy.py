@@ -49,7 +49,7 @@ def seg_cross_entropy(
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
     loss, _ = torch.ops.mtcore.seg_ce_fwd(
         logits,
-        target,
+        target.long(),  # the kernels read int64; int32/uint8 masks are accepted as everywhere
         weight,
         int(ignore_index),
         float(label_smoothing),
