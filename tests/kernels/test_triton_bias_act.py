@@ -112,6 +112,31 @@ def test_bad_inputs_raise_clear_errors():
         tk.bias_act(x, b, clamp=-1.0)
 
 
+@pytest.mark.parametrize("act", ["lrelu", "silu"])
+def test_channels_last_stays_channels_last(act):
+    """An NHWC map (the default model's layout) is walked in place: the output and the gradient
+    keep its layout, values and first and second derivatives as the reference's."""
+    x = torch.randn(2, 5, 3, 4, dtype=DT).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    b = torch.randn(5, dtype=DT, requires_grad=True)
+    up = torch.randn(2, 5, 3, 4, dtype=DT).contiguous(memory_format=torch.channels_last)
+    outs = {}
+    for name, fn in (("triton", tk.bias_act), ("reference", reference.bias_act)):
+        y = fn(x, b, 1, act, clamp=1.5)
+        gx, gb = torch.autograd.grad((y * up).sum(), [x, b], create_graph=True)
+        # an R1-style double backward (lrelu's f'' = 0: no path to b, a zero gradient)
+        (ggb,) = torch.autograd.grad(gx.square().sum(), [b], allow_unused=True)
+        outs[name] = (y, gx, gb, torch.zeros_like(b) if ggb is None else ggb)
+    y, gx = outs["triton"][:2]
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert gx.is_contiguous(memory_format=torch.channels_last)
+    for got, want in zip(outs["triton"], outs["reference"], strict=True):
+        torch.testing.assert_close(got, want)
+    torch.library.opcheck(fused_bias_act.bias_act_fwd, (x.detach(), b.detach(), 1, 2, 0.2, 1.0, 1.5))
+    torch.library.opcheck(fused_bias_act.bias_act_grad,
+                          (up, x.detach(), b.detach(), 1, 5, 0.2, 1.0, 1.5))
+
+
 def test_opcheck_forward_and_grad_ops():
     x, b = _x_b(6, shape=(2, 3, 4), dtype=torch.float32)
     torch.library.opcheck(fused_bias_act.bias_act_fwd, (x, b, 1, 5, 0.0, 1.0, 0.5))

@@ -130,10 +130,22 @@ def _grad_kernel(
     tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _layout(x: torch.Tensor, dim: int) -> torch.memory_format:
+    """The memory format the kernels walk ``x`` in: channels_last when ``x`` is a dense NHWC map
+    with the bias along its channels (kept, as the native kernels keep it: no copy either way for
+    a channels_last network), else contiguous (a copy when ``x`` is not)."""
+    if (x.dim() == 4 and dim == 1 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _geometry(x: torch.Tensor, b: torch.Tensor | None, dim: int) -> tuple[int, int]:
-    """(C, inner): the bias index of flat element i is (i // inner) % C."""
+    """(C, inner): the bias index of the i-th element in memory is (i // inner) % C."""
     if b is None:
         return 1, 1
+    if _layout(x, dim) == torch.channels_last:
+        return x.shape[1], 1  # memory order N, H, W, C
     inner = 1
     for d in x.shape[dim + 1 :]:
         inner *= d
@@ -172,10 +184,10 @@ def _fwd(
     gain: float,
     clamp: float,
 ) -> torch.Tensor:
-    xc = x.contiguous()
+    xc = x.contiguous(memory_format=_layout(x, dim))
     bc = b.contiguous() if b is not None else xc
     y = torch.empty_like(xc)
-    return _launch(_fwd_kernel, (xc, bc), x, b, dim, act, alpha, gain, clamp, y)
+    return _launch(_fwd_kernel, (xc, bc), xc, b, dim, act, alpha, gain, clamp, y)
 
 
 def _grad(
@@ -188,19 +200,20 @@ def _grad(
     gain: float,
     clamp: float,
 ) -> torch.Tensor:
-    xc = x.contiguous()
+    fmt = _layout(x, dim)
+    xc = x.contiguous(memory_format=fmt)
     bc = b.contiguous() if b is not None else xc
-    dyc = dy.to(x.dtype).contiguous()
+    dyc = dy.to(x.dtype).contiguous(memory_format=fmt)  # walked in x's order
     dx = torch.empty_like(xc)
-    return _launch(_grad_kernel, (dyc, xc, bc), x, b, dim, act, alpha, gain, clamp, dx)
+    return _launch(_grad_kernel, (dyc, xc, bc), xc, b, dim, act, alpha, gain, clamp, dx)
 
 
 def _fwd_fake(x, b, dim, act, alpha, gain, clamp):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=_layout(x, dim))
 
 
 def _grad_fake(dy, x, b, dim, act, alpha, gain, clamp):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=_layout(x, dim))
 
 
 bias_act_fwd = make_op("bias_act_fwd", _fwd, _fwd_fake, _fwd_kernel)
