@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--calls", type=int, default=300)
     p.add_argument("--layout", choices=("channels_last", "contiguous"), default="channels_last",
-                   help="memory format of the 4-d model outputs (the default config's: channels_last)")
+                   help="memory format of the 4-d model outputs "
+                        "(the default config's: channels_last)")
     args = p.parse_args(argv)
     if "cpp" not in K.available_backends("cpu"):
         print("the C++ kernels are unavailable here; nothing to compare")

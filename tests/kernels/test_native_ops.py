@@ -78,7 +78,8 @@ def _check(on, fn, inputs, dtype=torch.float32):
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_seg_cross_entropy(on, shape, smoothing, dtype):
-    target = torch.randint(0, shape[1], (shape[0], *shape[2:]), generator=torch.Generator().manual_seed(1))
+    target = torch.randint(0, shape[1], (shape[0], *shape[2:]),
+                           generator=torch.Generator().manual_seed(1))
     target.view(-1)[1::4] = -100  # some ignored, never all (the 1-pixel case keeps its target)
     weight = torch.rand(shape[1], generator=torch.Generator().manual_seed(2)) + 0.5
     for w in (None, weight):
@@ -151,21 +152,25 @@ def test_bias_act_double_backward_r1(on, act, clamp):
 
 def test_minibatch_stddev(on):
     up = _rand(8, 8, 4, 3, seed=14)  # 6 channels + 2 statistic maps
-    _check(on, lambda x, be: (K.minibatch_stddev(x, 4, 2, backend=be) * up.to(x.device, x.dtype)).sum(),
+    _check(on, lambda x, be: (K.minibatch_stddev(x, 4, 2, backend=be)
+                              * up.to(x.device, x.dtype)).sum(),
            [_rand(8, 6, 4, 3, seed=15)])
 
 
 def test_joint_loss(on):
     g = torch.Generator().manual_seed(16)
-    seg_t, cls_t = torch.randint(0, 5, (3, 9, 11), generator=g), torch.randint(0, 7, (3,), generator=g)
+    seg_t = torch.randint(0, 5, (3, 9, 11), generator=g)
+    cls_t = torch.randint(0, 7, (3,), generator=g)
     image = torch.rand(3, 3, 9, 11, generator=g)
 
     def fn(seg, st, cls, ct, recon, img, mu, logvar, fake, w, be):
         out = K.joint_loss(seg, st, cls, ct, recon, img, mu, logvar, fake, w, "uncertainty",
                            beta=0.4, label_smoothing=0.1, backend=be)
-        return out.total + (out.terms * torch.arange(1.0, 5.0, device=w.device, dtype=w.dtype)).sum()
+        up = torch.arange(1.0, 5.0, device=w.device, dtype=w.dtype)
+        return out.total + (out.terms * up).sum()
     _check(on, fn, [_rand(3, 5, 9, 11, seed=17), seg_t, _rand(3, 7, seed=18), cls_t,
-                _rand(3, 3, 9, 11, seed=19), Const(image), _rand(3, 8, seed=20), _rand(3, 8, seed=21),
+                _rand(3, 3, 9, 11, seed=19), Const(image), _rand(3, 8, seed=20),
+                _rand(3, 8, seed=21),
                 _rand(3, 1, seed=22), _rand(4, seed=23)])
 
 

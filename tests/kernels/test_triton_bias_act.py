@@ -132,7 +132,8 @@ def test_channels_last_stays_channels_last(act):
     assert gx.is_contiguous(memory_format=torch.channels_last)
     for got, want in zip(outs["triton"], outs["reference"], strict=True):
         torch.testing.assert_close(got, want)
-    torch.library.opcheck(fused_bias_act.bias_act_fwd, (x.detach(), b.detach(), 1, 2, 0.2, 1.0, 1.5))
+    torch.library.opcheck(fused_bias_act.bias_act_fwd,
+                          (x.detach(), b.detach(), 1, 2, 0.2, 1.0, 1.5))
     torch.library.opcheck(fused_bias_act.bias_act_grad,
                           (up, x.detach(), b.detach(), 1, 5, 0.2, 1.0, 1.5))
 

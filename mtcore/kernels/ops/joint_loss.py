@@ -79,8 +79,8 @@ def joint_loss(
     grads = (seg_logits, cls_logits, recon, mu, logvar, fake_logits, weights)
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in grads)
     out = torch.ops.mtcore.joint_loss_fwd(  # int64 targets, as the kernels read them
-        seg_logits, seg_target.long(), cls_logits, cls_target.long(), *args[4:10], m, float(beta), float(label_smoothing), int(ignore_index), rk, ak,
-        compute_grad,
+        seg_logits, seg_target.long(), cls_logits, cls_target.long(), *args[4:10], m,
+        float(beta), float(label_smoothing), int(ignore_index), rk, ak, compute_grad,
     )
     return ref.JointLoss(out[0], out[1])
 
