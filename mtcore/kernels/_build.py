@@ -1,6 +1,6 @@
 """Lazy, cached build of the C++/CUDA kernels in ``csrc/`` into one torch.library extension.
 
-The first use compiles ``csrc/cpu/*.cpp`` (plus ``csrc/cuda/*.cu`` when CUDA torch and nvcc are
+The first use compiles ``csrc/cpu/*.cpp`` and ``csrc/autograd/*.cpp`` (plus ``csrc/cuda/*.cu`` when CUDA torch and nvcc are
 present) with ninja via :func:`torch.utils.cpp_extension.load`; the result is cached under
 ``$MTCORE_CACHE/ext/<hash>`` (default ``~/.cache/mtcore/ext/<hash>``), where the hash covers the
 sources, the flags and the torch version, so an edit or a torch upgrade rebuilds. A failed build
@@ -63,7 +63,7 @@ def _with_cuda() -> bool:
 
 def _sources(with_cuda: bool) -> list[Path]:
     root = csrc_dir()
-    srcs = sorted((root / "cpu").glob("*.cpp"))
+    srcs = sorted((root / "cpu").glob("*.cpp")) + sorted((root / "autograd").glob("*.cpp"))
     if with_cuda:
         srcs += sorted((root / "cuda").glob("*.cu"))
     return srcs
@@ -71,7 +71,7 @@ def _sources(with_cuda: bool) -> list[Path]:
 
 def _headers(with_cuda: bool) -> list[Path]:
     root = csrc_dir()
-    hdrs = sorted((root / "cpu").glob("*.h"))
+    hdrs = sorted((root / "cpu").glob("*.h")) + sorted((root / "autograd").glob("*.h"))
     if with_cuda:
         hdrs += sorted((root / "cuda").glob("*.cuh"))
     return hdrs
@@ -144,6 +144,8 @@ def load_ops(verbose: bool = False) -> bool:
     Thread-safe and idempotent. On failure it emits ONE warning naming the reason and the fallback
     (the reference PyTorch ops) and returns False on every later call without retrying.
     """
+    if _state["ok"]:  # no lock once loaded: every op call asks, and torch.compile cannot trace one
+        return True
     with _lock:
         if _state["tried"]:
             return bool(_state["ok"])

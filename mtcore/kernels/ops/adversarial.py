@@ -1,7 +1,7 @@
 """Fused GAN losses (non-saturating, hinge, least squares) for D and G: mean loss and gradient.
 
 ``mtcore::adv_loss_fwd`` returns the mean loss and its gradient w.r.t. the logits from one pass;
-the backward only scales that gradient. First derivatives only.
+the backward (C++) only scales that gradient. First derivatives only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, is_one, native_ready
+from . import backend_for, native_ready
 
 __all__ = ["adversarial_loss"]
 
@@ -47,24 +47,6 @@ def _fake(logits, kind, role, compute_grad):
     return logits.new_empty(()), grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # the grad output is not differentiable: no zero fill
-    ctx.numel = inputs[0].numel()
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() != ctx.numel:
-        raise RuntimeError("mtcore::adv_loss_fwd was run with compute_grad=False; cannot backward")
-    if grad_loss is None:
-        return None, None, None, None
-    out = grad if is_one(grad_loss) else grad * grad_loss
-    return out, None, None, None
-
-
 def _register() -> None:
+    # The autograd formula is C++ (csrc/autograd/adversarial_autograd.cpp).
     torch.library.register_fake("mtcore::adv_loss_fwd", _fake)
-    torch.library.register_autograd(
-        "mtcore::adv_loss_fwd", _backward, setup_context=_setup_context
-    )

@@ -11,7 +11,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, is_one, native_ready, or_zero
+from . import backend_for, native_ready
 
 __all__ = ["joint_loss"]
 
@@ -95,34 +95,6 @@ def _fake(seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logv
     return (weights.new_empty((4,)), weights.new_empty(()), *grads)
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # unused outputs (grads, terms) get None, not zero tensors
-    ctx.mode = inputs[10]
-    ctx.numel = inputs[0].numel()
-    ctx.save_for_backward(inputs[9], *output[2:])
-
-
-def _backward(ctx, g_terms, g_total, *_unused):
-    weights, g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w = ctx.saved_tensors
-    if g_seg.numel() != ctx.numel:
-        raise RuntimeError("mtcore::joint_loss_fwd was run with compute_grad=False; cannot backward")
-    g_terms = weights.new_zeros((4,)) if g_terms is None else g_terms
-    g_total = or_zero(g_total, weights)
-    c = weights if ctx.mode == 0 else torch.exp(-weights)
-    nonzero = c != 0
-    per_term = torch.where(nonzero, g_terms / torch.where(nonzero, c, torch.ones_like(c)), 0.0)
-    s = g_total + per_term  # d(out)/d(L_k) relative to the stored, pre-weighted gradients
-    if is_one(g_total) and is_one(s.prod()) and bool((s == 1).all()):
-        return (g_seg, None, g_cls, None, g_rec, None, g_mu, g_lv, g_fake, g_w,
-                None, None, None, None, None, None, None)
-    return (
-        g_seg * s[0], None, g_cls * s[1], None, g_rec * s[2], None, g_mu * s[2], g_lv * s[2],
-        g_fake * s[3], g_w * g_total, None, None, None, None, None, None, None,
-    )
-
-
 def _register() -> None:
+    # The autograd formula is C++ (csrc/autograd/joint_loss_autograd.cpp).
     torch.library.register_fake("mtcore::joint_loss_fwd", _fake)
-    torch.library.register_autograd(
-        "mtcore::joint_loss_fwd", _backward, setup_context=_setup_context
-    )

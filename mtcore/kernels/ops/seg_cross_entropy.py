@@ -1,7 +1,7 @@
 """Fused cross entropy for segmentation ([N, C, *spatial]) and classification ([N, C]) logits.
 
 The C++/CUDA op ``mtcore::seg_ce_fwd`` returns the loss and d(loss)/d(logits) from one pass (no
-softmax is kept); the autograd backward only scales that gradient. First derivatives only.
+softmax is kept); the autograd backward (C++) only scales that gradient. First derivatives only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, is_one, native_ready
+from . import backend_for, native_ready
 
 __all__ = ["seg_cross_entropy"]
 
@@ -65,27 +65,6 @@ def _fake(logits, target, weight, ignore_index, label_smoothing, reduction, comp
     return loss, grad
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # the grad output is not differentiable: no zero fill
-    ctx.reduction = inputs[5]
-    ctx.numel = inputs[0].numel()
-    ctx.save_for_backward(output[1])
-
-
-def _backward(ctx, grad_loss, _grad_grad):
-    (grad,) = ctx.saved_tensors
-    if grad.numel() != ctx.numel:
-        raise RuntimeError("mtcore::seg_ce_fwd was run with compute_grad=False; cannot backward")
-    if grad_loss is None:
-        return (None,) * 7
-    if ctx.reduction != 0 and is_one(grad_loss):
-        return grad, None, None, None, None, None, None
-    g = grad_loss.unsqueeze(1) if ctx.reduction == 0 else grad_loss
-    return grad * g, None, None, None, None, None, None
-
-
 def _register() -> None:
+    # The autograd formula is C++ (csrc/autograd/seg_cross_entropy_autograd.cpp).
     torch.library.register_fake("mtcore::seg_ce_fwd", _fake)
-    torch.library.register_autograd(
-        "mtcore::seg_ce_fwd", _backward, setup_context=_setup_context
-    )

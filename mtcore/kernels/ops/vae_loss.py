@@ -1,7 +1,7 @@
 """Fused VAE loss: reconstruction (MSE or Bernoulli) + beta * KL, terms and gradients in one pass.
 
-``mtcore::vae_loss_fwd`` returns d(rec)/d(recon) and d(kl)/d(mu, logvar); the backward combines
-them with beta and the incoming gradients of (rec, kl, total). First derivatives only.
+``mtcore::vae_loss_fwd`` returns d(rec)/d(recon) and d(kl)/d(mu, logvar); the backward (C++)
+combines them with beta and the incoming gradients of (rec, kl, total). First derivatives only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from .. import _backend
 from ..reference import losses as ref
-from . import backend_for, is_one, native_ready, or_zero
+from . import backend_for, native_ready
 
 __all__ = ["vae_loss"]
 
@@ -58,26 +58,6 @@ def _fake(recon, target, mu, logvar, beta, recon_kind, compute_grad):
     return (*scalars, grad_like(recon), grad_like(mu), grad_like(logvar))
 
 
-def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # unused outputs (grads, terms) get None, not zero tensors
-    ctx.beta = inputs[4]
-    ctx.numel = inputs[0].numel()
-    ctx.save_for_backward(*output[3:])
-
-
-def _backward(ctx, g_rec, g_kl, g_total, *_unused):
-    grad_recon, grad_mu, grad_logvar = ctx.saved_tensors
-    if grad_recon.numel() != ctx.numel:
-        raise RuntimeError("mtcore::vae_loss_fwd was run with compute_grad=False; cannot backward")
-    g_total = or_zero(g_total, grad_recon)
-    g_r = or_zero(g_rec, grad_recon) + g_total
-    g_k = or_zero(g_kl, grad_recon) + ctx.beta * g_total
-    g_recon = grad_recon if is_one(g_r) else grad_recon * g_r
-    return g_recon, None, grad_mu * g_k, grad_logvar * g_k, None, None, None
-
-
 def _register() -> None:
+    # The autograd formula is C++ (csrc/autograd/vae_loss_autograd.cpp).
     torch.library.register_fake("mtcore::vae_loss_fwd", _fake)
-    torch.library.register_autograd(
-        "mtcore::vae_loss_fwd", _backward, setup_context=_setup_context
-    )
