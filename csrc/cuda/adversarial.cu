@@ -60,20 +60,20 @@ __global__ void adv_loss_kernel(const scalar_t* __restrict__ x, int64_t n, int k
   if (threadIdx.x == 0) partials[blockIdx.x] = local;
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename out_t, typename acc_t>
 __global__ void adv_finalize_kernel(const acc_t* __restrict__ partials, int n, acc_t inv_n,
-                                    scalar_t* __restrict__ out) {
+                                    out_t* __restrict__ out) {
   acc_t v = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) v += partials[i];
   v = block_sum(v);
-  if (threadIdx.x == 0) out[0] = static_cast<scalar_t>(v * inv_n);
+  if (threadIdx.x == 0) out[0] = static_cast<out_t>(v * inv_n);
 }
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> adv_loss_impl(const at::Tensor& logits_in, int64_t kind,
                                                  int64_t role, bool compute_grad,
-                                                 const at::Tensor& grad_scale) {
+                                                 const at::Tensor& grad_scale, bool acc_loss) {
   const at::Tensor logits = float_input(logits_in, kOp, "logits");
   TORCH_CHECK_VALUE(kind >= 0 && kind <= 2, kOp,
                     ": kind must be 0 (non_saturating), 1 (hinge) or 2 (least_squares), got ",
@@ -81,7 +81,9 @@ std::tuple<at::Tensor, at::Tensor> adv_loss_impl(const at::Tensor& logits_in, in
   TORCH_CHECK_VALUE(role >= 0 && role <= 2, kOp,
                     ": role must be 0 (d_real), 1 (d_fake) or 2 (g), got ", role);
   const c10::cuda::CUDAGuard guard(logits.device());
-  at::Tensor loss = at::empty({}, logits.options());
+  const auto loss_dtype =
+      acc_loss ? at::toOpMathType(logits.scalar_type()) : logits.scalar_type();
+  at::Tensor loss = at::empty({}, logits.options().dtype(loss_dtype));
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   const int64_t n = logits.numel();
 
@@ -97,8 +99,13 @@ std::tuple<at::Tensor, at::Tensor> adv_loss_impl(const at::Tensor& logits_in, in
         logits.data_ptr<scalar_t>(), n, static_cast<int>(kind), static_cast<int>(role), inv_n,
         gs_ptr, compute_grad ? grad.data_ptr<scalar_t>() : nullptr, partials.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    adv_finalize_kernel<scalar_t, acc_t><<<1, kThreads, 0, st>>>(
-        partials.data_ptr<acc_t>(), blocks, inv_n, loss.data_ptr<scalar_t>());
+    if (acc_loss) {
+      adv_finalize_kernel<acc_t, acc_t><<<1, kThreads, 0, st>>>(
+          partials.data_ptr<acc_t>(), blocks, inv_n, loss.data_ptr<acc_t>());
+    } else {
+      adv_finalize_kernel<scalar_t, acc_t><<<1, kThreads, 0, st>>>(
+          partials.data_ptr<acc_t>(), blocks, inv_n, loss.data_ptr<scalar_t>());
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {loss, grad};

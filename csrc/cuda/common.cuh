@@ -145,23 +145,27 @@ __device__ __forceinline__ acc_t sigmoid(acc_t x) {
 // ------------------------------------------------------------------------ internal entry points
 // `grad_scale` (optional, a 1-element CUDA tensor) multiplies every gradient on the device without
 // a host sync; joint_loss uses it to fold in d(total)/d(term_k). Undefined means 1.
+// `acc_loss`: return the scalar loss(es) in the accumulation type (float for float/bf16/half)
+// instead of the input dtype; joint_loss weighs the terms unrounded, as the CPU kernel does.
 
 std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits, const at::Tensor& target,
                                                const c10::optional<at::Tensor>& weight,
                                                int64_t ignore_index, double label_smoothing,
                                                int64_t reduction, bool compute_grad,
-                                               const at::Tensor& grad_scale);
+                                               const at::Tensor& grad_scale, bool acc_loss = false);
 
 // Returns (rec, kl, total, grad_recon, grad_mu, grad_logvar); kl grads are multiplied by
-// grad_scale * kl_grad_factor (joint_loss passes beta: its VAE term is rec + beta * kl).
+// grad_scale * kl_grad_factor (joint_loss passes beta: its VAE term is rec + beta * kl). The
+// reconstruction runs in recon's dtype, the KL in mu's (as on the CPU).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_impl(
     const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
     const at::Tensor& logvar, double beta, int64_t recon_kind, bool compute_grad,
-    const at::Tensor& grad_scale, double kl_grad_factor);
+    const at::Tensor& grad_scale, double kl_grad_factor, bool acc_loss = false);
 
 std::tuple<at::Tensor, at::Tensor> adv_loss_impl(const at::Tensor& logits, int64_t kind,
                                                  int64_t role, bool compute_grad,
-                                                 const at::Tensor& grad_scale);
+                                                 const at::Tensor& grad_scale,
+                                                 bool acc_loss = false);
 
 // The grad_scale pointer for an accumulation type (nullptr when undefined).
 template <typename acc_t>

@@ -91,13 +91,17 @@ joint_loss_fwd_cuda(const at::Tensor& seg_logits, const at::Tensor& seg_target,
   }
   auto coef_k = [&](int64_t k) { return coef.defined() ? coef.narrow(0, k, 1) : at::Tensor(); };
 
+  // Each term comes back in its accumulation type (not rounded to a bf16/fp16 input's dtype)
+  // and is weighed in the weights' dtype, as the CPU kernel does.
   auto [seg, grad_seg] = seg_ce_impl(seg_logits, seg_target, c10::nullopt, ignore_index, 0.0,
-                                     /*mean*/ 1, compute_grad, coef_k(0));
+                                     /*mean*/ 1, compute_grad, coef_k(0), /*acc_loss*/ true);
   auto [cls, grad_cls] = seg_ce_impl(cls_logits, cls_target, c10::nullopt, ignore_index,
-                                     label_smoothing, /*mean*/ 1, compute_grad, coef_k(1));
-  auto [rec, kl, vae, grad_recon, grad_mu, grad_logvar] = vae_loss_impl(
-      recon, image, mu, logvar, beta, recon_kind, compute_grad, coef_k(2), /*kl factor*/ beta);
-  auto [gan, grad_fake] = adv_loss_impl(fake_logits, adv_kind, /*g*/ 2, compute_grad, coef_k(3));
+                                     label_smoothing, /*mean*/ 1, compute_grad, coef_k(1), true);
+  auto [rec, kl, vae, grad_recon, grad_mu, grad_logvar] =
+      vae_loss_impl(recon, image, mu, logvar, beta, recon_kind, compute_grad, coef_k(2),
+                    /*kl factor*/ beta, /*acc_loss*/ true);
+  auto [gan, grad_fake] =
+      adv_loss_impl(fake_logits, adv_kind, /*g*/ 2, compute_grad, coef_k(3), true);
 
   const at::Tensor terms = at::stack({seg.to(wdt), cls.to(wdt), vae.to(wdt), gan.to(wdt)});
   at::Tensor total = at::empty({}, weights.options());

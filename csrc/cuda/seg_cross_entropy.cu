@@ -205,17 +205,18 @@ __global__ void seg_ce_rows_kernel(const scalar_t* __restrict__ logits,
   }
 }
 
-// loss = sum(partials) (/ denom for the mean; 0 when denom == 0), cast to the logits dtype.
-template <typename scalar_t, typename acc_t>
+// loss = sum(partials) (/ denom for the mean; 0 when denom == 0), cast to out_t (the logits
+// dtype, or acc_t for acc_loss).
+template <typename out_t, typename acc_t>
 __global__ void seg_ce_finalize_kernel(const acc_t* __restrict__ partials, int n,
                                        const acc_t* __restrict__ denom, bool mean,
-                                       scalar_t* __restrict__ out) {
+                                       out_t* __restrict__ out) {
   acc_t v = 0;
   for (int i = threadIdx.x; i < n; i += blockDim.x) v += partials[i];
   v = block_sum(v);
   if (threadIdx.x == 0) {
     if (mean) v = denom[0] > acc_t(0) ? v / denom[0] : acc_t(0);
-    out[0] = static_cast<scalar_t>(v);
+    out[0] = static_cast<out_t>(v);
   }
 }
 
@@ -226,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits_in,
                                                const c10::optional<at::Tensor>& weight_in,
                                                int64_t ignore_index, double label_smoothing,
                                                int64_t reduction, bool compute_grad,
-                                               const at::Tensor& grad_scale) {
+                                               const at::Tensor& grad_scale, bool acc_loss) {
   check_cuda(logits_in, kOp, "logits");
   check_float(logits_in, kOp, "logits");
   TORCH_CHECK_VALUE(logits_in.dim() >= 2, kOp,
@@ -258,8 +259,11 @@ std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits_in,
   const int64_t S = N > 0 ? logits.numel() / (N * C) : 0;
   const int64_t P = N * S;
 
+  acc_loss = acc_loss && reduction != 0;  // per-element losses stay in the logits dtype
+  const auto loss_dtype =
+      acc_loss ? at::toOpMathType(logits.scalar_type()) : logits.scalar_type();
   at::Tensor loss = reduction == 0 ? at::empty(expected, logits.options())
-                                   : at::empty({}, logits.options());
+                                   : at::empty({}, logits.options().dtype(loss_dtype));
   at::Tensor grad = compute_grad ? at::empty_like(logits) : at::empty({0}, logits.options());
   if (P == 0) {  // empty batch: the mean and the sum are 0
     if (reduction != 0) loss.zero_();
@@ -336,7 +340,12 @@ std::tuple<at::Tensor, at::Tensor> seg_ce_impl(const at::Tensor& logits_in,
           grad_ptr);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (reduction != 0) {
+    if (reduction != 0 && acc_loss) {
+      seg_ce_finalize_kernel<acc_t, acc_t><<<1, kThreads, 0, st>>>(
+          partials.data_ptr<acc_t>(), blocks, denom.data_ptr<acc_t>(), reduction == 1,
+          loss.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    } else if (reduction != 0) {
       seg_ce_finalize_kernel<scalar_t, acc_t><<<1, kThreads, 0, st>>>(
           partials.data_ptr<acc_t>(), blocks, denom.data_ptr<acc_t>(), reduction == 1,
           loss.data_ptr<scalar_t>());

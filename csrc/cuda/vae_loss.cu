@@ -16,7 +16,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void vae_rec_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ t,
                                int64_t n, int kind, acc_t inv_n,
                                const acc_t* __restrict__ grad_scale,
-                               scalar_t* __restrict__ grad, acc_t* __restrict__ partials) {
+                               scalar_t* __restrict__ grad, double* __restrict__ partials) {
   const acc_t k = inv_n * (grad_scale ? grad_scale[0] : acc_t(1));
   acc_t local = 0;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
@@ -35,7 +35,7 @@ __global__ void vae_rec_kernel(const scalar_t* __restrict__ x, const scalar_t* _
     if (grad) grad[i] = static_cast<scalar_t>(g * k);
   }
   local = block_sum(local);
-  if (threadIdx.x == 0) partials[blockIdx.x] = local;
+  if (threadIdx.x == 0) partials[blockIdx.x] = static_cast<double>(local);
 }
 
 // Per latent: KL term and d(kl)/d(mu) = mu / N, d(kl)/d(logvar) = 0.5 (exp(lv) - 1) / N.
@@ -44,7 +44,7 @@ __global__ void vae_kl_kernel(const scalar_t* __restrict__ mu, const scalar_t* _
                               int64_t n, acc_t inv_n, acc_t kl_factor,
                               const acc_t* __restrict__ grad_scale,
                               scalar_t* __restrict__ grad_mu, scalar_t* __restrict__ grad_lv,
-                              acc_t* __restrict__ partials) {
+                              double* __restrict__ partials) {
   const acc_t k = inv_n * kl_factor * (grad_scale ? grad_scale[0] : acc_t(1));
   acc_t local = 0;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n;
@@ -59,17 +59,18 @@ __global__ void vae_kl_kernel(const scalar_t* __restrict__ mu, const scalar_t* _
     }
   }
   local = block_sum(local);
-  if (threadIdx.x == 0) partials[blockIdx.x] = local;
+  if (threadIdx.x == 0) partials[blockIdx.x] = static_cast<double>(local);
 }
 
-// rec, kl, total (= rec + beta kl), each cast to the recon dtype.
-template <typename scalar_t, typename acc_t>
-__global__ void vae_finalize_kernel(const acc_t* __restrict__ rec_partials, int n_rec,
-                                    const acc_t* __restrict__ kl_partials, int n_kl, acc_t inv_n,
-                                    acc_t beta, scalar_t* __restrict__ rec,
-                                    scalar_t* __restrict__ kl, scalar_t* __restrict__ total) {
-  acc_t r = 0;
-  acc_t k = 0;
+// rec, kl, total (= rec + beta kl) from the block partials (double: the two sums may come from
+// different dtypes), each cast to out_t (recon's dtype, or its accumulation type for acc_loss).
+template <typename out_t>
+__global__ void vae_finalize_kernel(const double* __restrict__ rec_partials, int n_rec,
+                                    const double* __restrict__ kl_partials, int n_kl,
+                                    double inv_n, double beta, out_t* __restrict__ rec,
+                                    out_t* __restrict__ kl, out_t* __restrict__ total) {
+  double r = 0;
+  double k = 0;
   for (int i = threadIdx.x; i < n_rec; i += blockDim.x) r += rec_partials[i];
   for (int i = threadIdx.x; i < n_kl; i += blockDim.x) k += kl_partials[i];
   r = block_sum(r);
@@ -77,9 +78,9 @@ __global__ void vae_finalize_kernel(const acc_t* __restrict__ rec_partials, int 
   if (threadIdx.x == 0) {
     r *= inv_n;
     k *= inv_n;
-    rec[0] = static_cast<scalar_t>(r);
-    kl[0] = static_cast<scalar_t>(k);
-    total[0] = static_cast<scalar_t>(r + beta * k);
+    rec[0] = static_cast<out_t>(r);
+    kl[0] = static_cast<out_t>(k);
+    total[0] = static_cast<out_t>(r + beta * k);
   }
 }
 
@@ -88,7 +89,7 @@ __global__ void vae_finalize_kernel(const acc_t* __restrict__ rec_partials, int 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> vae_loss_impl(
     const at::Tensor& recon_in, const at::Tensor& target_in, const at::Tensor& mu_in,
     const at::Tensor& logvar_in, double beta, int64_t recon_kind, bool compute_grad,
-    const at::Tensor& grad_scale, double kl_grad_factor) {
+    const at::Tensor& grad_scale, double kl_grad_factor, bool acc_loss) {
   check_cuda(recon_in, kOp, "recon");
   check_float(recon_in, kOp, "recon");
   for (auto [t, name] : {std::pair<const at::Tensor&, const char*>{target_in, "target"},
@@ -109,55 +110,59 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                     ": recon_kind must be 0 (mse) or 1 (bernoulli), got ", recon_kind);
 
   const c10::cuda::CUDAGuard guard(recon_in.device());
-  // One compute dtype (that of recon), as the reference computes in recon's precision.
-  const auto dt = recon_in.scalar_type();
+  // The reconstruction runs in recon's dtype, the KL in mu's (as the CPU kernel and the
+  // reference: a bf16 decoder with an fp32 encoder head keeps its fp32 KL and gradients).
   const at::Tensor recon = recon_in.contiguous();
-  const at::Tensor target = target_in.to(dt).contiguous();
-  const at::Tensor mu = mu_in.to(dt).contiguous();
-  const at::Tensor logvar = logvar_in.to(dt).contiguous();
-  const auto opts = recon.options();
-  at::Tensor rec = at::empty({}, opts);
-  at::Tensor kl = at::empty({}, opts);
-  at::Tensor total = at::empty({}, opts);
-  at::Tensor grad_recon = compute_grad ? at::empty_like(recon) : at::empty({0}, opts);
-  at::Tensor grad_mu = compute_grad ? at::empty_like(mu) : at::empty({0}, opts);
-  at::Tensor grad_logvar = compute_grad ? at::empty_like(logvar) : at::empty({0}, opts);
+  const at::Tensor target = target_in.to(recon.scalar_type()).contiguous();
+  const at::Tensor mu = mu_in.contiguous();
+  const at::Tensor logvar = logvar_in.to(mu.scalar_type()).contiguous();
+  const auto out_dtype =
+      acc_loss ? at::toOpMathType(recon.scalar_type()) : recon.scalar_type();
+  const auto out_opts = recon.options().dtype(out_dtype);
+  at::Tensor rec = at::empty({}, out_opts);
+  at::Tensor kl = at::empty({}, out_opts);
+  at::Tensor total = at::empty({}, out_opts);
+  at::Tensor grad_recon = compute_grad ? at::empty_like(recon) : at::empty({0}, recon.options());
+  at::Tensor grad_mu = compute_grad ? at::empty_like(mu) : at::empty({0}, mu.options());
+  at::Tensor grad_logvar = compute_grad ? at::empty_like(logvar) : at::empty({0}, mu.options());
+  const double inv_n = 1.0 / static_cast<double>(std::max<int64_t>(recon.size(0), 1));
+  const auto partial_opts = recon.options().dtype(at::kDouble);
+  const cudaStream_t st = stream();
 
-  MTCORE_DISPATCH_FLOATS(dt, "vae_loss_fwd_cuda", [&] {
+  const int rec_blocks = num_blocks(recon.numel());
+  at::Tensor rec_partials = at::empty({rec_blocks}, partial_opts);
+  MTCORE_DISPATCH_FLOATS(recon.scalar_type(), "vae_rec_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto acc_opts = acc_options<acc_t>(recon);
-    const acc_t inv_n = acc_t(1) / static_cast<acc_t>(std::max<int64_t>(recon.size(0), 1));
     at::Tensor scale_holder;
     const acc_t* gs_ptr = scale_ptr<acc_t>(grad_scale, scale_holder);
-    const cudaStream_t st = stream();
-
-    const int rec_blocks = num_blocks(recon.numel());
-    at::Tensor rec_partials = at::empty({rec_blocks}, acc_opts);
     vae_rec_kernel<scalar_t, acc_t><<<rec_blocks, kThreads, 0, st>>>(
         recon.data_ptr<scalar_t>(), target.data_ptr<scalar_t>(), recon.numel(),
-        static_cast<int>(recon_kind), inv_n, gs_ptr,
-        compute_grad ? grad_recon.data_ptr<scalar_t>() : nullptr, rec_partials.data_ptr<acc_t>());
+        static_cast<int>(recon_kind), static_cast<acc_t>(inv_n), gs_ptr,
+        compute_grad ? grad_recon.data_ptr<scalar_t>() : nullptr, rec_partials.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 
-    const int kl_blocks = num_blocks(mu.numel());
-    at::Tensor kl_partials = at::empty({kl_blocks}, acc_opts);
+  const int kl_blocks = num_blocks(mu.numel());
+  at::Tensor kl_partials = at::empty({kl_blocks}, partial_opts);
+  MTCORE_DISPATCH_FLOATS(mu.scalar_type(), "vae_kl_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    at::Tensor scale_holder;
+    const acc_t* gs_ptr = scale_ptr<acc_t>(grad_scale, scale_holder);
     vae_kl_kernel<scalar_t, acc_t><<<kl_blocks, kThreads, 0, st>>>(
-        mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), mu.numel(), inv_n,
-        static_cast<acc_t>(kl_grad_factor), gs_ptr,
+        mu.data_ptr<scalar_t>(), logvar.data_ptr<scalar_t>(), mu.numel(),
+        static_cast<acc_t>(inv_n), static_cast<acc_t>(kl_grad_factor), gs_ptr,
         compute_grad ? grad_mu.data_ptr<scalar_t>() : nullptr,
-        compute_grad ? grad_logvar.data_ptr<scalar_t>() : nullptr, kl_partials.data_ptr<acc_t>());
+        compute_grad ? grad_logvar.data_ptr<scalar_t>() : nullptr, kl_partials.data_ptr<double>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
 
-    vae_finalize_kernel<scalar_t, acc_t><<<1, kThreads, 0, st>>>(
-        rec_partials.data_ptr<acc_t>(), rec_blocks, kl_partials.data_ptr<acc_t>(), kl_blocks,
-        inv_n, static_cast<acc_t>(beta), rec.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(),
+  MTCORE_DISPATCH_FLOATS(out_dtype, "vae_finalize_cuda", [&] {
+    vae_finalize_kernel<scalar_t><<<1, kThreads, 0, st>>>(
+        rec_partials.data_ptr<double>(), rec_blocks, kl_partials.data_ptr<double>(), kl_blocks,
+        inv_n, beta, rec.data_ptr<scalar_t>(), kl.data_ptr<scalar_t>(),
         total.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  if (compute_grad) {  // each gradient in its input's dtype
-    grad_mu = grad_mu.to(mu_in.scalar_type());
-    grad_logvar = grad_logvar.to(logvar_in.scalar_type());
-  }
   return {rec, kl, total, grad_recon, grad_mu, grad_logvar};
 }
 
@@ -167,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 vae_loss_fwd_cuda(const at::Tensor& recon, const at::Tensor& target, const at::Tensor& mu,
                   const at::Tensor& logvar, double beta, int64_t recon_kind, bool compute_grad) {
   return vae_loss_impl(recon, target, mu, logvar, beta, recon_kind, compute_grad, at::Tensor(),
-                       1.0);
+                       1.0, /*acc_loss*/ false);
 }
 
 }  // namespace

@@ -174,6 +174,43 @@ def test_joint_loss(on):
                 _rand(3, 1, seed=22), _rand(4, seed=23)])
 
 
+def test_mixed_precision_losses_keep_fp32_where_the_reference_does(on):
+    """A bf16 decoder with fp32 mu/logvar keeps its KL (and mu/logvar gradients) in fp32, and the
+    joint loss weighs its terms unrounded: both at fp32 accuracy against the reference on the
+    same values (a KL or a term rounded to bf16 would be ~1e-3 off)."""
+    device, backend = on
+    g = torch.Generator().manual_seed(30)
+    recon = _rand(3, 3, 9, 11, seed=31).to(device, torch.bfloat16)
+    image = torch.rand(3, 3, 9, 11, generator=g).to(device, torch.bfloat16)
+    mu, logvar = (_rand(3, 8, seed=s, scale=3.0).to(device).requires_grad_() for s in (32, 33))
+    got = K.vae_loss(recon, image, mu, logvar, 0.7, "bernoulli", backend=backend)
+    want = K.vae_loss(recon.cpu(), image.cpu(), mu.detach().cpu().requires_grad_(),
+                      logvar.detach().cpu().requires_grad_(), 0.7, "bernoulli",
+                      backend="reference")
+    assert _rel(got.kl, want.kl) <= 1e-5
+    g_got = torch.autograd.grad(got.kl.float(), (mu, logvar))
+    ref_in = [mu.detach().cpu().requires_grad_(), logvar.detach().cpu().requires_grad_()]
+    kl = K.vae_loss(recon.cpu(), image.cpu(), *ref_in, 0.7, "bernoulli", backend="reference").kl
+    for a, b in zip(g_got, torch.autograd.grad(kl.float(), ref_in), strict=True):
+        assert a.dtype == torch.float32 and _rel(a, b) <= 1e-6
+
+    seg = _rand(3, 5, 9, 11, seed=34, scale=2.0).to(device, torch.bfloat16)
+    seg_t = torch.randint(0, 5, (3, 9, 11), generator=g).to(device)
+    cls = _rand(3, 7, seed=35).to(device, torch.bfloat16)
+    cls_t = torch.randint(0, 7, (3,), generator=g).to(device)
+    fake = _rand(3, 1, seed=36).to(device, torch.bfloat16)
+    w = _rand(4, seed=37).to(device)
+    args = (seg, seg_t, cls, cls_t, recon, image, mu.detach(), logvar.detach(), fake, w)
+    got = K.joint_loss(*args, "fixed", beta=0.7, backend=backend)
+    # the math on the same (bf16-representable) values in fp32: the reference composes the
+    # single losses, each of which returns in its input's dtype (rounding the terms to bf16)
+    exact = [a.cpu().float() if a.is_floating_point() else a.cpu() for a in args]
+    want = K.joint_loss(*exact, "fixed", beta=0.7, backend="reference")
+    assert got.terms.dtype == torch.float32
+    assert _rel(got.terms, want.terms) <= 1e-5
+    assert _rel(got.total, want.total) <= 1e-5
+
+
 def test_bad_input_is_a_clear_error(on):
     device, backend = on
     x = _rand(2, 3, 4, 4).to(device)
