@@ -41,16 +41,17 @@ def build(kernel, sig, consts, tag, **options):
         failed.append(f"{tag} {consts}: {type(e).__name__}: {str(e)[:400]}")
 
 
+SCALARS = {"alpha_arg": "fp32", "gain_arg": "fp32", "clamp_arg": "fp32"}
 for dt in ("fp32", "bf16", "fp16", "fp64"):
     acc, f64 = ("fp64", True) if dt == "fp64" else ("fp32", False)
     for act, has_b, clamp in itertools.product(range(6), (False, True), (False, True)):
         c = dict(ACT=act, HAS_B=has_b, HAS_CLAMP=clamp, F64=f64, BLOCK=1024)
         build(fused_bias_act._fwd_kernel, {"x_ptr": f"*{dt}", "b_ptr": f"*{dt}",
-              "coef_ptr": f"*{acc}", "y_ptr": f"*{dt}", "numel": "i32", "C": "i32",
-              "inner": "i32"}, c, f"bias_act fwd {dt}")
+              "coef_ptr": f"*{dt}", "y_ptr": f"*{dt}", "numel": "i32", "C": "i32",
+              "inner": "i32", **SCALARS}, c, f"bias_act fwd {dt}")
         build(fused_bias_act._grad_kernel, {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}",
-              "b_ptr": f"*{dt}", "coef_ptr": f"*{acc}", "dx_ptr": f"*{dt}", "numel": "i64",
-              "C": "i32", "inner": "i32"}, c, f"bias_act grad {dt}")
+              "b_ptr": f"*{dt}", "coef_ptr": f"*{dt}", "dx_ptr": f"*{dt}", "numel": "i64",
+              "C": "i32", "inner": "i32", **SCALARS}, c, f"bias_act grad {dt}")
     for w, smooth, grad, (br, bc) in itertools.product(
             (False, True), (False, True), (False, True), ((256, 16), (4, 1024), (1, 1024))):
         c = dict(HAS_WEIGHT=w, SMOOTH=smooth, COMPUTE_GRAD=grad, F64=f64, BLOCK_R=br, BLOCK_C=bc)

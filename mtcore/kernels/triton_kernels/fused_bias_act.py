@@ -74,6 +74,21 @@ def _act_grad(z, alpha, ACT: tl.constexpr):
 
 
 @triton.jit
+def _scalars(coef_ptr, alpha_arg, gain_arg, clamp_arg, z, F64: tl.constexpr):
+    """(alpha, gain, clamp) in the accumulation dtype: fp32 kernel arguments (Triton passes Python
+    floats as fp32), or for fp64 maps a 3-element fp64 tensor, so they keep double precision."""
+    if F64:  # one return: Triton checks every return's type, even in a constexpr branch
+        alpha = tl.load(coef_ptr).to(z.dtype)
+        gain = tl.load(coef_ptr + 1).to(z.dtype)
+        clamp = tl.load(coef_ptr + 2).to(z.dtype)
+    else:
+        alpha = tl.full((), alpha_arg, tl.float32)
+        gain = tl.full((), gain_arg, tl.float32)
+        clamp = tl.full((), clamp_arg, tl.float32)
+    return alpha, gain, clamp
+
+
+@triton.jit
 def _fwd_kernel(
     x_ptr,
     b_ptr,
@@ -82,6 +97,9 @@ def _fwd_kernel(
     numel,
     C,
     inner,
+    alpha_arg,
+    gain_arg,
+    clamp_arg,
     ACT: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
@@ -91,9 +109,7 @@ def _fwd_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     z = _load_z(x_ptr, b_ptr, offs, mask, C, inner, HAS_B, F64)
-    alpha = tl.load(coef_ptr).to(z.dtype)  # coef = [alpha, gain, clamp] in the accumulation dtype
-    gain = tl.load(coef_ptr + 1).to(z.dtype)
-    clamp = tl.load(coef_ptr + 2).to(z.dtype)
+    alpha, gain, clamp = _scalars(coef_ptr, alpha_arg, gain_arg, clamp_arg, z, F64)
     y = _act(z, alpha, ACT) * gain
     if HAS_CLAMP:
         y = tl.minimum(tl.maximum(y, -clamp), clamp)
@@ -110,6 +126,9 @@ def _grad_kernel(
     numel,
     C,
     inner,
+    alpha_arg,
+    gain_arg,
+    clamp_arg,
     ACT: tl.constexpr,
     HAS_B: tl.constexpr,
     HAS_CLAMP: tl.constexpr,
@@ -119,9 +138,7 @@ def _grad_kernel(
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     z = _load_z(x_ptr, b_ptr, offs, mask, C, inner, HAS_B, F64)
-    alpha = tl.load(coef_ptr).to(z.dtype)  # coef = [alpha, gain, clamp] in the accumulation dtype
-    gain = tl.load(coef_ptr + 1).to(z.dtype)
-    clamp = tl.load(coef_ptr + 2).to(z.dtype)
+    alpha, gain, clamp = _scalars(coef_ptr, alpha_arg, gain_arg, clamp_arg, z, F64)
     dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(z.dtype)
     dx = dy * _act_grad(z, alpha, ACT) * gain
     if HAS_CLAMP:  # clamp passes the gradient where -clamp <= y <= clamp (torch.clamp's rule)
@@ -158,7 +175,11 @@ def _launch(kernel, inputs, x, b, dim, act, alpha, gain, clamp, out):
     if numel == 0:
         return out
     block = block_for(numel)
-    coef = torch.tensor([alpha, gain, clamp], dtype=acc_dtype(x), device=x.device)
+    f64 = acc_dtype(x) == torch.float64
+    # fp32 accumulation takes the constants as kernel arguments: no tensor built per call (a
+    # host-to-device copy each time, which also stops CUDA-graph capture). fp64 needs them in
+    # double precision, which Triton's float arguments are not: a small tensor then.
+    coef = torch.tensor([alpha, gain, clamp], dtype=torch.float64, device=x.device) if f64 else out
     wrap_triton(kernel)[(num_blocks(numel, block),)](
         *inputs,
         coef,
@@ -166,10 +187,13 @@ def _launch(kernel, inputs, x, b, dim, act, alpha, gain, clamp, out):
         numel,
         c,
         inner,
+        float(alpha),
+        float(gain),
+        float(clamp),
         ACT=int(act),
         HAS_B=b is not None,
         HAS_CLAMP=clamp >= 0.0,
-        F64=acc_dtype(x) == torch.float64,
+        F64=f64,
         BLOCK=block,
     )
     return out
