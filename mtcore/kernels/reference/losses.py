@@ -305,7 +305,9 @@ def joint_loss(
     mode "fixed": total = sum_k w_k L_k. mode "uncertainty" (Kendall et al. 2018, log-variance form):
     weights are s_k = log sigma_k^2 and total = sum_k exp(-s_k) L_k + s_k. ``label_smoothing``
     applies to the classification term only; ``ignore_index`` to both CE terms. ``terms`` and
-    ``total`` have the dtype of ``weights``.
+    ``total`` have the dtype of ``weights``. Each term is the single loss's reference, returned
+    in its input's dtype: with bf16/fp16 inputs a term is rounded to it before weighting (the
+    fused backends weigh it unrounded; compare them on fp32 copies of the inputs).
     """
     check_joint_args(weights, mode)
     seg = seg_cross_entropy(seg_logits, seg_target, None, ignore_index, 0.0, "mean")
