@@ -154,7 +154,9 @@ def seg_ce_forward(
     else:
         scale = torch.ones((), dtype=acc, device=x.device)
     eps = float(label_smoothing)
-    coef = torch.stack([scale.to(acc), scale.new_tensor(1.0 - eps), scale.new_tensor(eps / c)])
+    # torch.full, not new_tensor: a fill on the device instead of a host-to-device copy per call
+    const = [torch.full((), v, dtype=acc, device=x.device) for v in (1.0 - eps, eps / c)]
+    coef = torch.stack([scale.to(acc), *const])
 
     per = torch.empty(rows, dtype=acc, device=x.device)
     grad = torch.empty_like(x) if compute_grad else x.new_empty(0)
