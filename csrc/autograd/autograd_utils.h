@@ -1,4 +1,5 @@
-// Shared glue of mtcore's C++ autograd kernels (csrc/autograd/*_autograd.cpp).
+// Shared glue of mtcore's C++ autograd kernels (csrc/autograd/<op>_autograd.h, all registered
+// in register_autograd.cpp).
 //
 // Every op's derivative is a torch::autograd::Function registered for the Autograd dispatch key
 // (all devices), as torchvision registers its ops'. In C++ a forward + backward costs ~10 us of

@@ -1,7 +1,7 @@
 """Lazy, cached build of the C++/CUDA kernels in ``csrc/`` into one torch.library extension.
 
-The first use compiles ``csrc/cpu/*.cpp`` and ``csrc/autograd/*.cpp`` (plus ``csrc/cuda/*.cu`` when CUDA torch and nvcc are
-present) with ninja via :func:`torch.utils.cpp_extension.load`; the result is cached under
+The first use compiles ``csrc/cpu/*.cpp`` and ``csrc/autograd/*.cpp`` (plus ``csrc/cuda/*.cu`` when
+CUDA torch and nvcc are present) with ninja via :func:`torch.utils.cpp_extension.load`; the result is cached under
 ``$MTCORE_CACHE/ext/<hash>`` (default ``~/.cache/mtcore/ext/<hash>``), where the hash covers the
 sources, the flags and the torch version, so an edit or a torch upgrade rebuilds. A failed build
 never raises: it warns once, naming the reason, and the caller falls back to the reference ops.

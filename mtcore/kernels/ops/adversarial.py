@@ -48,5 +48,5 @@ def _fake(logits, kind, role, compute_grad):
 
 
 def _register() -> None:
-    # The autograd formula is C++ (csrc/autograd/adversarial_autograd.cpp).
+    # The autograd formula is C++ (csrc/autograd/adversarial_autograd.h).
     torch.library.register_fake("mtcore::adv_loss_fwd", _fake)

@@ -1,7 +1,7 @@
 """Fused bias + activation + gain + clamp (``mtcore::bias_act``), differentiable twice.
 
 As in StyleGAN2 (Karras et al. 2020) the backward is itself an op, ``mtcore::bias_act_grad``, whose
-autograd formula (C++: csrc/autograd/bias_act_autograd.cpp) makes the R1 penalty's double backward work: w.r.t. ``dy`` it is bias_act_grad
+autograd formula (C++: csrc/autograd/bias_act_autograd.h) makes the R1 penalty's double backward work: w.r.t. ``dy`` it is bias_act_grad
 again, w.r.t. ``x`` and ``b`` it uses the activation's second derivative (zero for linear, relu and
 lrelu, so nothing is recomputed there). The backward keeps only ``y`` for relu/lrelu (the mask is
 y's sign) or linear with clamp, and ``x`` (+ ``b``) for tanh/sigmoid/silu.
@@ -71,6 +71,6 @@ def _bias_act_grad_fake(dy, x, b, y, dim, act, alpha, gain, clamp):
 
 
 def _register() -> None:
-    # The autograd formulas are C++ (csrc/autograd/bias_act_autograd.cpp).
+    # The autograd formulas are C++ (csrc/autograd/bias_act_autograd.h).
     torch.library.register_fake("mtcore::bias_act", _bias_act_fake)
     torch.library.register_fake("mtcore::bias_act_grad", _bias_act_grad_fake)

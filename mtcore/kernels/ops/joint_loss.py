@@ -96,5 +96,5 @@ def _fake(seg_logits, seg_target, cls_logits, cls_target, recon, image, mu, logv
 
 
 def _register() -> None:
-    # The autograd formula is C++ (csrc/autograd/joint_loss_autograd.cpp).
+    # The autograd formula is C++ (csrc/autograd/joint_loss_autograd.h).
     torch.library.register_fake("mtcore::joint_loss_fwd", _fake)

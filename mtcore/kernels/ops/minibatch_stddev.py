@@ -46,4 +46,4 @@ def _bwd_fake(grad_out, x, group_size, num_channels):
 def _register() -> None:
     torch.library.register_fake("mtcore::mbstd_fwd", _fwd_fake)
     torch.library.register_fake("mtcore::mbstd_bwd", _bwd_fake)
-    # The autograd formulas are C++ (csrc/autograd/minibatch_stddev_autograd.cpp).
+    # The autograd formulas are C++ (csrc/autograd/minibatch_stddev_autograd.h).

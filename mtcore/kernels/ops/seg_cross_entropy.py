@@ -66,5 +66,5 @@ def _fake(logits, target, weight, ignore_index, label_smoothing, reduction, comp
 
 
 def _register() -> None:
-    # The autograd formula is C++ (csrc/autograd/seg_cross_entropy_autograd.cpp).
+    # The autograd formula is C++ (csrc/autograd/seg_cross_entropy_autograd.h).
     torch.library.register_fake("mtcore::seg_ce_fwd", _fake)

@@ -59,5 +59,5 @@ def _fake(recon, target, mu, logvar, beta, recon_kind, compute_grad):
 
 
 def _register() -> None:
-    # The autograd formula is C++ (csrc/autograd/vae_loss_autograd.cpp).
+    # The autograd formula is C++ (csrc/autograd/vae_loss_autograd.h).
     torch.library.register_fake("mtcore::vae_loss_fwd", _fake)

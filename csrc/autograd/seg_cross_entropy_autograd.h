@@ -1,11 +1,14 @@
 // Autograd of mtcore::seg_ce_fwd: the forward stored d(loss)/d(logits) (csrc/cpu/common.h), so the
 // backward only scales it by the incoming gradient. First derivatives only.
 
+#pragma once
+
 #include "autograd_utils.h"
 
 namespace mtcore {
 namespace autograd {
-namespace {
+namespace seg_cross_entropy {
+namespace {  // only register_autograd.cpp includes this header
 
 using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                                int64_t, double, int64_t, bool);
@@ -50,8 +53,6 @@ std::tuple<at::Tensor, at::Tensor> seg_ce_fwd_autograd(const at::Tensor& logits,
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mtcore, Autograd, m) { m.impl("seg_ce_fwd", &seg_ce_fwd_autograd); }
-
+}  // namespace seg_cross_entropy
 }  // namespace autograd
 }  // namespace mtcore

@@ -5,11 +5,14 @@
 // [G, M, F, C/F, H, W], d = x - mean_G(x), s = sqrt(mean_G(d^2) + eps), K = (C/F) H W and S the
 // sum of grad_out's std maps over the group and the map.
 
+#pragma once
+
 #include "autograd_utils.h"
 
 namespace mtcore {
 namespace autograd {
-namespace {
+namespace minibatch_stddev {
+namespace {  // only register_autograd.cpp includes this header
 
 constexpr double kEps = 1e-8;  // as in the kernels
 
@@ -91,11 +94,6 @@ at::Tensor mbstd_bwd_autograd(const at::Tensor& grad_out, const at::Tensor& x, i
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mtcore, Autograd, m) {
-  m.impl("mbstd_fwd", &mbstd_fwd_autograd);
-  m.impl("mbstd_bwd", &mbstd_bwd_autograd);
-}
-
+}  // namespace minibatch_stddev
 }  // namespace autograd
 }  // namespace mtcore

@@ -4,11 +4,14 @@
 // the stored gradient is scaled by s_k = g_total + g_terms[k] / c_k (0 where c_k = 0: the stored
 // gradient is 0 there too). The weights' stored gradient is d(total)/dw. First derivatives only.
 
+#pragma once
+
 #include "autograd_utils.h"
 
 namespace mtcore {
 namespace autograd {
-namespace {
+namespace joint_loss {
+namespace {  // only register_autograd.cpp includes this header
 
 using T = at::Tensor;
 using Out = std::tuple<T, T, T, T, T, T, T, T, T>;
@@ -79,8 +82,6 @@ Out joint_loss_fwd_autograd(const T& seg_logits, const T& seg_target, const T& c
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mtcore, Autograd, m) { m.impl("joint_loss_fwd", &joint_loss_fwd_autograd); }
-
+}  // namespace joint_loss
 }  // namespace autograd
 }  // namespace mtcore

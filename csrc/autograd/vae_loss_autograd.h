@@ -3,11 +3,14 @@
 // d/d(recon) = grad_recon (g_rec + g_total), d/d(mu, logvar) = grad_(mu, logvar) (g_kl + beta g_total).
 // First derivatives only.
 
+#pragma once
+
 #include "autograd_utils.h"
 
 namespace mtcore {
 namespace autograd {
-namespace {
+namespace vae_loss {
+namespace {  // only register_autograd.cpp includes this header
 
 using Sig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, double, int64_t, bool);
@@ -57,8 +60,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mtcore, Autograd, m) { m.impl("vae_loss_fwd", &vae_loss_fwd_autograd); }
-
+}  // namespace vae_loss
 }  // namespace autograd
 }  // namespace mtcore

@@ -6,11 +6,14 @@
 // recomputed there; tanh/sigmoid/silu use ATen ops). The forward keeps only what the backward
 // reads: y for relu/lrelu (the mask is y's sign) or linear with clamp, x (+ b) for the others.
 
+#pragma once
+
 #include "autograd_utils.h"
 
 namespace mtcore {
 namespace autograd {
-namespace {
+namespace bias_act {
+namespace {  // only register_autograd.cpp includes this header
 
 enum Act : int64_t { kLinear = 0, kRelu = 1, kLrelu = 2, kTanh = 3, kSigmoid = 4, kSilu = 5 };
 
@@ -167,11 +170,6 @@ at::Tensor bias_act_grad_autograd(const at::Tensor& dy, const at::Tensor& x, con
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mtcore, Autograd, m) {
-  m.impl("bias_act", &bias_act_autograd);
-  m.impl("bias_act_grad", &bias_act_grad_autograd);
-}
-
+}  // namespace bias_act
 }  // namespace autograd
 }  // namespace mtcore

@@ -1,11 +1,14 @@
 // Autograd of mtcore::adv_loss_fwd: the forward stored d(loss)/d(logits), the backward scales it.
 // First derivatives only.
 
+#pragma once
+
 #include "autograd_utils.h"
 
 namespace mtcore {
 namespace autograd {
-namespace {
+namespace adversarial {
+namespace {  // only register_autograd.cpp includes this header
 
 using Sig = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, int64_t, bool);
 
@@ -42,8 +45,6 @@ std::tuple<at::Tensor, at::Tensor> adv_loss_fwd_autograd(const at::Tensor& logit
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(mtcore, Autograd, m) { m.impl("adv_loss_fwd", &adv_loss_fwd_autograd); }
-
+}  // namespace adversarial
 }  // namespace autograd
 }  // namespace mtcore
