@@ -465,39 +465,63 @@ static MT_AI double vae_kl_impl(const T* __restrict mu, const T* __restrict lv, 
 // ------------------------------------------------------------------------- adversarial core
 // Per-element GAN loss of logits x (kind 0 non-saturating, 1 hinge, 2 least squares; role 0
 // d_real, 1 d_fake, 2 g); the gradient written is gfac * d(loss_i)/dx. Returns the raw sum.
+// A per-element loss and its derivative.
+template <typename A> struct LossGrad {
+  A loss, grad;
+};
+
+// One loop per (kind, role, gradient or not), with no branch inside, so each one vectorises (the
+// sum stays in order: GCC adds the vector lanes one by one).
+template <typename T, typename A, typename F>
+static MT_AI double adv_loop(const T* __restrict x, A gfac, T* __restrict g, int64_t i0,
+                             int64_t i1, const F& term) {
+  A s = A(0);
+  if (g != nullptr) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const LossGrad<A> t = term(static_cast<A>(x[i]));
+      s += t.loss;
+      g[i] = static_cast<T>(gfac * t.grad);
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) s += term(static_cast<A>(x[i])).loss;
+  }
+  return static_cast<double>(s);
+}
+
+#define MT_LAMBDA_AI __attribute__((always_inline))
+
 template <typename T, typename A>
 static MT_AI double adv_impl(const T* __restrict x, int64_t kind, int64_t role, A gfac,
                              T* __restrict g, int64_t i0, int64_t i1) {
-  A s = A(0);
-  const bool fake = role == 1;
-  for (int64_t i = i0; i < i1; ++i) {
-    const A v = static_cast<A>(x[i]);
-    A l, d;
-    if (kind == 0) {
-      const A u = fake ? v : -v;  // loss = softplus(u), dloss/du = sigmoid(u)
+  using LG = LossGrad<A>;
+  if (kind == 0) {  // softplus(u) with u = v (d_fake) or -v; dloss/du = sigmoid(u)
+    if (role == 1)
+      return adv_loop<T, A>(x, gfac, g, i0, i1, [](A v) MT_LAMBDA_AI {
+        A sig;
+        const A l = softplus_sigmoid(v, sig);
+        return LG{l, sig};
+      });
+    return adv_loop<T, A>(x, gfac, g, i0, i1, [](A v) MT_LAMBDA_AI {
       A sig;
-      l = softplus_sigmoid(u, sig);
-      d = fake ? sig : -sig;
-    } else if (kind == 1) {
-      if (role == 2) {
-        l = -v;
-        d = A(-1);
-      } else if (fake) {
-        l = std::max(A(1) + v, A(0));
-        d = v > A(-1) ? A(1) : A(0);
-      } else {
-        l = std::max(A(1) - v, A(0));
-        d = v < A(1) ? A(-1) : A(0);
-      }
-    } else {
-      const A r = fake ? v : v - A(1);
-      l = r * r;
-      d = A(2) * r;
-    }
-    s += l;
-    if (g != nullptr) g[i] = static_cast<T>(gfac * d);
+      const A l = softplus_sigmoid(-v, sig);
+      return LG{l, -sig};
+    });
   }
-  return static_cast<double>(s);
+  if (kind == 1) {  // hinge
+    if (role == 2) return adv_loop<T, A>(x, gfac, g, i0, i1, [](A v) MT_LAMBDA_AI { return LG{-v, A(-1)}; });
+    if (role == 1)
+      return adv_loop<T, A>(x, gfac, g, i0, i1, [](A v) MT_LAMBDA_AI {
+        return LG{std::max(A(1) + v, A(0)), v > A(-1) ? A(1) : A(0)};
+      });
+    return adv_loop<T, A>(x, gfac, g, i0, i1, [](A v) MT_LAMBDA_AI {
+      return LG{std::max(A(1) - v, A(0)), v < A(1) ? A(-1) : A(0)};
+    });
+  }
+  const A shift = role == 1 ? A(0) : A(1);  // least squares: (v - shift)^2
+  return adv_loop<T, A>(x, gfac, g, i0, i1, [shift](A v) MT_LAMBDA_AI {
+    const A r = v - shift;
+    return LG{r * r, A(2) * r};
+  });
 }
 
 #define MT_ELEM_INSTANCE(T)                                                                      \
