@@ -159,4 +159,3 @@ def test_torch_compile_fullgraph_matches_eager():
     g_want = torch.autograd.grad(want.sum(), (x, b))
     for a, c in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, c)
-
