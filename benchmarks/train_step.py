@@ -8,6 +8,9 @@ alike. The step is ``Trainer.train_step``: the GAN discriminator step (with R1) 
 main step of all four tasks. Prints each median and quartiles and the speed-up reference / cpp
 (the issue's target is >= 1.15x).
 
+``--profile`` then traces 8 more steps of the cpp trainer with ``torch.profiler`` and prints the
+ops by their own time per step: where a step goes (convolutions, BatchNorm, the fused ops, ...).
+
 ``--vs key=value`` (repeatable) adds a trainer "vs": the cpp kernels with those overrides on top
 (``--vs model.channels_last=false``: what the NHWC default gains), timed in the same rotation.
 
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="config override key=value (repeatable)")
     p.add_argument("--bound", action="store_true",
                    help="also time the step with near-free stand-ins for the fused ops")
+    p.add_argument("--profile", action="store_true",
+                   help="also print the cpp step's ops by their own time (torch.profiler)")
     p.add_argument("--vs", dest="vs", action="append", default=[],
                    help="also time cpp with these overrides on top (repeatable), e.g. "
                         "model.channels_last=false")
@@ -133,7 +138,25 @@ def main(argv: list[str] | None = None) -> int:
         bound = statistics.median(times["reference"]) / statistics.median(times["free"])
         print(f"bound: reference vs free fused ops ({', '.join(FUSED_OPS)}): {bound:.3f}x, the "
               "most that faster kernels for these ops can gain in this step")
+    if args.profile:
+        _profile(trainers["cpp"], batch)
     return 0
+
+
+def _profile(trainer: Trainer, batch: dict, steps: int = 8, top: int = 15) -> None:
+    """Print the ops taking the most of a cpp step, by their own time (children excluded)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kernels.set_backend("cpp")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            trainer.train_step(batch)
+    rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in rows)
+    print(f"profile of {steps} cpp steps (own time per step; {total / steps / 1e3:.1f} ms traced)")
+    for e in rows[:top]:
+        print(f"  {e.key[:60]:<60} {e.self_cpu_time_total / steps / 1e3:7.2f} ms "
+              f"{100 * e.self_cpu_time_total / total:5.1f}%  x{e.count // steps}")
 
 
 if __name__ == "__main__":

@@ -102,13 +102,19 @@ def test_train_step_and_step_ops_scripts_run(capsys):
             "data.batch_size=16", "model.backbone.params.width=8",
             "tasks.vae.head.params.width=8", "tasks.gan.head.params.width=8",
             "tasks.gan.head.params.d_width=8"]
-    args = ["--repeats", "2", "--warmup", "0", "--bound", "--vs", "model.channels_last=false"]
+    args = ["--repeats", "2", "--warmup", "0", "--bound", "--profile",
+            "--vs", "model.channels_last=false"]
     for o in tiny:
         args += ["--set", o]
     assert _load_script("train_step").main(args) == 0
     out = capsys.readouterr().out
     assert "speed-up cpp vs reference" in out and "bound: reference vs free" in out
     assert "vs (model.channels_last=false) / cpp:" in out
+    # the profile lists the step's ops by their own time, convolutions and the fused ops among them
+    prof = out.split("profile of 8 cpp steps")[1].splitlines()[1:]
+    assert len(prof) == 15 and any("convolution" in r for r in prof)
+    shares = [float(r.split("ms")[1].split("%")[0]) for r in prof]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
     step_ops = _load_script("step_ops")
     for layout in ("channels_last", "contiguous"):
         assert step_ops.main(["--calls", "2", "--layout", layout]) == 0
