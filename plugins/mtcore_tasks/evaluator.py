@@ -2,7 +2,8 @@
 
 One evaluator is trained once per dataset on its train split and cached on disk at
 ``$MTCORE_CACHE/evaluators/<cache_key>-<hash>.pt`` (default root ``~/.cache/mtcore``), where the
-hash covers the architecture version and every training parameter. A labelled dataset trains it
+hash covers the architecture version, every training parameter and a fingerprint of the data (16
+training items spread over the split), so changed data cannot reuse a stale evaluator. A labelled dataset trains it
 as a classifier on its labels; a dataset without labels trains it on the rotation-prediction
 pretext task (Gidaris et al. 2018, "Unsupervised Representation Learning by Predicting Image
 Rotations"): each training image is turned by a random one of 0/90/180/270 degrees (0/180 when
@@ -302,8 +303,27 @@ def train_evaluator(
     return Evaluator(net=net, info=info, mode=mode, device=device, meta=meta)
 
 
-def _cache_name(cache_key: str, info: DatasetInfo, n: int, config: TrainConfig) -> str:
+def data_fingerprint(dataset: Any, n: int, k: int = 16) -> str:
+    """A hash of ``k`` items (image and label) evenly spread over the first ``n`` of ``dataset``.
+
+    Part of the cache name: a dataset whose content changed under the same name and size (a new
+    version of a procedural generator, edited files) gets a new evaluator instead of a stale one
+    trained on other images, whose features would silently shift every FID."""
+    h = hashlib.sha256()
+    for i in sorted({(j * (n - 1)) // max(k - 1, 1) for j in range(min(k, n))}):
+        item = dataset[i]
+        for key in ("image", "label"):
+            value = item.get(key) if isinstance(item, dict) else None
+            if isinstance(value, torch.Tensor):
+                h.update(key.encode())
+                h.update(value.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cache_name(cache_key: str, info: DatasetInfo, n: int, config: TrainConfig,
+                data: str) -> str:
     spec = {
+        "data": data,
         "arch_version": ARCH_VERSION,
         "channels": info.channels,
         "image_size": list(info.image_size),
@@ -371,8 +391,8 @@ def get_evaluator(
 ) -> Evaluator:
     """The evaluator for ``dataset`` (its train split), loaded from the cache or trained and cached.
 
-    ``cache_key`` names the dataset (e.g. ``"shapes-32"``); the caller keeps it unique per dataset
-    content, since the data itself is not hashed. ``cache_dir`` (default ``default_cache_dir()``)
+    ``cache_key`` names the dataset (e.g. ``"shapes-32"``); a fingerprint of the data joins it in
+    the file name (:func:`data_fingerprint`), so changed content trains anew. ``cache_dir`` (default ``default_cache_dir()``)
     is the folder holding the ``.pt`` files. A corrupt or unfitting cache file is not trusted: a
     warning names it, the evaluator is retrained and the file overwritten.
     """
@@ -392,7 +412,7 @@ def get_evaluator(
         )
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     n = min(len(dataset), config.max_train_samples)
-    path = folder / _cache_name(cache_key, info, n, config)
+    path = folder / _cache_name(cache_key, info, n, config, data_fingerprint(dataset, n))
     dev = torch.device(device)
     if path.exists():
         try:
@@ -416,6 +436,7 @@ __all__: Sequence[str] = (
     "Evaluator",
     "EvaluatorNet",
     "TrainConfig",
+    "data_fingerprint",
     "default_cache_dir",
     "get_evaluator",
     "load_images",

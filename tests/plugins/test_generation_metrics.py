@@ -243,6 +243,24 @@ def test_evaluator_second_call_loads_from_disk(bars, bars_evaluator, cache_dir, 
         get_evaluator(bars[0], "bars-test", cache_dir=cache_dir, epochs=4)
 
 
+def test_changed_data_under_the_same_key_trains_a_new_evaluator(tmp_path):
+    """The cache name holds a fingerprint of the data: other images under the same key and size
+    (say, a new version of a procedural generator) must not load the old evaluator."""
+    old, new = BarsDataset(48, size=8, seed=0), BarsDataset(48, size=8, seed=1)
+    first = get_evaluator(old, "bars", cache_dir=tmp_path, epochs=1)
+    assert get_evaluator(old, "bars", cache_dir=tmp_path, epochs=1).cache_path == first.cache_path
+    edited = BarsDataset(48, size=8, seed=0)
+    edited.images[47, 0, 0, 0] += 0.5  # one pixel of the last item
+    paths = {first.cache_path}
+    for data in (new, edited):
+        ev = get_evaluator(data, "bars", cache_dir=tmp_path, epochs=1)
+        assert ev.cache_path not in paths
+        paths.add(ev.cache_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+    assert evaluator_mod.data_fingerprint(old, 48) == evaluator_mod.data_fingerprint(
+        BarsDataset(48, size=8, seed=0), 48)
+
+
 def test_training_is_deterministic_by_seed():
     data = BarsDataset(96, size=16, seed=3)
     a = train_evaluator(data, evaluator_mod.TrainConfig(epochs=1, seed=5))
