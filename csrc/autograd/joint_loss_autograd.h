@@ -53,21 +53,19 @@ class JointLoss : public torch::autograd::Function<JointLoss> {
     // logvar (the VAE term), fake logits (the GAN term); sv[1 + i] holds input i's gradient.
     constexpr int64_t edge[6] = {0, 2, 4, 6, 7, 8};
     constexpr int64_t task[6] = {0, 1, 2, 2, 2, 3};
-    if (!g_terms.defined() && is_real_one(g_total)) {  // loss.backward() on the total: as stored
-      for (int i = 0; i < 6; ++i)
-        if (ctx->needs_input_grad(edge[i])) out[edge[i]] = sv[1 + i];
-      if (ctx->needs_input_grad(9)) out[9] = g_w;
-      return out;
-    }
-    T s = g_total.expand({4});
-    if (g_terms.defined()) {
-      const T c = ctx->saved_data["mode"].toInt() == 0 ? weights : at::exp(-weights);
-      const T nonzero = c != 0;
-      s = s + at::where(nonzero, g_terms / at::where(nonzero, c, at::ones_like(c)), at::zeros_like(c));
+    const bool as_stored = !g_terms.defined() && is_real_one(g_total);  // loss.backward() on total
+    T s;
+    if (!as_stored) {
+      s = g_total.expand({4});
+      if (g_terms.defined()) {
+        const T c = ctx->saved_data["mode"].toInt() == 0 ? weights : at::exp(-weights);
+        const T nonzero = c != 0;
+        s = s + at::where(nonzero, g_terms / at::where(nonzero, c, at::ones_like(c)), at::zeros_like(c));
+      }
     }
     for (int i = 0; i < 6; ++i)
-      if (ctx->needs_input_grad(edge[i])) out[edge[i]] = sv[1 + i] * s[task[i]];
-    if (ctx->needs_input_grad(9)) out[9] = g_w * g_total;
+      if (ctx->needs_input_grad(edge[i])) out[edge[i]] = as_stored ? sv[1 + i] : sv[1 + i] * s[task[i]];
+    if (ctx->needs_input_grad(9)) out[9] = as_stored ? g_w : g_w * g_total;
     return out;
   }
 };
