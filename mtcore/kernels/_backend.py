@@ -5,6 +5,10 @@ Precedence: the ``backend=`` argument of a call > :func:`set_backend` (the confi
 cuda if built, else triton if available, else reference; for a CPU tensor, cpp if the build works,
 else reference. A configured backend that is unavailable warns once and falls back to ``auto``; an
 unavailable backend passed explicitly as ``backend=`` raises.
+
+Inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) only the reference is available:
+the native ops' autograd is a C++ Function and the Triton ops' a ``torch.library`` one, and
+functorch can differentiate neither. So auto picks the reference there.
 """
 
 from __future__ import annotations
@@ -86,10 +90,22 @@ def _has_kernel(op: str | None, key: str) -> bool:
     return found
 
 
+def _under_functorch() -> bool:
+    """Whether a torch.func transform is active around this call in eager mode (under
+    ``torch.compile`` dynamo cannot trace the check, and does not run functorch's eager
+    interpreters, so this says False there)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _why_unavailable(name: str, device: torch.device | None, op: str | None) -> str | None:
     """None if backend ``name`` can run ``op`` on ``device``, else the reason it cannot."""
     if name == "reference":
         return None
+    if _under_functorch():
+        return ("a torch.func transform (grad, vjp, jacrev, vmap, ...) is active, and functorch "
+                "cannot differentiate this backend's autograd; the reference backend works there")
     if name == "cpp":
         if device is not None and device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, got a {device.type} tensor"

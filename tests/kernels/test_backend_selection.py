@@ -139,3 +139,50 @@ def test_loading_a_second_build_is_a_clear_error_not_an_abort(monkeypatch, tmp_p
     monkeypatch.setattr(_build, "_LOADED", {tmp_path / "mtcore_C_0000000000000000.so"})
     with pytest.raises(RuntimeError, match="another build of the kernels .* restart Python"):
         _build._build(verbose=False)
+
+
+def _all_ops(x: torch.Tensor, w: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """A scalar through every fused op, differentiable w.r.t. ``x`` [4, 3, 5, 6] and ``w`` [4]."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 3, (4, 5, 6), generator=g)
+    image = torch.rand(4, 3, 5, 6, generator=g, dtype=x.dtype)
+    h = K.bias_act(x, w[:3], 1, "silu", clamp=2.0, backend=backend)
+    d = K.minibatch_stddev(h, 2, 1, backend=backend)
+    logits = d.mean((2, 3))
+    mu, logvar = logits[:, :2], logits[:, 2:]
+    vae = K.vae_loss(h, image, mu, logvar, 0.5, "bernoulli", backend=backend)
+    joint = K.joint_loss(h, t, logits[:, :3], t[:, 0, 0], h, image, mu, logvar, logits[:, :1], w,
+                         "uncertainty", backend=backend)
+    return (K.seg_cross_entropy(h, t, label_smoothing=0.1, backend=backend) + vae.total
+            + K.adversarial_loss(logits[:, 3], "hinge", "d_fake", backend=backend) + joint.total)
+
+
+def test_torch_func_transforms_run_the_reference(cpp_built):
+    """functorch cannot differentiate the native ops' C++ autograd: auto picks the reference under
+    torch.func.grad / vmap (it raised "cannot use C++ torch::autograd::Function with functorch"),
+    and stays cpp outside; the gradients equal plain autograd through the reference."""
+    x, w = torch.randn(4, 3, 5, 6, dtype=torch.float64), torch.randn(4, dtype=torch.float64) * 0.1
+    leaves = (x.clone().requires_grad_(), w.clone().requires_grad_())
+    want = torch.autograd.grad(_all_ops(*leaves, backend="reference"), leaves)
+    got = torch.func.grad(_all_ops, argnums=(0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    per_sample = torch.func.vmap(lambda v: K.adversarial_loss(v, "hinge", "d_real"))(x)
+    torch.testing.assert_close(per_sample, torch.stack(
+        [K.adversarial_loss(v, "hinge", "d_real", backend="reference") for v in x]))
+    assert _backend.resolve(X) == "cpp"  # outside a transform
+
+
+def test_native_backend_under_torch_func(cpp_built):
+    """Asked for by name it is a clear error; configured, it falls back to the reference, warning
+    once."""
+    x = torch.randn(6, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="'cpp' requested but unavailable: a torch.func transform"):
+        torch.func.grad(lambda v: K.adversarial_loss(v, backend="cpp"))(x)
+    K.set_backend("cpp")
+    with pytest.warns(RuntimeWarning, match="'cpp' is unavailable .*torch.func.* using 'reference'"):
+        got = torch.func.grad(lambda v: K.adversarial_loss(v, "least_squares"))(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.func.grad(lambda v: K.adversarial_loss(v, "least_squares"))(x)
+    torch.testing.assert_close(got, 2 * (x - 1) / x.numel())  # d/dx mean((x - 1)^2), role g
