@@ -450,13 +450,18 @@ template <typename T, typename A>
 static MT_AI double vae_kl_impl(const T* __restrict mu, const T* __restrict lv, A gfac,
                                 T* __restrict gmu, T* __restrict glv, int64_t i0, int64_t i1) {
   A s = A(0);
-  for (int64_t i = i0; i < i1; ++i) {
-    const A m = static_cast<A>(mu[i]), l = static_cast<A>(lv[i]);
-    const A e = fast_exp(l);
-    s += A(1) + l - m * m - e;
-    if (gmu != nullptr) {
+  if (gmu != nullptr) {  // the branch outside the loops, as in vae_rec_impl
+    for (int64_t i = i0; i < i1; ++i) {
+      const A m = static_cast<A>(mu[i]), l = static_cast<A>(lv[i]);
+      const A e = fast_exp(l);
+      s += A(1) + l - m * m - e;
       gmu[i] = static_cast<T>(gfac * m);
       glv[i] = static_cast<T>(gfac * A(0.5) * (e - A(1)));
+    }
+  } else {
+    for (int64_t i = i0; i < i1; ++i) {
+      const A m = static_cast<A>(mu[i]), l = static_cast<A>(lv[i]);
+      s += A(1) + l - m * m - fast_exp(l);
     }
   }
   return -0.5 * static_cast<double>(s);

@@ -6,6 +6,11 @@
 // Output: cat([x, sigma tiled to [N, F, H, W] (sample n takes column n % M)], dim 1).
 // Backward: with S_mf = sum of grad_out over the F-channel f of the samples of column m and H, W,
 //   dx_gk = grad_out_x_gk + S_mf / (K * G) * d_gk / s_k      (the mean's term vanishes: sum_g d_gk = 0).
+//
+// Channels-last x with F = 1 (the default) keeps its layout: a sample's K features are one
+// contiguous block in either layout and sigma is their mean, so the statistics run on the raw
+// memory as they are; only the output's interleaving (C values, then F, per pixel) differs.
+// Returning NCHW there made the next convolution copy it back (and the backward copy its inputs).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -61,6 +66,11 @@ inline int64_t offset(const Dims& d, int64_t ctot, int64_t g, int64_t m, int64_t
   return ((g * d.M + m) * ctot + f * d.c) * d.HW + k0;
 }
 
+// Whether x is channels-last (and not also NCHW-contiguous) with F = 1: the layout kept as is.
+bool pixel_major(const at::Tensor& x, const Dims& d) {
+  return d.F == 1 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // mean[i] and inv_s[i] = 1 / s_k for the `len` features starting at k0 of column (m, f).
 template <typename scalar_t, typename acc_t>
 void group_stats(const Dims& d, const scalar_t* x, int64_t m, int64_t f, int64_t k0, int64_t len, acc_t* mean,
@@ -85,8 +95,11 @@ void group_stats(const Dims& d, const scalar_t* x, int64_t m, int64_t f, int64_t
 
 at::Tensor mbstd_fwd_cpu(const at::Tensor& x_in, int64_t group_size, int64_t num_channels) {
   const Dims d = check_mbstd("mbstd_fwd", x_in, group_size, num_channels);
-  at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty({d.N, d.C + d.F, d.H, d.W}, x.options());
+  const bool nhwc = pixel_major(x_in, d);
+  at::Tensor x = nhwc ? x_in : x_in.contiguous();
+  at::Tensor out = at::empty({d.N, d.C + d.F, d.H, d.W},
+                             x.options().memory_format(nhwc ? at::MemoryFormat::ChannelsLast
+                                                            : at::MemoryFormat::Contiguous));
   const int64_t tasks = d.M * d.F * d.nchunks;
   std::vector<double> partial(tasks, 0.0);
   std::vector<double> sigma(d.M * d.F, 0.0);
@@ -113,6 +126,17 @@ at::Tensor mbstd_fwd_cpu(const at::Tensor& x_in, int64_t group_size, int64_t num
       sigma[mf] = sum / static_cast<double>(d.K);  // K == 0 gives NaN, like the mean of nothing
     }
     const int64_t ctot = d.C + d.F;
+    if (nhwc) {  // per pixel: its C values, then sigma (F == 1)
+      const int64_t grain = std::max<int64_t>(1, 32768 / ctot);
+      at::parallel_for(0, d.N * d.HW, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t pix = begin; pix < end; ++pix) {
+          scalar_t* dst = op + pix * ctot;
+          std::memcpy(dst, xp + pix * d.C, sizeof(scalar_t) * d.C);
+          dst[d.C] = static_cast<scalar_t>(sigma[(pix / d.HW) % d.M]);
+        }
+      });
+      return;
+    }
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d.HW));
     at::parallel_for(0, d.N * ctot, grain, [&](int64_t begin, int64_t end) {
       for (int64_t plane = begin; plane < end; ++plane) {
@@ -130,6 +154,50 @@ at::Tensor mbstd_fwd_cpu(const at::Tensor& x_in, int64_t group_size, int64_t num
   return out;
 }
 
+// mbstd_bwd for channels-last x with F = 1 (see the top): tasks take whole pixels (C features
+// each), so grad_out's rows (C + 1 values per pixel) line up with x's.
+at::Tensor mbstd_bwd_nhwc(const at::Tensor& grad_out_in, const at::Tensor& x, const Dims& d) {
+  const int64_t ctot = d.C + 1;
+  at::Tensor go = grad_out_in.contiguous(at::MemoryFormat::ChannelsLast);
+  at::Tensor dx = at::empty({d.N, d.C, d.H, d.W}, x.options().memory_format(at::MemoryFormat::ChannelsLast));
+  const int64_t pix_per_task = std::max<int64_t>(1, kChunk / std::max<int64_t>(1, d.C));
+  const int64_t chunks = (d.HW + pix_per_task - 1) / pix_per_task;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "mtcore_mbstd_bwd_nhwc", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = go.const_data_ptr<scalar_t>();
+    scalar_t* dxp = dx.data_ptr<scalar_t>();
+    std::vector<double> S(d.M, 0.0);  // the gradient reaching sigma_m (the last channel's maps)
+    for (int64_t pix = 0; pix < d.N * d.HW; ++pix) S[(pix / d.HW) % d.M] += static_cast<double>(gp[pix * ctot + d.C]);
+    const double scale = d.K > 0 ? 1.0 / (static_cast<double>(d.K) * static_cast<double>(d.G)) : 0.0;
+    at::parallel_for(0, d.M * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> mean(pix_per_task * d.C), s(pix_per_task * d.C);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t m = t / chunks, p0 = (t % chunks) * pix_per_task;
+        const int64_t npix = std::min(pix_per_task, d.HW - p0), k0 = p0 * d.C, len = npix * d.C;
+        if (len <= 0) continue;
+        group_stats<scalar_t, acc_t>(d, xp, m, 0, k0, len, mean.data(), s.data());
+        const acc_t a = static_cast<acc_t>(S[m] * scale);
+        for (int64_t i = 0; i < len; ++i) s[i] = a / s[i];  // s now holds A / s_k
+        for (int64_t g = 0; g < d.G; ++g) {
+          const int64_t n = g * d.M + m;
+          const scalar_t* xr = xp + offset(d, d.C, g, m, 0, k0);
+          scalar_t* dr = dxp + offset(d, d.C, g, m, 0, k0);
+          for (int64_t p = 0; p < npix; ++p) {
+            const scalar_t* gr = gp + (n * d.HW + p0 + p) * ctot;
+            const int64_t i0 = p * d.C;
+            for (int64_t ch = 0; ch < d.C; ++ch) {
+              acc_t v = static_cast<acc_t>(gr[ch]) + (static_cast<acc_t>(xr[i0 + ch]) - mean[i0 + ch]) * s[i0 + ch];
+              dr[i0 + ch] = static_cast<scalar_t>(v);
+            }
+          }
+        }
+      }
+    });
+  });
+  return dx;
+}
+
 at::Tensor mbstd_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, int64_t group_size,
                          int64_t num_channels) {
   const Dims d = check_mbstd("mbstd_bwd", x_in, group_size, num_channels);
@@ -142,6 +210,7 @@ at::Tensor mbstd_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
               grad_out_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
   TORCH_CHECK(grad_out_in.device() == x_in.device(), "mbstd_bwd: grad_out is on ", grad_out_in.device(),
               " but x is on ", x_in.device());
+  if (pixel_major(x_in, d)) return mbstd_bwd_nhwc(grad_out_in, x_in, d);
   at::Tensor x = x_in.contiguous();
   at::Tensor go = grad_out_in.contiguous();
   at::Tensor dx = at::empty({d.N, d.C, d.H, d.W}, x.options());

@@ -106,6 +106,33 @@ def test_cpp_non_contiguous_input(cpp, layout):
         torch.testing.assert_close(ov, wv)
 
 
+@pytest.mark.parametrize("case", [(8, 6, 5, 3, 4), (4, 300, 4, 4, 2), (3, 4, 1, 1, 8), (6, 2000, 2, 1, 2)],
+                         ids=str)
+def test_cpp_channels_last_keeps_its_layout(cpp, case):
+    """With one std channel a channels-last x gives channels-last outputs (the next convolution
+    then copies nothing), same values; pixels per task: several (C=6), a few (C=300), one with a
+    1x1 map, and a pixel wider than a task's features (C=2000)."""
+    n, c, h, w, group = case
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
+    go = torch.randn(n, c + 1, h, w, generator=g, dtype=torch.float64)
+    want = _fwd_bwd(lambda t: ref.minibatch_stddev(t, group, 1), x, go)
+    cl = torch.channels_last
+    for grad_layout in (cl, torch.contiguous_format):
+        got = _fwd_bwd(lambda t: minibatch_stddev(t, group, 1, backend="cpp"),
+                       x.to(memory_format=cl), go.contiguous(memory_format=grad_layout))
+        for wv, ov in zip(want, got, strict=True):
+            assert ov.is_contiguous(memory_format=cl)
+            torch.testing.assert_close(ov, wv)
+    x_cl = x[:, :6, :2, :1].contiguous(memory_format=cl).requires_grad_()  # small: gradcheck
+    assert torch.autograd.gradcheck(lambda t: minibatch_stddev(t, group, 1, backend="cpp"), (x_cl,))
+    assert torch.autograd.gradgradcheck(lambda t: minibatch_stddev(t, group, 1, backend="cpp"),
+                                        (x_cl,))
+    torch.library.opcheck(cpp.mbstd_fwd.default, (x_cl, group, 1))
+    go_cl = go[:, :7, :2, :1].contiguous(memory_format=cl).requires_grad_()
+    torch.library.opcheck(cpp.mbstd_bwd.default, (go_cl, x_cl, group, 1))
+
+
 def test_cpp_bfloat16(cpp):
     # The kernel accumulates in float32 and rounds once; the reference runs in float64 on the same
     # bf16 inputs. Results are within a bf16 ulp (2^-8 relative) plus the rounding of the inputs.

@@ -34,13 +34,22 @@ def minibatch_stddev(
     return torch.ops.mtcore.mbstd_fwd(x, group_size, num_channels)
 
 
+def _layout(x: torch.Tensor, num_channels: int) -> torch.memory_format:
+    """The memory format of the kernels' outputs: the C++ ones keep a channels-last x with one std
+    channel (csrc/cpu/minibatch_stddev.cpp), otherwise outputs are NCHW-contiguous."""
+    keep = (x.device.type == "cpu" and num_channels == 1 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+    return torch.channels_last if keep else torch.contiguous_format
+
+
 def _fwd_fake(x, group_size, num_channels):
     n, c, h, w = x.shape
-    return x.new_empty((n, c + num_channels, h, w))
+    return torch.empty((n, c + num_channels, h, w), dtype=x.dtype, device=x.device,
+                       memory_format=_layout(x, num_channels))
 
 
 def _bwd_fake(grad_out, x, group_size, num_channels):
-    return x.new_empty(x.shape)
+    return torch.empty_like(x, memory_format=_layout(x, num_channels))
 
 
 def _register() -> None:
