@@ -69,6 +69,10 @@ class ImageDecoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.c0, 4, 4)
+        if self.net[-1].weight.is_contiguous(memory_format=torch.channels_last):
+            # a channels_last model (model.channels_last): start the maps NHWC too, or every
+            # upsample and the first conv (and their backwards) copy them; same values
+            h = h.contiguous(memory_format=torch.channels_last)
         return self.net(torch.nn.functional.leaky_relu(h, 0.2))
 
 

@@ -147,6 +147,30 @@ def test_pixel_norm_generator_samples_the_same_in_train_and_eval_mode():
     torch.testing.assert_close(PixelNorm()(x), x / 12.5**0.5)
 
 
+@pytest.mark.parametrize("norm", ["pixel", "batch"])
+def test_channels_last_decoder_runs_nhwc_from_its_first_map(norm):
+    """In a channels_last model the 4x4 map from the linear layer is made NHWC at once: every
+    conv then gets NHWC input (no copy), with the same outputs and gradients as NCHW."""
+    from mtcore_tasks.generators import ImageDecoder
+
+    torch.manual_seed(0)
+    dec = ImageDecoder(8, 3, (16, 16), width=8, norm=norm).double()
+    z = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    want = dec(z)
+    (g_want,) = torch.autograd.grad(want.square().sum(), z)
+    dec = dec.to(memory_format=torch.channels_last)
+    seen = []
+    for m in dec.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda _, args: seen.append(
+                args[0].is_contiguous(memory_format=torch.channels_last)))
+    got = dec(z)
+    (g_got,) = torch.autograd.grad(got.square().sum(), z)
+    assert seen == [True] * 3
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(g_got, g_want)
+
+
 def test_gan_own_generator_uses_pixel_norm_and_bad_norm_is_an_error():
     exp = mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.cls.enabled=false",
                                      "tasks.vae.enabled=false"], splits=("train",))
