@@ -9,7 +9,8 @@ main step of all four tasks. Prints each median and quartiles and the speed-up r
 (the issue's target is >= 1.15x).
 
 ``--profile`` then traces 8 more steps of the cpp trainer with ``torch.profiler`` and prints the
-ops by their own time per step: where a step goes (convolutions, BatchNorm, the fused ops, ...).
+ops by their own time per step: where a step goes (convolutions, BatchNorm, the fused ops, ...),
+and the convolutions' FLOPs (from the traced shapes) per second, against the CPU's peak.
 
 ``--vs key=value`` (repeatable) adds a trainer "vs": the cpp kernels with those overrides on top
 (``--vs model.channels_last=false``: what the NHWC default gains), timed in the same rotation.
@@ -23,6 +24,7 @@ copied channel): reference / free is the most any kernel for these ops could gai
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -144,11 +146,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _profile(trainer: Trainer, batch: dict, steps: int = 8, top: int = 15) -> None:
-    """Print the ops taking the most of a cpp step, by their own time (children excluded)."""
+    """Print the ops taking the most of a cpp step, by their own time (children excluded), and
+    the convolutions' arithmetic throughput (GFLOP/s): how far they are from the CPU's peak."""
     from torch.profiler import ProfilerActivity, profile
 
     kernels.set_backend("cpp")
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             trainer.train_step(batch)
     rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
@@ -157,6 +160,54 @@ def _profile(trainer: Trainer, batch: dict, steps: int = 8, top: int = 15) -> No
     for e in rows[:top]:
         print(f"  {e.key[:60]:<60} {e.self_cpu_time_total / steps / 1e3:7.2f} ms "
               f"{100 * e.self_cpu_time_total / total:5.1f}%  x{e.count // steps}")
+    for name, (flop, us) in _conv_flops(prof.events()).items():
+        print(f"  {name}: {flop / steps / 1e9:.2f} GFLOP per step in {us / steps / 1e3:.1f} ms: "
+              f"{flop / us / 1e3:.0f} GFLOP/s")
+    print(f"  for scale, a 1024^3 fp32 matrix product here: {_matmul_gflops():.0f} GFLOP/s")
+
+
+def _matmul_gflops(n: int = 1024, repeats: int = 20) -> float:
+    """Median GFLOP/s of an n x n x n float32 matrix product: about what this CPU sustains."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def _conv_flops(events) -> dict[str, tuple[float, float]]:
+    """(FLOPs, own microseconds) of the traced convolutions, forward and backward, from their
+    recorded shapes: 2 * N * H_out * W_out * |weight| per product, one product per gradient the
+    backward's output mask asks for (weight, input; the bias gradient is a sum, not counted).
+    Transposed convolutions (the U-Net's 2x2 up-convolutions) are left out, time and FLOPs;
+    groups and dilation are taken as 1 (as in every model here)."""
+    out = {"convolution forward": [0.0, 0.0], "convolution backward": [0.0, 0.0]}
+    for e in events:
+        shapes, concrete = e.input_shapes, e.concrete_inputs
+        if e.name == "aten::mkldnn_convolution":  # (input, weight, bias, padding, stride, ...)
+            (n, _, h, w), weight = shapes[0], shapes[1]
+            stride = concrete[4] if concrete and len(concrete) > 4 and concrete[4] else (1, 1)
+            padding = concrete[3] if concrete and len(concrete) > 3 and concrete[3] else (0, 0)
+            ho = (h + 2 * padding[0] - weight[2]) // stride[0] + 1
+            wo = (w + 2 * padding[1] - weight[3]) // stride[1] + 1
+            key = "convolution forward"
+            flop = 2.0 * n * ho * wo * math.prod(weight)
+        elif e.name == "aten::convolution_backward":  # (grad_out, input, weight, ..., mask)
+            if concrete and len(concrete) > 7 and concrete[7]:  # transposed
+                continue
+            (n, _, ho, wo), weight = shapes[0], shapes[2]
+            mask = concrete[-1] if concrete and concrete[-1] else (True, True, True)
+            key = "convolution backward"
+            flop = 2.0 * n * ho * wo * math.prod(weight) * (bool(mask[0]) + bool(mask[1]))
+        else:
+            continue
+        out[key][0] += flop
+        out[key][1] += e.self_cpu_time_total
+    return {k: (f, t) for k, (f, t) in out.items() if t > 0}
 
 
 if __name__ == "__main__":

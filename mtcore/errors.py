@@ -11,6 +11,11 @@ class PluginError(MtcoreError):
     """A plugin failed to load, broke a hook, or misspelt a hook (strict mode)."""
 
 
+class ContractError(PluginError, TypeError):
+    """A component broke its contract at run time (a backbone returning other feature maps than it
+    declares, a head returning no dict, a loss that is no scalar): a bug in that component."""
+
+
 class ComponentNotFoundError(MtcoreError, KeyError):
     """A component name that no enabled plugin provides."""
 

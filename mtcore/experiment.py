@@ -75,11 +75,11 @@ def build_model(registry: Registry, cfg: Mapping[str, Any], info: DatasetInfo) -
     heads = {}
     for task, tcfg in cfg["tasks"].items():
         hname, hparams = _component(tcfg["head"])
-        hspec = registry.spec("head", hname)
+        hspec = registry.spec("head", hname, key=f"tasks.{task}.head")
         loss = None
         if "loss" in tcfg:
             lname, lparams = _component(tcfg["loss"])
-            lspec = registry.spec("loss", lname)
+            lspec = registry.spec("loss", lname, key=f"tasks.{task}.loss")
             if lspec.task_type and hspec.task_type and lspec.task_type != hspec.task_type:
                 fits = [n for n in registry.names("loss")
                         if registry.spec("loss", n).task_type == hspec.task_type]

@@ -76,9 +76,10 @@ class TaskHead(nn.Module):
         """How many auxiliary (D) steps to take before each main (G) step."""
         return 1
 
-    def auxiliary_loss(self, features: Mapping[str, torch.Tensor], batch: Batch,
-                       step: int) -> dict[str, torch.Tensor]:
-        """Losses of one auxiliary step; key ``"loss"`` is minimised, the rest are logged."""
+    def auxiliary_loss(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
+        """Losses of one auxiliary step on ``batch`` at main step ``step`` (e.g. a GAN's D loss on
+        real and generated images, which need no backbone features): key ``"loss"`` (a scalar)
+        is minimised by the auxiliary optimizer, the other scalars are logged."""
         raise NotImplementedError
 
     def after_main_step(self) -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mtcore.backbone import Backbone
-from mtcore.errors import IncompatibleComponentsError
+from mtcore.errors import ContractError, IncompatibleComponentsError
 from mtcore.heads import Batch, Outputs, TaskHead
 
 
@@ -25,9 +25,12 @@ class MultiTaskModel(nn.Module):
         for head in self.heads.values():
             head.link(dict(self.heads.items()))
         self._order = _run_order({name: tuple(h.reads) for name, h in self.heads.items()})
+        self._checked = False
 
     def forward(self, batch: Batch) -> dict[str, Outputs]:
         features = self.backbone(batch["image"])
+        if not self._checked:
+            self._check_features(features)
         out: dict[str, Outputs] = {}
         for name in self._order:
             head = self.heads[name]
@@ -35,7 +38,29 @@ class MultiTaskModel(nn.Module):
                 out[name] = head(features, batch, {k: out[k] for k in head.reads})
             else:
                 out[name] = head(features, batch)
+            if not self._checked and not isinstance(out[name], Mapping):
+                raise ContractError(
+                    f"head {type(head).__name__} (task {name!r}) must return a dict of output "
+                    f"tensors from forward, got {type(out[name]).__name__}")
+        self._checked = True  # the contract holds; checked once, out of the hot path
         return {name: out[name] for name in self.heads}  # config order
+
+    def _check_features(self, features: object) -> None:
+        """The backbone returns exactly the feature maps it declares, with their channels."""
+        name = type(self.backbone).__name__
+        declared = {f.name: f.channels for f in self.backbone.feature_info}
+        if not isinstance(features, Mapping) or set(features) != set(declared):
+            got = sorted(features) if isinstance(features, Mapping) else type(features).__name__
+            raise ContractError(
+                f"backbone {name} returned {got} from forward, but its feature_info declares "
+                f"{sorted(declared)}: return a dict with exactly those feature maps")
+        for key, channels in declared.items():
+            t = features[key]
+            if not torch.is_tensor(t) or t.dim() < 2 or t.shape[1] != channels:
+                shape = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                raise ContractError(
+                    f"backbone {name}: feature map {key!r} is {shape}, but feature_info declares "
+                    f"{channels} channels ([N, {channels}, H, W])")
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """Parameters every task shares (the backbone's) that currently train."""

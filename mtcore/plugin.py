@@ -2,7 +2,8 @@
 
     from mtcore.plugin import hookimpl, BackboneSpec
 
-First-party plugins in ``plugins/`` use exactly this module, as a third-party package would.
+First-party plugins in ``plugins/`` use exactly this module (and ``mtcore.kernels`` for the fused
+ops), as a third-party package would; a test holds them to it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import pluggy
 
 from mtcore.backbone import Backbone, FeatureInfo
 from mtcore.balancer import BalanceResult, LossBalancer
-from mtcore.data import DatasetInfo
+from mtcore.checkpoint import load as load_checkpoint
+from mtcore.checkpoint import load_model_weights
+from mtcore.data import SPLITS, DatasetInfo
 from mtcore.errors import DataError, IncompatibleComponentsError
 from mtcore.heads import TaskHead
 from mtcore.specs import (
@@ -23,7 +26,7 @@ from mtcore.specs import (
     LossSpec,
     TransferSpec,
 )
-from mtcore.transfer import TransferStrategy
+from mtcore.transfer import Stage, TransferStrategy
 
 hookimpl = pluggy.HookimplMarker("mtcore")
 
@@ -41,8 +44,12 @@ __all__ = [
     "IncompatibleComponentsError",
     "LossBalancer",
     "LossSpec",
+    "SPLITS",
+    "Stage",
     "TaskHead",
     "TransferSpec",
     "TransferStrategy",
     "hookimpl",
+    "load_checkpoint",
+    "load_model_weights",
 ]

@@ -19,7 +19,7 @@ import pluggy
 
 from mtcore import hookspecs
 from mtcore.errors import PluginError
-from mtcore.specs import KINDS, ComponentSpec
+from mtcore.specs import KINDS, ComponentSpec, plural
 
 ENTRY_POINT_GROUP = "mtcore"
 BUILTIN_DISTRIBUTION = "mtcore"
@@ -54,11 +54,13 @@ class Provided:
 
 @dataclass
 class LoadReport:
-    """What happened while loading: the plugins loaded, skipped (with why) and disabled."""
+    """What happened while loading: the plugins loaded, skipped (with why) and disabled, and the
+    loaded ones one of whose hooks failed (``partial``: that hook's components are missing)."""
 
     loaded: list[PluginInfo] = field(default_factory=list)
     failed: list[tuple[PluginInfo, str]] = field(default_factory=list)
     disabled: list[PluginInfo] = field(default_factory=list)
+    partial: list[tuple[PluginInfo, str]] = field(default_factory=list)
 
 
 def env_flag(name: str) -> bool:
@@ -85,15 +87,19 @@ class PluginManager:
     def load_entrypoints(self, group: str = ENTRY_POINT_GROUP) -> LoadReport:
         """Load every plugin advertised in the entry-point group, one at a time, isolated."""
         seen_disabled: set[str] = set()
-        for ep in sorted(md.entry_points(group=group), key=lambda e: e.name):
+        found = []
+        for ep in md.entry_points(group=group):
             dist = getattr(ep, "dist", None)
-            info = PluginInfo(
+            found.append((ep, PluginInfo(
                 name=ep.name,
                 distribution=dist.metadata["Name"] if dist is not None else None,
                 version=dist.version if dist is not None else None,
                 module=ep.value,
                 builtin=dist is not None and dist.metadata["Name"] == BUILTIN_DISTRIBUTION,
-            )
+            )))
+        # built-ins first: a third-party entry point reusing a built-in's name is the one skipped,
+        # whatever order the environment lists them in
+        for ep, info in sorted(found, key=lambda f: (not f[1].builtin, f[0].name)):
             hit = {ep.name, info.distribution} & self.disabled
             if hit:
                 seen_disabled |= hit
@@ -157,6 +163,15 @@ class PluginManager:
         self.report.failed.append((info, why))
         warnings.warn(msg, PluginWarning, stacklevel=3)
 
+    def _hook_failed(self, info: PluginInfo, kind: str, why: str) -> None:
+        """One hook of a loaded plugin failed: its components of ``kind`` are left out, the rest of
+        the plugin stays."""
+        msg = f"{info.describe()}: {why}; its {plural(kind)} are left out (its other hooks load)"
+        if self.strict:
+            raise PluginError(msg + " (MTCORE_STRICT_PLUGINS=1)")
+        self.report.partial.append((info, why))
+        warnings.warn(msg, PluginWarning, stacklevel=3)
+
     # -- querying -----------------------------------------------------------------------------
     @property
     def plugins(self) -> list[PluginInfo]:
@@ -178,7 +193,14 @@ class PluginManager:
                     if not isinstance(spec, spec_cls):
                         raise TypeError(f"{hook_name} must yield {spec_cls.__name__}, got {spec!r}")
             except Exception as exc:
-                self._fail(info, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                self._hook_failed(info, kind, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                continue
+            names = [spec.name for spec in specs]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:  # not even 'plugin:name' could pick one
+                self._hook_failed(info, kind, f"hook {hook_name} yields the {kind} name"
+                                  f"{'s' if len(twice) > 1 else ''} {', '.join(map(repr, twice))} "
+                                  "more than once")
                 continue
             out.extend(Provided(spec, info) for spec in specs)
         self._cache[kind] = out

@@ -12,9 +12,9 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from mtcore.errors import ComponentClashError, ComponentNotFoundError, ConfigError
+from mtcore.errors import ComponentClashError, ComponentNotFoundError, ConfigError, PluginError
 from mtcore.plugin_manager import PluginManager, Provided, default_manager
-from mtcore.specs import ComponentSpec
+from mtcore.specs import ComponentSpec, plural
 
 
 def suggest(name: str, choices: list[str]) -> str:
@@ -35,8 +35,17 @@ class Registry:
     def names(self, kind: str) -> list[str]:
         return sorted({p.spec.name for p in self.available(kind)})
 
-    def resolve(self, kind: str, name: str) -> Provided:
-        """The one provider of ``name`` (or ``provider:name``) in ``kind``."""
+    def resolve(self, kind: str, name: str, key: str | None = None) -> Provided:
+        """The one provider of ``name`` (or ``provider:name``) in ``kind``; errors start with
+        ``<key>.name`` when the config key is given."""
+        try:
+            return self._resolve(kind, name)
+        except (ComponentNotFoundError, ComponentClashError) as exc:
+            if key is None:
+                raise
+            raise type(exc)(f"{key}.name: {exc}") from None
+
+    def _resolve(self, kind: str, name: str) -> Provided:
         if not isinstance(name, str) or not name:
             raise ComponentNotFoundError(f"{kind} name must be a non-empty string, got {name!r}")
         provided = self.available(kind)
@@ -51,7 +60,7 @@ class Registry:
             hint = suggest(short, names)
             where = f" from provider {provider!r}" if provider else ""
             raise ComponentNotFoundError(
-                f"unknown {kind} {name!r}{where}.{hint} Available {kind}s: "
+                f"unknown {kind} {name!r}{where}.{hint} Available {plural(kind)}: "
                 f"{', '.join(names) or '(none: is a plugin disabled or broken? see mtcore plugins)'}"
             )
         who = " and ".join(
@@ -64,8 +73,8 @@ class Registry:
             "with MTCORE_DISABLE_PLUGINS / --disable-plugin"
         )
 
-    def spec(self, kind: str, name: str) -> ComponentSpec:
-        return self.resolve(kind, name).spec
+    def spec(self, kind: str, name: str, key: str | None = None) -> ComponentSpec:
+        return self.resolve(kind, name, key).spec
 
     def build(self, kind: str, name: str, params: Mapping[str, Any] | None = None, *args: Any,
               key: str | None = None, **context: Any) -> Any:
@@ -73,8 +82,10 @@ class Registry:
 
         ``key`` is the config key path used in error messages (e.g. ``tasks.seg.head``).
         """
-        spec = self.spec(kind, name)
+        provided = self.resolve(kind, name, key)
+        spec = provided.spec
         merged = {**spec.defaults, **dict(params or {})}
+        check_factory(provided, set(context), len(args))
         check_params(spec, merged, key or kind, reserved=set(context), n_positional=len(args))
         return spec.factory(*args, **context, **merged)
 
@@ -94,6 +105,35 @@ def accepted_params(spec: ComponentSpec, n_positional: int = 0) -> tuple[set[str
         elif p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and i >= n_positional):
             names.add(p.name)
     return names | set(spec.defaults), var_kw
+
+
+def check_factory(provided: Provided, passed: set[str], n_positional: int) -> None:
+    """A factory must take what mtcore passes it (``n_positional`` arguments, then the keywords
+    ``passed``): else a clear error that blames the plugin, not a TypeError from inside the build."""
+    spec = provided.spec
+    try:
+        sig = inspect.signature(spec.factory)
+    except (TypeError, ValueError):
+        return
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        positional = n_positional
+    else:
+        positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    accepted, var_kw = accepted_params(spec, n_positional)
+    missing = [] if var_kw else sorted(passed - accepted)
+    if positional < n_positional or missing:
+        takes = []
+        if positional < n_positional:
+            takes.append(f"{n_positional} positional argument{'s' if n_positional > 1 else ''}")
+        if missing:
+            takes.append(f"the keyword argument{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(map(repr, missing))}")
+        raise PluginError(
+            f"{spec.kind} {spec.name!r} of {provided.plugin.describe()}: its factory "
+            f"{getattr(spec.factory, '__qualname__', spec.factory)!r}{sig} does not take "
+            f"{' and '.join(takes)}, which mtcore passes every {spec.kind} factory "
+            "(docs/plugins.md gives each kind's factory signature)")
 
 
 def check_params(spec: ComponentSpec, params: Mapping[str, Any], key: str,

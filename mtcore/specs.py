@@ -94,3 +94,8 @@ KINDS: dict[str, tuple[str, type[ComponentSpec]]] = {
     "transfer": ("mtcore_transfers", TransferSpec),
     "dataset": ("mtcore_datasets", DatasetSpec),
 }
+
+
+def plural(kind: str) -> str:
+    """``kind`` in the plural, for messages: backbones, losses, transfers."""
+    return kind + ("es" if kind.endswith("s") else "s")

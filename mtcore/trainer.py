@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mtcore import checkpoint as ckpt_io
+from mtcore.balancer import BalanceResult
 from mtcore.config import dumps
-from mtcore.errors import CheckpointError, ConfigError
+from mtcore.errors import CheckpointError, ConfigError, ContractError
 from mtcore.experiment import Experiment
 from mtcore.heads import TaskHead
 from mtcore.optim import clip, make_optimizer, make_schedule
@@ -173,7 +174,8 @@ class Trainer:
     def _losses(self, batch) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         with self._autocast():
             outputs = self.model(batch)
-            losses = {k: self.heads[k].compute_loss(outputs[k], batch).float() for k in self.heads}
+            losses = {k: _scalar_loss(k, self.heads[k], self.heads[k].compute_loss(outputs[k], batch))
+                      for k in self.heads}
         return outputs, losses
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -185,7 +187,12 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():
                     aux = head.auxiliary_loss(batch, self.global_step)
-                loss = aux["loss"].float()
+                if not isinstance(aux, Mapping) or "loss" not in aux:
+                    raise ContractError(
+                        f"task {name!r}: {type(head).__name__}.auxiliary_loss must return a dict "
+                        f"with the key 'loss' (the rest is logged), got {type(aux).__name__}"
+                        + (f" with keys {sorted(aux)}" if isinstance(aux, Mapping) else ""))
+                loss = _scalar_loss(name, head, aux["loss"], "auxiliary_loss")
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
                 if self.scaler:
                     self.scaler.unscale_(opt)
@@ -210,6 +217,10 @@ class Trainer:
                         "lower optim.lr, enable optim.grad_clip, or check the data")
             scale = self.scaler.scale if self.scaler else None
             result = self.balancer.backward(losses, self.model.shared_parameters(), scale)
+            if not isinstance(result, BalanceResult):
+                raise ContractError(
+                    f"balancer {type(self.balancer).__name__}.backward must return a "
+                    f"BalanceResult (weights, total), got {type(result).__name__}")
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             for g in self.optimizer.param_groups:
@@ -363,7 +374,7 @@ class Trainer:
                 self._checkpoint(val)
             self.log(f"epoch {e + 1}/{epochs} [{tr['stage']}] {time.perf_counter() - t0:.0f}s "
                      f"train: {_fmt({k: v for k, v in tr.items() if k.endswith('.loss')})} | "
-                     f"{self.val_split}: {_fmt(_headline(val))}")
+                     f"{self.val_split}: {_fmt(_headline(val, self.heads))}")
         final = self.history[-1] if self.history else {}
         final = {k: v for k, v in final.items() if k not in ("epoch", "split")}
         init = next((h for h in self.history if h["split"] == "init"), None)
@@ -470,6 +481,17 @@ _LAYOUT_ONLY = ("model.channels_last",)
 _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
 
 
+def _scalar_loss(task: str, head: TaskHead, loss: Any, what: str = "compute_loss") -> torch.Tensor:
+    """``loss`` as a float32 scalar, or a ContractError naming the task, the head and the shape
+    (a per-sample loss vector used to fail inside the NaN check as an ambiguous bool)."""
+    if not torch.is_tensor(loss) or loss.dim() != 0:
+        got = f"shape {tuple(loss.shape)}" if torch.is_tensor(loss) else type(loss).__name__
+        raise ContractError(
+            f"task {task!r}: {type(head).__name__}.{what} must return a scalar tensor (reduce it, "
+            f"e.g. .mean()), got {got}")
+    return loss.float()
+
+
 def _is_optim_key(key: str) -> bool:
     """A task's own optimizer settings (``tasks.NAME.optim.*``)."""
     parts = key.split(".")
@@ -502,9 +524,13 @@ def _diff(a: Any, b: Any, prefix: str) -> list[str]:
     return [] if a == b else [prefix]
 
 
-def _headline(val: Mapping[str, Any]) -> dict[str, Any]:
-    keys = ("miou", "accuracy", "psnr", "fid")
-    return {k: v for k, v in val.items() if k.split(".")[-1] in keys}
+def _headline(val: Mapping[str, Any], heads: Mapping[str, TaskHead]) -> dict[str, Any]:
+    """The metrics the epoch line shows: each task's primary metric, PSNR and FID of generative
+    heads; the validation losses when there are none of those (plugin tasks with no metric)."""
+    primary = {f"{n}.{h.primary_metric[0]}" for n, h in heads.items() if h.primary_metric}
+    shown = {k: v for k, v in val.items()
+             if k in primary or k.split(".")[-1] in ("miou", "accuracy", "psnr", "fid")}
+    return shown or {k: v for k, v in val.items() if k.endswith(".loss")}
 
 
 def _fmt(d: Mapping[str, Any]) -> str:

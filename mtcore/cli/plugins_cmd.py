@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from mtcore.plugin_manager import default_manager
-from mtcore.specs import KINDS
+from mtcore.specs import KINDS, plural
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -37,6 +37,8 @@ def collect() -> dict[str, Any]:
         "failed": [{"name": i.name, "distribution": i.distribution, "error": why}
                    for i, why in pm.report.failed],
         "disabled": [{"name": i.name, "distribution": i.distribution} for i in pm.report.disabled],
+        "partial": [{"name": i.name, "distribution": i.distribution, "error": why}
+                    for i, why in pm.report.partial],
         "components": components,
     }
 
@@ -54,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  {p['name']:<12} FAILED: {p['error']}")
     for p in data["disabled"]:
         print(f"  {p['name']:<12} disabled")
+    for p in data["partial"]:
+        print(f"  {p['name']:<12} PARTLY LOADED: {p['error']}")
     for kind, comps in data["components"].items():
-        print(f"\n{kind}{'es' if kind.endswith('s') else 's'}:")
+        print(f"\n{plural(kind)}:")
         for c in comps:
             print(f"  {c['name']:<20} {c['summary']}  ({c['plugin']})")
     return 0

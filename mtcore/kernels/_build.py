@@ -118,6 +118,10 @@ def _build(verbose: bool) -> Path:
         torch.ops.load_library(str(lib))
         _LOADED.add(lib)
         return lib
+    # a first build takes a minute or more (several with CUDA): say so, or a run sits silent
+    print(f"mtcore: building the {'C++/CUDA' if with_cuda else 'C++'} kernels (first use of these "
+          f"sources; about a minute, cached in {build_dir}; `mtcore build-ext` does it ahead of "
+          "time, MTCORE_KERNELS=reference skips them)", file=sys.stderr, flush=True)
     load(
         name=name,
         sources=[str(s) for s in srcs],

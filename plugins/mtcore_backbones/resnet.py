@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from mtcore.backbone import Backbone, FeatureInfo
+from mtcore.plugin import Backbone, FeatureInfo
 from mtcore_backbones.blocks import (
     BasicBlock,
     ConvNormAct,

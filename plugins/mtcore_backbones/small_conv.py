@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtcore.backbone import Backbone, FeatureInfo
+from mtcore.plugin import Backbone, FeatureInfo
 from mtcore_backbones.blocks import (
     ConvNormAct,
     check_images,

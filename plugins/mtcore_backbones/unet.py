@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mtcore.backbone import Backbone, FeatureInfo
+from mtcore.plugin import Backbone, FeatureInfo
 from mtcore_backbones.blocks import DoubleConv, check_images, check_norm, check_positive_int, widths
 
 

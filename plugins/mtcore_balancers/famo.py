@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from mtcore.balancer import LossBalancer
+from mtcore.plugin import LossBalancer
 
 #: keeps ``log(L_k - min_k + EPS)`` finite when a loss reaches its lower bound (as in the paper's code)
 EPS = 1e-8

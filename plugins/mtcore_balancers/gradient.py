@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtcore.balancer import BalanceResult, LossBalancer
+from mtcore.plugin import BalanceResult, LossBalancer
 
 __all__ = ["MGDA", "NORMALIZATIONS", "GradientCombiner", "PCGrad", "min_norm_weights",
            "pcgrad_combine", "two_task_min_norm"]

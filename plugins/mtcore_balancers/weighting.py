@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from mtcore.balancer import LossBalancer
+from mtcore.plugin import LossBalancer
 
 
 class EqualWeighting(LossBalancer):

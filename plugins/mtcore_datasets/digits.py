@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mtcore.data import SPLITS, DatasetInfo
+from mtcore.plugin import SPLITS, DatasetInfo
 
 # A resized pixel is "digit" when its intensity (in [0, 1], 1 = full ink) is at least this.
 MASK_THRESHOLD = 0.5

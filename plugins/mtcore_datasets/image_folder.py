@@ -21,7 +21,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from mtcore.data import SPLITS, DatasetInfo
+from mtcore.plugin import SPLITS, DatasetInfo
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 IGNORE_INDEX = 255

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from mtcore.data import SPLITS, DatasetInfo
+from mtcore.plugin import SPLITS, DatasetInfo
 
 KINDS = ("circle", "square", "triangle")
 DEFAULT_NUM_SAMPLES = {"train": 2000, "val": 500, "test": 500}

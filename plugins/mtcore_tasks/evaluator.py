@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mtcore.data import DatasetInfo
+from mtcore.plugin import DatasetInfo
 
 ARCH_VERSION = 1  # bump on any change to EvaluatorNet or the training recipe: it invalidates caches
 FEATURE_DIM = 128

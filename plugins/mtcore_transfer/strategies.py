@@ -8,9 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from mtcore import checkpoint
-from mtcore.plugin import TransferStrategy
-from mtcore.transfer import Stage
+from mtcore.plugin import Stage, TransferStrategy, load_checkpoint, load_model_weights
 
 
 class FromScratch(TransferStrategy):
@@ -31,12 +29,12 @@ class FineTune(TransferStrategy):
         self.path, self.parts, self.freeze_epochs, self.strict = checkpoint, parts, freeze_epochs, strict
 
     def setup(self, model: nn.Module) -> None:
-        state = checkpoint.load(self.path)["model"]
+        state = load_checkpoint(self.path)["model"]
         if self.parts == "backbone":
-            checkpoint.load_model_weights(model.backbone, state, self.path, prefix="backbone.",
+            load_model_weights(model.backbone, state, self.path, prefix="backbone.",
                                           strict=self.strict)
         else:
-            checkpoint.load_model_weights(model, state, self.path, strict=self.strict)
+            load_model_weights(model, state, self.path, strict=self.strict)
 
     def stage(self, epoch: int) -> Stage:
         if epoch < self.freeze_epochs:
@@ -62,7 +60,7 @@ class StructureTransfer(TransferStrategy):
         self.path = checkpoint
 
     def configure(self, config: dict[str, Any]) -> dict[str, Any]:
-        src = checkpoint.load(self.path)["config"]["model"]["backbone"]
+        src = load_checkpoint(self.path)["config"]["model"]["backbone"]
         return {**config, "model": {**config["model"], "backbone": dict(src)}}
 
 

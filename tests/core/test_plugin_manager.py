@@ -99,9 +99,64 @@ def test_hook_that_raises_is_isolated_with_one_warning(pm):
     bad.mtcore_backbones = mtcore_backbones
     pm.register(bad, PluginInfo("bad", "bad-dist", "0.1"))
     pm.register(make_plugin(), "good")
-    with pytest.warns(PluginWarning, match=r"plugin 'bad' \(bad-dist 0.1\).*RuntimeError: boom"):
+    with pytest.warns(PluginWarning, match=r"plugin 'bad' \(bad-dist 0.1\): hook mtcore_backbones "
+                      r"raised RuntimeError: boom; its backbones are left out \(its other hooks"):
         names = [p.spec.name for p in pm.provided("backbone")]
     assert names == ["tiny"]
+    # the plugin itself stays loaded (its other hooks work): reported as partial, not as failed
+    assert [i.name for i, _ in pm.report.partial] == ["bad"] and pm.report.failed == []
+    assert "bad" in {p.name for p in pm.plugins}
+
+
+def test_a_name_yielded_twice_by_one_plugin_is_reported(pm):
+    """Not even 'acme:tiny' could choose between the two, so the hook's specs are left out with
+    a warning naming the name (it used to be a clash whose suggested fix was the same clash)."""
+    pm.register(make_plugin("acme", specs=("tiny", "tiny", "small")), "acme")
+    pm.register(make_plugin("other", specs=("big",)), "other")
+    with pytest.warns(PluginWarning, match="yields the backbone name 'tiny' more than once"):
+        names = [p.spec.name for p in pm.provided("backbone")]
+    assert names == ["big"]
+
+
+def test_unknown_loss_message_spells_the_plural(pm):
+    pm.load_entrypoints()
+    with pytest.raises(ComponentNotFoundError, match="Available losses: "):
+        Registry(pm).spec("loss", "no_such_loss")
+
+
+def test_unknown_name_in_a_config_names_the_key():
+    import mtcore
+
+    with pytest.raises(ComponentNotFoundError,
+                       match=r"^tasks\.seg\.head\.name: unknown head 'segmentaton'.*"
+                             r"Did you mean 'segmentation'"):
+        mtcore.build(None, ['tasks.seg.head.name="segmentaton"'], splits=("train",))
+    with pytest.raises(ComponentNotFoundError, match=r"^model\.backbone\.name: unknown backbone"):
+        mtcore.build(None, ['model.backbone.name="unett"'], splits=("train",))
+
+
+def test_a_factory_that_cannot_take_what_mtcore_passes_blames_the_plugin(pm):
+    """A head factory without the ``loss`` keyword (or a backbone one without ``in_channels``)
+    is the plugin's bug: say so, naming the plugin and the argument, before calling it."""
+    from mtcore.plugin import HeadSpec
+
+    def no_loss_head(features, info, width=4):
+        raise AssertionError("not called")
+
+    def no_channels_backbone(*, width=4):
+        raise AssertionError("not called")
+
+    mod = types.ModuleType("acme")
+    mod.mtcore_heads = hookimpl(lambda: [HeadSpec("h", no_loss_head, "a head")])
+    mod.mtcore_backbones = hookimpl(lambda: [BackboneSpec("b", no_channels_backbone, "a backbone")])
+    pm.register(mod, PluginInfo("acme", "acme-mt", "0.3"))
+    reg = Registry(pm)
+    with pytest.raises(PluginError, match=r"head 'h' of plugin 'acme' \(acme-mt 0.3\): its factory "
+                                          r"'.*no_loss_head'\(features, info, width=4\) does not "
+                                          r"take the keyword argument 'loss'"):
+        reg.build("head", "h", {}, key="tasks.t.head", features={}, info=None, loss=None)
+    with pytest.raises(PluginError, match="does not take 1 positional argument"):
+        reg.build("backbone", "b", {}, 3, key="model.backbone")
 
 
 def test_hook_returning_wrong_spec_type_is_reported(pm):
@@ -208,6 +263,29 @@ class _FakeEntryPoint:
         raise ImportError("No module named 'broken_pkg'")
 
 
+def test_an_entry_point_reusing_a_builtin_name_is_the_one_skipped(pm, monkeypatch):
+    """Whatever order the environment lists entry points in, the built-in 'tasks' loads and a
+    third-party entry point of that name is skipped (it could hide the built-in heads before)."""
+    import importlib.metadata as md
+
+    class Impostor(_FakeEntryPoint):
+        name = "tasks"
+        value = "impostor.plugin"
+
+        def load(self):
+            return make_plugin("impostor", specs=("x",))
+
+    real = md.entry_points
+    monkeypatch.setattr(md, "entry_points",
+                        lambda group: [Impostor(), *reversed(list(real(group=group)))])
+    with pytest.warns(PluginWarning, match=r"plugin 'tasks' \(broken-dist 9.9\) skipped: another "
+                                           "plugin is already registered as 'tasks'"):
+        pm.load_entrypoints()
+    tasks = next(p for p in pm.plugins if p.name == "tasks")
+    assert tasks.builtin
+    assert Registry(pm).spec("head", "segmentation").name == "segmentation"
+
+
 def test_plugin_that_fails_to_import_is_skipped_with_one_warning(pm, monkeypatch):
     import importlib.metadata as md
 
@@ -224,3 +302,29 @@ def test_plugin_that_fails_to_import_is_skipped_with_one_warning(pm, monkeypatch
                     "'broken_pkg.plugin': ImportError: No module named 'broken_pkg'"]
     assert "unet" in {p.spec.name for p in pm.provided("backbone")}  # the rest still loads
     assert pm.report.failed[0][0].name == "broken"
+
+
+def test_first_party_plugins_import_only_the_public_api():
+    """plugins/ uses mtcore.plugin (and mtcore.kernels, the fused ops) only, as a third-party
+    package would: everything a plugin needs must be exported there."""
+    import ast
+    from pathlib import Path
+
+    allowed = {"mtcore.plugin", "mtcore.kernels"}
+    root = Path(__file__).resolve().parents[2] / "plugins"
+    bad = []
+    files = sorted(root.rglob("*.py"))
+    assert files
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                mods = ([f"mtcore.{a.name}" for a in node.names] if node.module == "mtcore"
+                        else [node.module])
+            elif isinstance(node, ast.Import):
+                mods = [a.name for a in node.names]
+            else:
+                continue
+            bad += [f"{path.relative_to(root)}:{node.lineno} {m}" for m in mods
+                    if (m == "mtcore" or m.startswith("mtcore.")) and m not in allowed
+                    and not any(m.startswith(a + ".") for a in allowed)]
+    assert bad == []

@@ -4,6 +4,7 @@ unavailable backend or a failed build, and the build cache location."""
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,23 @@ def test_a_build_leaves_the_flags_alone_so_the_cache_key_is_stable(monkeypatch, 
     first = _build._build(verbose=False)
     assert (list(_build.CFLAGS), list(_build.LDFLAGS)) == before
     assert _build._build(verbose=False) == first  # same key: not built or loaded again
+
+
+def test_a_first_build_says_so_and_a_cached_one_is_silent(monkeypatch, tmp_path, capsys):
+    """The first use compiles for a minute or more: a run that sat at 0% with no word looked hung."""
+    import torch.utils.cpp_extension as cpp_ext
+
+    monkeypatch.setenv("MTCORE_CACHE", str(tmp_path))
+    monkeypatch.setattr(_build, "_LOADED", set())
+    monkeypatch.setattr(cpp_ext, "load", lambda **kw: (Path(kw["build_directory"]) /
+                                                     f"{kw['name']}.so").write_bytes(b""))
+    lib = _build._build(verbose=False)
+    err = capsys.readouterr().err
+    assert "mtcore: building the C++" in err and str(lib.parent) in err and "build-ext" in err
+    monkeypatch.setattr(_build, "_LOADED", set())
+    monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
+    assert _build._build(verbose=False) == lib  # cached: loaded, not built
+    assert capsys.readouterr().err == ""
 
 
 def test_loading_a_second_build_is_a_clear_error_not_an_abort(monkeypatch, tmp_path):
