@@ -383,7 +383,7 @@ static inline std::tuple<at::Tensor, at::Tensor> ce_forward(
     const int64_t* tp = target.data_ptr<int64_t>();
     const double denom = ce_target_denominator<A>(tp, count, C, ignore_index, w.data());
     CEParams p{N, C, HW, ignore_index, eps, wsum, 1.0, compute_grad, reduction == 0};
-    if (reduction == 1) p.scale = denom > 0 ? 1.0 / denom : 0.0;
+    if (reduction == 1) p.scale = denom != 0 ? 1.0 / denom : 0.0;  // weights may be negative
     p.scale *= grad_factor;
     const scalar_t* zp = logits.data_ptr<scalar_t>();
     scalar_t* gp = compute_grad ? grad.data_ptr<scalar_t>() : nullptr;
@@ -401,7 +401,7 @@ static inline std::tuple<at::Tensor, at::Tensor> ce_forward(
         return ce_spatial(zp, tp, w.data(), p, gp, lp, a, b);
       });
     }
-    if (reduction == 1) total = denom > 0 ? total / denom : 0.0;
+    if (reduction == 1) total = denom != 0 ? total / denom : 0.0;
     if (value_out != nullptr) *value_out = total;
     if (reduction != 0) loss = at::scalar_tensor(total, logits.options());
   });

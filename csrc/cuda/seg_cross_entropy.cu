@@ -48,7 +48,7 @@ __device__ __forceinline__ acc_t grad_factor(const CeArgs& a, const acc_t* denom
   acc_t s = grad_scale ? grad_scale[0] : acc_t(1);
   if (a.reduction == 1) {
     const acc_t d = denom[0];
-    s = d > acc_t(0) ? s / d : acc_t(0);
+    s = d != acc_t(0) ? s / d : acc_t(0);  // class weights may be negative
   }
   return s;
 }
@@ -215,7 +215,7 @@ __global__ void seg_ce_finalize_kernel(const acc_t* __restrict__ partials, int n
   for (int i = threadIdx.x; i < n; i += blockDim.x) v += partials[i];
   v = block_sum(v);
   if (threadIdx.x == 0) {
-    if (mean) v = denom[0] > acc_t(0) ? v / denom[0] : acc_t(0);
+    if (mean) v = denom[0] != acc_t(0) ? v / denom[0] : acc_t(0);
     out[0] = static_cast<out_t>(v);
   }
 }

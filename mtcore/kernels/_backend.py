@@ -6,7 +6,8 @@ cuda if built, else triton if available, else reference; for a CPU tensor, cpp i
 else reference. A configured backend that is unavailable warns once and falls back to ``auto``; an
 unavailable backend passed explicitly as ``backend=`` raises.
 
-Inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) only the reference is available:
+Inside a ``torch.func`` transform (grad, vjp, jacrev, vmap, ...) or a forward-mode AD level
+(``torch.autograd.forward_ad.dual_level``) only the reference is available:
 the native ops' autograd is a C++ Function and the Triton ops' a ``torch.library`` one, and
 functorch can differentiate neither. So auto picks the reference there.
 """
@@ -91,12 +92,13 @@ def _has_kernel(op: str | None, key: str) -> bool:
 
 
 def _under_functorch() -> bool:
-    """Whether a torch.func transform is active around this call in eager mode (under
-    ``torch.compile`` dynamo cannot trace the check, and does not run functorch's eager
-    interpreters, so this says False there)."""
+    """Whether a torch.func transform, or forward-mode AD (``torch.autograd.forward_ad``), is
+    active around this call in eager mode (under ``torch.compile`` dynamo cannot trace the check,
+    and does not run functorch's eager interpreters, so this says False there)."""
     if torch.compiler.is_compiling():
         return False
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def _why_unavailable(name: str, device: torch.device | None, op: str | None) -> str | None:
@@ -104,8 +106,9 @@ def _why_unavailable(name: str, device: torch.device | None, op: str | None) -> 
     if name == "reference":
         return None
     if _under_functorch():
-        return ("a torch.func transform (grad, vjp, jacrev, vmap, ...) is active, and functorch "
-                "cannot differentiate this backend's autograd; the reference backend works there")
+        return ("a torch.func transform (grad, vjp, jacrev, vmap, ...) or forward-mode AD is "
+                "active, and neither can differentiate this backend's autograd; the reference "
+                "backend works there")
     if name == "cpp":
         if device is not None and device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, got a {device.type} tensor"

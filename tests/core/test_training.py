@@ -269,3 +269,21 @@ def test_famo_recompute_replays_the_steps_random_draws():
     for k, v in seen["step"].items():
         assert torch.equal(v, seen["again"][k]), k
     assert seen["rng_kept"]
+
+
+@pytest.mark.parametrize("kernels", ["reference", "cpp"])
+def test_bf16_autocast_trains_the_default_tasks(kernels, request):
+    """train.amp="bf16" on the CPU: the discriminator's fused bias + activation got a bf16 conv
+    output and an fp32 bias and raised a dtype error on every backend; now the bias follows."""
+    if kernels == "cpp":
+        request.getfixturevalue("cpp_built")
+    overrides = [*TINY[:-1], f'kernels="{kernels}"', 'train.amp="bf16"']
+    trainer = Trainer(mtcore.build(None, overrides), None, progress=False, log=lambda _: None)
+    trainer._apply_stage(0)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    fp32 = Trainer(mtcore.build(None, [*TINY[:-1], f'kernels="{kernels}"']), None, progress=False,
+                   log=lambda _: None)
+    fp32._apply_stage(0)
+    logs, want = trainer.train_step(batch), fp32.train_step(batch)
+    for task in ("seg", "cls", "vae", "gan"):  # same init and batch: bf16 rounding only
+        assert logs[f"{task}.loss"] == pytest.approx(want[f"{task}.loss"], rel=0.03), task

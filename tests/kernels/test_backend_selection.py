@@ -204,3 +204,18 @@ def test_native_backend_under_torch_func(cpp_built):
         warnings.simplefilter("error")
         torch.func.grad(lambda v: K.adversarial_loss(v, "least_squares"))(x)
     torch.testing.assert_close(got, 2 * (x - 1) / x.numel())  # d/dx mean((x - 1)^2), role g
+
+
+def test_forward_mode_ad_runs_the_reference(cpp_built):
+    """Forward-mode AD (dual tensors) cannot go through the C++ autograd Functions ("jvp is not
+    implemented"): auto uses the reference inside a dual level; the JVP equals the reference's."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, v = torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float64)
+    t = torch.tensor([[0, 1, 2, 1, 0]] * 4)
+    with fwAD.dual_level():
+        jvp = fwAD.unpack_dual(K.seg_cross_entropy(fwAD.make_dual(x, v), t)).tangent
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(K.seg_cross_entropy(xr, t, backend="reference"), xr)
+    torch.testing.assert_close(jvp, (g * v).sum())  # <grad, v>
+    assert _backend.resolve(X) == "cpp"

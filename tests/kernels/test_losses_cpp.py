@@ -137,6 +137,50 @@ def test_seg_ce_gradcheck(reduction):
     assert torch.autograd.gradcheck(fn2, (x2.requires_grad_(),))
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_seg_ce_negative_class_weights(backend):
+    """The mean divides by sum(w[y]) as F.cross_entropy does, also when that sum is negative
+    (it returned 0: the guard was `denom > 0` instead of `!= 0`)."""
+    x = torch.randn(4, 3, 5, dtype=torch.float64, generator=_gen(30), requires_grad=True)
+    t = torch.tensor([[0, 1, 2, 1, 1], [1, 1, 0, 2, 1], [2, 1, 1, 1, 0], [1, 0, 1, 2, 1]])
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    want = torch.nn.functional.cross_entropy(x, t, weight=w)
+    got = seg_cross_entropy(x, t, w, backend=backend)
+    assert float((w[t]).sum()) < 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, x)[0], torch.autograd.grad(want, x)[0])
+
+
+def test_seg_ce_weight_asking_for_a_gradient():
+    """The fused op gives class weights no gradient: asking for one is a clear error up front
+    (the cpp op raised "compute_grad=False" at the backward, or silently gave none); the
+    reference differentiates them (F.cross_entropy cannot)."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64, generator=_gen(31))
+    t = torch.randint(0, 4, (3, 5), generator=_gen(33))
+    w = (torch.rand(4, dtype=torch.float64, generator=_gen(32)) + 0.5).requires_grad_()
+    with pytest.raises(ValueError, match=r"weight gets no gradient .*weight.detach\(\).*shape \(4,\)"):
+        seg_cross_entropy(x, t, w, backend="cpp")
+    with pytest.raises(ValueError, match="weight gets no gradient"):
+        seg_cross_entropy(x.requires_grad_(), t, w, backend="cpp")
+    assert seg_cross_entropy(x, t, w.detach(), backend="cpp").requires_grad
+    with torch.no_grad():
+        seg_cross_entropy(x, t, w, backend="cpp")  # no gradient asked for
+    (g,) = torch.autograd.grad(seg_cross_entropy(x, t, w, backend="reference"), w)
+    nll = -torch.log_softmax(x.detach(), 1).gather(1, t.unsqueeze(1)).squeeze(1)  # [N, *]
+    (want,) = torch.autograd.grad((w[t] * nll).sum() / w[t].sum(), w)  # F.cross_entropy's mean
+    torch.testing.assert_close(g, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_ignore_index_must_be_an_int(backend):
+    """A float was truncated by the cpp wrapper (1.5 -> 1) and ignored nothing on the reference."""
+    x, t = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    for bad in (1.5, True, "1"):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            seg_cross_entropy(x, t, ignore_index=bad, backend=backend)
+    assert seg_cross_entropy(x, t, ignore_index=torch.tensor(1).item(), backend=backend) > 0
+
+
 # ----------------------------------------------------------------------------- VAE
 
 

@@ -146,6 +146,20 @@ def test_bad_inputs_raise_clear_errors():
         tk.seg_cross_entropy(x, torch.tensor([0, 1]), reduction="avg")
     with pytest.raises(ValueError, match="weight gets no gradient"):
         tk.seg_cross_entropy(x, torch.tensor([0, 1]), torch.ones(3, requires_grad=True))
+    with pytest.raises(TypeError, match="ignore_index must be an int"):
+        tk.seg_cross_entropy(x, torch.tensor([0, 1]), ignore_index=1.5)
+
+
+def test_negative_class_weights_divide_like_torch():
+    """The mean's denominator sum(w[y]) may be negative (F.cross_entropy divides by it)."""
+    x = torch.randn(4, 3, 5, dtype=DT, generator=torch.Generator(DEVICE).manual_seed(3),
+                    requires_grad=True)
+    t = torch.tensor([[0, 1, 2, 1, 1], [1, 1, 0, 2, 1], [2, 1, 1, 1, 0], [1, 0, 1, 2, 1]])
+    w = torch.tensor([1.0, -2.0, 0.5], dtype=DT)
+    want = F.cross_entropy(x, t, weight=w)
+    got = tk.seg_cross_entropy(x, t, w)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(_grads(got, x), _grads(want, x))
 
 
 def test_opcheck():

@@ -34,9 +34,15 @@ def bias_act(
 
     act in {linear, relu, lrelu, tanh, sigmoid, silu}; alpha defaults to 0.2 (lrelu only), gain to
     sqrt(2) for relu/lrelu else 1. The gradient is zero where ``|y| >= clamp`` (also at the bound;
-    for linear/relu/lrelu in bf16/fp16, where the stored y rounds to +-clamp).
+    for linear/relu/lrelu in bf16/fp16, where the stored y rounds to +-clamp). ``b`` must have
+    x's dtype, except under ``torch.autocast``, where it is cast to it. The native backends save
+    ``y`` for relu/lrelu (and linear with a clamp): an in-place change of the output before the
+    backward is then an autograd error, as after ``torch.sigmoid``; add out of place.
     See :func:`mtcore.kernels.reference.bias_act` for the oracle.
     """
+    if (b is not None and b.dtype != x.dtype and x.is_floating_point() and b.is_floating_point()
+            and torch.is_autocast_enabled(x.device.type)):
+        b = b.to(x.dtype)  # under autocast the bias follows the activations, as a conv's own does
     d, spec, alpha_v, gain_v, clamp_v = ref.check_bias_act_args(x, b, dim, act, alpha, gain, clamp)
     name = backend_for(x, backend, "bias_act")
     if name == "reference":

@@ -40,11 +40,13 @@ def joint_loss(
     ("uncertainty", Kendall et al. 2018). See :func:`mtcore.kernels.reference.joint_loss`.
 
     Gradients reaching ``terms`` (not only ``total``) are exact except for a task whose fixed
-    weight is exactly 0, where they are dropped (the fused gradient is stored pre-weighted).
+    weight is exactly 0, where they are dropped (the fused gradient is stored pre-weighted), and
+    for weights c_k too small for the dtype (fixed below ~1e-38, or uncertainty s_k above ~87 in
+    float32), where the pre-weighted gradient underflows and dividing it back out overflows.
     """
     m = ref.check_joint_args(weights, mode)
-    ref.check_seg_ce_args(seg_logits, seg_target, None, 0.0, "mean")
-    ref.check_seg_ce_args(cls_logits, cls_target, None, label_smoothing, "mean")
+    ref.check_seg_ce_args(seg_logits, seg_target, None, 0.0, "mean", ignore_index)
+    ref.check_seg_ce_args(cls_logits, cls_target, None, label_smoothing, "mean", ignore_index)
     ref.check_vae_args(recon, image, mu, logvar)
     ref.check_tensor("fake_logits", fake_logits)
     rk = ref.check_choice("recon_kind", recon_kind, ref.RECON_KINDS)

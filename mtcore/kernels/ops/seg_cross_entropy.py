@@ -26,15 +26,17 @@ def seg_cross_entropy(
 ) -> torch.Tensor:
     """Cross entropy over dim 1, equal to ``F.cross_entropy`` except: a mean over zero targets is 0.
 
-    ``weight`` (per-class) gets no gradient on the fused backends. ``backend`` overrides the
+    ``weight`` (per-class) gets no gradient on the fused backends: one that requires grad is a
+    ValueError there (the reference differentiates it). ``backend`` overrides the
     configured kernel backend (see :mod:`mtcore.kernels`).
     """
-    ref.check_seg_ce_args(logits, target, weight, label_smoothing, reduction)
+    ref.check_seg_ce_args(logits, target, weight, label_smoothing, reduction, ignore_index)
     name = backend_for(logits, backend, "seg_ce_fwd")
     if name == "reference":
         return ref.seg_cross_entropy(
             logits, target, weight, ignore_index, label_smoothing, reduction
         )
+    ref.check_constant_weight(weight)
     if logits.dtype == torch.float16:
         # The fused gradient is stored pre-scaled by 1/#targets, which in fp16 sinks into the
         # subnormals (or to 0) before a GradScaler factor could lift it: compute in fp32, as

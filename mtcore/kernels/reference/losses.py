@@ -7,6 +7,7 @@ the result is cast back to the input dtype. The argument checks here are shared 
 
 from __future__ import annotations
 
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -91,8 +92,11 @@ def check_seg_ce_args(
     weight: torch.Tensor | None,
     label_smoothing: float,
     reduction: str,
+    ignore_index: int = -100,
 ) -> None:
     """Metadata checks of seg_cross_entropy (no data-dependent checks; those need the values)."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int (a class index), got {ignore_index!r}")
     check_tensor("logits", logits)
     check_tensor("target", target, float_only=False)
     if logits.dim() < 2:
@@ -117,6 +121,15 @@ def check_seg_ce_args(
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
     check_choice("reduction", reduction, REDUCTIONS)
+
+
+def check_constant_weight(weight: torch.Tensor | None) -> None:
+    """The fused backends give class weights no gradient: one that asks for it is an error (the
+    C++ op failed at the backward with "compute_grad=False", or dropped it silently)."""
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "weight gets no gradient from the fused seg_cross_entropy; pass weight.detach() (or "
+            f"backend='reference' to learn class weights); weight is {_desc(weight)}")
 
 
 def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -195,7 +208,7 @@ def _ce_per_element(
 
 def _safe_mean(total: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     """total / denom, but 0 (with zero gradient) when denom == 0."""
-    ok = denom > 0
+    ok = denom != 0  # class weights may be negative, as in F.cross_entropy
     return torch.where(ok, total / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
 
 
@@ -215,7 +228,7 @@ def seg_cross_entropy(
     Same values as ``F.cross_entropy`` (weights, ignore_index, label smoothing), except that the
     mean over zero (weighted) non-ignored targets is 0 with zero gradient instead of NaN.
     """
-    check_seg_ce_args(logits, target, weight, label_smoothing, reduction)
+    check_seg_ce_args(logits, target, weight, label_smoothing, reduction, ignore_index)
     if not torch.compiler.is_compiling():
         check_target_values(target, logits.shape[1], ignore_index)
     per, wy = _ce_per_element(logits, target, weight, ignore_index, float(label_smoothing))

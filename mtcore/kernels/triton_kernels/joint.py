@@ -182,8 +182,8 @@ def joint_loss(
     total = sum_k exp(-s_k) L_k + s_k. ``label_smoothing`` applies to the cls term only.
     """
     m = check_joint_args(weights, mode)
-    check_seg_ce_args(seg_logits, seg_target, None, 0.0, "mean")
-    check_seg_ce_args(cls_logits, cls_target, None, label_smoothing, "mean")
+    check_seg_ce_args(seg_logits, seg_target, None, 0.0, "mean", ignore_index)
+    check_seg_ce_args(cls_logits, cls_target, None, label_smoothing, "mean", ignore_index)
     check_vae_args(recon, image, mu, logvar)
     check_tensor("fake_logits", fake_logits)
     rk = check_choice("recon_kind", recon_kind, RECON_KINDS)

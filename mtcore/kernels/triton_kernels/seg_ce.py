@@ -16,6 +16,7 @@ from torch.library import wrap_triton
 from ..reference.losses import (
     REDUCTIONS,
     check_choice,
+    check_constant_weight,
     check_seg_ce_args,
     check_target_values,
 )
@@ -150,7 +151,7 @@ def seg_ce_forward(
             denom = (w.to(acc)[t.clamp(0, c - 1)] * valid).sum()
         else:
             denom = valid.sum().to(acc)
-        scale = torch.where(denom > 0, 1.0 / torch.where(denom > 0, denom, 1.0), 0.0)
+        scale = torch.where(denom != 0, 1.0 / torch.where(denom != 0, denom, 1.0), 0.0)
     else:
         scale = torch.ones((), dtype=acc, device=x.device)
     eps = float(label_smoothing)
@@ -253,14 +254,10 @@ def seg_cross_entropy(
     Same values as ``F.cross_entropy``; a mean over zero non-ignored targets is 0 with zero
     gradient. ``weight`` is a constant (it gets no gradient).
     """
-    check_seg_ce_args(logits, target, weight, label_smoothing, reduction)
+    check_seg_ce_args(logits, target, weight, label_smoothing, reduction, ignore_index)
     red = check_choice("reduction", reduction, REDUCTIONS)
     check_device("logits", logits)
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            f"weight gets no gradient from the triton seg_cross_entropy; pass weight.detach() "
-            f"(weight of shape {tuple(weight.shape)}, dtype {weight.dtype})"
-        )
+    check_constant_weight(weight)
     if not torch.compiler.is_compiling():
         check_target_values(target, logits.shape[1], ignore_index)
     compute_grad = torch.is_grad_enabled() and logits.requires_grad
