@@ -16,6 +16,7 @@ import torch
 from mtcore import checkpoint as ckpt_io
 from mtcore.errors import CheckpointError
 from mtcore.experiment import Experiment, build_experiment
+from mtcore.registry import Registry
 from mtcore.trainer import Trainer
 
 
@@ -32,21 +33,25 @@ def fit(exp: Experiment, out_dir: str | Path | None = None, *, resume: bool = Fa
 
 
 def load(checkpoint: str | Path, *, splits: tuple[str, ...] | None = None,
-         overrides: list[str] = ()) -> Trainer:
-    """A trainer restored from a checkpoint (model, optimizers, state) using its own config."""
+         overrides: list[str] = (), registry: Registry | None = None) -> Trainer:
+    """A trainer restored from a checkpoint (model, optimizers, state) using its own config;
+    ``registry``: the one the run was built with, if not the installed plugins' (in-process
+    plugins, as in ``build(..., registry=...)``)."""
     state = ckpt_io.load(checkpoint)
     from mtcore.config import resolve_config
 
     cfg = resolve_config(state["config"], list(overrides), base=state["config"])
-    exp = build_experiment(cfg, resolved=True, splits=splits)
+    exp = build_experiment(cfg, resolved=True, splits=splits, registry=registry)
     trainer = Trainer(exp, None, progress=False)
     trainer.load_state(state, str(checkpoint))
     return trainer
 
 
-def evaluate(checkpoint: str | Path, split: str = "val") -> dict[str, float]:
+def evaluate(checkpoint: str | Path, split: str = "val", *,
+             registry: Registry | None = None) -> dict[str, float]:
     """Metrics of a checkpoint on ``split`` (including generation metrics when it generates)."""
-    trainer = load(checkpoint, splits=("train", split) if split != "train" else ("train",))
+    trainer = load(checkpoint, splits=("train", split) if split != "train" else ("train",),
+                   registry=registry)
     metrics = trainer.evaluate(split)
     if trainer.model.generative_heads():
         metrics.update(trainer.generation_metrics(split))
@@ -54,10 +59,10 @@ def evaluate(checkpoint: str | Path, split: str = "val") -> dict[str, float]:
 
 
 def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: str | None = None,
-           seed: int = 0) -> torch.Tensor:
+           seed: int = 0, *, registry: Registry | None = None) -> torch.Tensor:
     """``n`` images from a checkpoint's generative head (``task``: which one; default the first
     GAN-like head), optionally all of class ``label``."""
-    trainer = load(checkpoint, splits=())
+    trainer = load(checkpoint, splits=(), registry=registry)
     heads = trainer.model.generative_heads()
     if not heads:
         raise CheckpointError(f"{checkpoint}: the model has no generative head")

@@ -79,6 +79,21 @@ class Head(TaskHead):
                                                  reduction="none")
         return loss if self.mode == "vector" else loss.mean()
 
+    def new_metric(self):
+        return Accuracy()
+
+
+class Accuracy:
+    def __init__(self) -> None:
+        self.hits = self.n = 0
+
+    def update(self, outputs, batch):
+        self.hits += int((outputs["logits"].argmax(1) == batch["label"]).sum())
+        self.n += len(batch["label"])
+
+    def compute(self):
+        return {"accuracy": self.hits / max(self.n, 1)}
+
 
 class NoResult(LossBalancer):
     def backward(self, losses, shared, scale=None):
@@ -164,3 +179,19 @@ def test_the_epoch_line_shows_each_tasks_primary_metric():
     assert _headline(val, {"cov": object.__new__(Scored)}) == {"cov.mae": 0.25, "seg.miou": 0.5}
     val = {"cov.bias": 3.0, "cov.loss": 2.0}
     assert _headline(val, {"cov": object.__new__(Head)}) == {"cov.loss": 2.0}
+
+
+def test_a_run_with_in_process_plugins_evaluates_with_their_registry(registry, tmp_path):
+    """evaluate/load/sample take the registry a run was built with (they had none, so a run of
+    an in-process plugin could not be evaluated)."""
+    from mtcore.errors import ComponentNotFoundError
+
+    exp = mtcore.build(None, [*SMALL, 'model.backbone={name="tiny", params={}}', "optim.epochs=1",
+                              'tasks.cls.head={name="tiny_head", params={}}',
+                              "train.samples_every=0"], registry=registry)
+    mtcore.fit(exp, tmp_path)
+    ckpt = tmp_path / "checkpoints" / "last.pt"
+    metrics = mtcore.evaluate(ckpt, "val", registry=registry)
+    assert 0.0 <= metrics["cls.accuracy"] <= 1.0
+    with pytest.raises(ComponentNotFoundError, match=r"model\.backbone\.name: unknown backbone"):
+        mtcore.evaluate(ckpt, "val")
