@@ -46,9 +46,12 @@ class Component:
 
 @dataclass(frozen=True)
 class TableOf:
-    """A table whose keys are user-chosen names, each value following ``schema``."""
+    """A table whose keys are user-chosen names (of ``noun``s), each value following ``schema``
+    and holding the keys ``required``."""
 
     schema: dict[str, Any]
+    noun: str = "entry"
+    required: tuple[str, ...] = ()
 
 
 def _num(lo: float | None = None, *, strict: bool = False, integer: bool = False) -> Key:
@@ -103,7 +106,7 @@ SCHEMA: dict[str, Any] = {
         "head": Component("head"),
         "loss": Component("loss"),
         "optim": GROUP,  # this head's own optimizer settings, over optim.groups.heads
-    }),
+    }, noun="task", required=("head",)),
     "balancer": Component("balancer"),
     "transfer": Component("transfer"),
     "optim": {
@@ -118,7 +121,9 @@ SCHEMA: dict[str, Any] = {
         "warmup_epochs": _num(0),
         "step_size": _num(1, integer=True),
         "gamma": _num(0, strict=True),
-        "groups": {"backbone": GROUP, "heads": GROUP, "balancer": GROUP, "discriminator": GROUP},
+        # backbone, heads, balancer, and the heads' auxiliary groups by name (discriminator, or a
+        # plugin's own): names no part of the model has are refused when the trainer is built
+        "groups": TableOf(GROUP, noun="parameter group"),
     },
     "train": {
         "amp": _choice("none", "bf16", "fp16"),
@@ -233,10 +238,13 @@ def validate(cfg: Mapping[str, Any], schema: Any = SCHEMA, path: str = "") -> No
             raise ConfigError(f"{path}: expected a table of named entries, got {cfg!r}")
         for name, entry in cfg.items():
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_\-]*", name):
-                raise ConfigError(f"{path}.{name}: task names use letters, digits, '_' and '-'")
+                raise ConfigError(f"{path}.{name}: {schema.noun} names use letters, digits, '_' "
+                                  "and '-'")
             validate(entry, schema.schema, f"{path}.{name}")
-            if "head" not in entry:
-                raise ConfigError(f"{path}.{name}.head: missing; every task needs a head = {{name = ...}}")
+            for key in schema.required:
+                if key not in entry:
+                    raise ConfigError(f"{path}.{name}.{key}: missing; every {schema.noun} needs "
+                                      f"a {key} = {{name = ...}}")
         return
     if isinstance(schema, Component):
         if not isinstance(cfg, Mapping):

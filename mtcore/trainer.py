@@ -142,6 +142,13 @@ class Trainer:
                 sched = make_schedule(opt, ocfg, self.steps_per_epoch,
                                       kinds=[opts.get("schedule")])
                 self.aux[(name, gname)] = (opt, sched, params)
+        known = {"backbone", "heads", "balancer", "discriminator"} | {g for _, g in self.aux}
+        for gname in groups_cfg:
+            if gname not in known:
+                raise ConfigError(
+                    f"optim.groups.{gname}: no parameter group of that name; groups: "
+                    f"{', '.join(sorted(known))} (auxiliary ones are named by their heads' "
+                    "auxiliary_parameters())")
 
     def _autocast(self):
         if self.amp == "none":

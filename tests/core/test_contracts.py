@@ -64,7 +64,10 @@ class Head(TaskHead):
         self.critic = torch.nn.Linear(3, 1)
 
     def auxiliary_parameters(self):
-        return {"discriminator": list(self.critic.parameters())} if "aux" in self.mode else {}
+        if "aux" not in self.mode:
+            return {}
+        return {"critic" if self.mode == "aux_critic" else "discriminator":
+                list(self.critic.parameters())}
 
     def auxiliary_loss(self, batch, step):  # the base class's signature
         loss = self.critic(batch["image"].mean((2, 3))).square().mean()
@@ -195,3 +198,21 @@ def test_a_run_with_in_process_plugins_evaluates_with_their_registry(registry, t
     assert 0.0 <= metrics["cls.accuracy"] <= 1.0
     with pytest.raises(ComponentNotFoundError, match=r"model\.backbone\.name: unknown backbone"):
         mtcore.evaluate(ckpt, "val")
+
+
+def test_a_plugins_own_auxiliary_group_takes_its_settings(registry):
+    """optim.groups.<name> configures any head's auxiliary group (only `discriminator` was
+    accepted); a name no part of the model has is a config error naming the groups."""
+    from mtcore.errors import ConfigError
+
+    def trainer(*overrides):
+        exp = mtcore.build(None, [*SMALL, 'model.backbone={name="tiny", params={}}',
+                                  'tasks.cls.head={name="tiny_head", params={mode="aux_critic"}}',
+                                  *overrides], registry=registry)
+        return Trainer(exp, None, progress=False, log=lambda _: None)
+
+    opt = trainer("optim.groups.critic={lr=0.25}").aux[("cls", "critic")][0]
+    assert opt.param_groups[0]["lr"] == 0.25
+    with pytest.raises(ConfigError, match=r"optim\.groups\.critc: no parameter group of that "
+                                          r"name; groups: backbone, balancer, critic"):
+        trainer("optim.groups.critc={lr=0.25}")
