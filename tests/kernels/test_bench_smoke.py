@@ -112,9 +112,15 @@ def test_train_step_and_step_ops_scripts_run(capsys):
     assert "vs (model.channels_last=false) / cpp:" in out
     # the profile lists the step's ops by their own time, convolutions and the fused ops among them
     prof = out.split("profile of 8 cpp steps")[1].splitlines()[1:]
-    assert len(prof) == 15 and any("convolution" in r for r in prof)
-    shares = [float(r.split("ms")[1].split("%")[0]) for r in prof]
+    ops, flops = prof[:15], prof[15:]
+    assert any("convolution" in r for r in ops)
+    shares = [float(r.split("ms")[1].split("%")[0]) for r in ops]
     assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
+    # then the convolutions' throughput, and a matrix product's for scale
+    rates = {r.split(":")[0].strip(): float(r.split()[-2]) for r in flops if r.endswith("GFLOP/s")}
+    assert set(rates) == {"convolution forward", "convolution backward",
+                          "for scale, a 1024^3 fp32 matrix product here"}
+    assert all(v > 0 for v in rates.values())
     step_ops = _load_script("step_ops")
     for layout in ("channels_last", "contiguous"):
         assert step_ops.main(["--calls", "2", "--layout", layout]) == 0
@@ -127,3 +133,19 @@ def test_train_step_and_step_ops_scripts_run(capsys):
     loss_c, (x_c, *_) = step_ops.cases(False)["bias_act lrelu 32x16x32x32"]("reference")
     assert x_cl.is_contiguous(memory_format=torch.channels_last) and x_c.is_contiguous()
     assert torch.equal(x_cl, x_c) and torch.allclose(loss_cl, loss_c, rtol=1e-5)
+
+
+def test_conv_flop_count_matches_a_hand_count():
+    """train_step.py --profile's GFLOP/s: FLOPs from the traced shapes, against 2 * MACs counted
+    by hand for a strided, padded conv (forward; backward with and without the input gradient)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    conv = torch.nn.Conv2d(6, 10, 3, stride=2, padding=1, bias=False)
+    x = torch.randn(4, 6, 9, 7)
+    macs = 4 * 5 * 4 * 10 * 6 * 3 * 3  # N * H_out * W_out * C_out * C_in * k * k; 9 -> 5, 7 -> 4
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        conv(x).sum().backward()  # weight gradient only
+        conv(x.requires_grad_()).sum().backward()  # weight and input gradients
+    flops = _load_script("train_step")._conv_flops(prof.events())
+    assert flops["convolution forward"][0] == 2 * 2 * macs
+    assert flops["convolution backward"][0] == 2 * macs * (1 + 2)
