@@ -79,7 +79,8 @@ class TaskHead(nn.Module):
     def auxiliary_loss(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
         """Losses of one auxiliary step on ``batch`` at main step ``step`` (e.g. a GAN's D loss on
         real and generated images, which need no backbone features): key ``"loss"`` (a scalar)
-        is minimised by the auxiliary optimizer, the other scalars are logged."""
+        is minimised by the auxiliary optimizer, the other scalars are logged as
+        ``<task>.<key>``."""
         raise NotImplementedError
 
     def after_main_step(self) -> None:

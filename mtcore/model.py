@@ -29,7 +29,8 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, batch: Batch) -> dict[str, Outputs]:
         features = self.backbone(batch["image"])
-        if not self._checked:
+        check = not self._checked and not torch.compiler.is_compiling()
+        if check:
             self._check_features(features)
         out: dict[str, Outputs] = {}
         for name in self._order:
@@ -38,11 +39,12 @@ class MultiTaskModel(nn.Module):
                 out[name] = head(features, batch, {k: out[k] for k in head.reads})
             else:
                 out[name] = head(features, batch)
-            if not self._checked and not isinstance(out[name], Mapping):
+            if check and not isinstance(out[name], Mapping):
                 raise ContractError(
                     f"head {type(head).__name__} (task {name!r}) must return a dict of output "
                     f"tensors from forward, got {type(out[name]).__name__}")
-        self._checked = True  # the contract holds; checked once, out of the hot path
+        if check:  # the contract holds: checked once (eagerly), out of the hot path
+            self._checked = True
         return {name: out[name] for name in self.heads}  # config order
 
     def _check_features(self, features: object) -> None:

@@ -24,6 +24,7 @@ from mtcore.errors import CheckpointError, ConfigError, ContractError
 from mtcore.experiment import Experiment
 from mtcore.heads import TaskHead
 from mtcore.optim import clip, make_optimizer, make_schedule
+from mtcore.registry import suggest
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -142,13 +143,14 @@ class Trainer:
                 sched = make_schedule(opt, ocfg, self.steps_per_epoch,
                                       kinds=[opts.get("schedule")])
                 self.aux[(name, gname)] = (opt, sched, params)
+        # "discriminator" stays valid without a GAN task: the default config sets it
         known = {"backbone", "heads", "balancer", "discriminator"} | {g for _, g in self.aux}
         for gname in groups_cfg:
             if gname not in known:
                 raise ConfigError(
-                    f"optim.groups.{gname}: no parameter group of that name; groups: "
-                    f"{', '.join(sorted(known))} (auxiliary ones are named by their heads' "
-                    "auxiliary_parameters())")
+                    f"optim.groups.{gname}: no parameter group of that name.{suggest(gname, sorted(known))}"
+                    f" Groups: {', '.join(sorted(known))} (auxiliary ones are named by their "
+                    "heads' auxiliary_parameters())")
 
     def _autocast(self):
         if self.amp == "none":
@@ -210,7 +212,8 @@ class Trainer:
                     self.scaler.update()
                 opt.zero_grad(set_to_none=True)  # D keeps no gradients into the G step
                 for k, v in aux.items():
-                    logs[f"{name}.{k}"] = float(v.detach())
+                    if k != "loss":  # "<task>.loss" is the main step's loss of the task
+                        logs[f"{name}.{k}"] = float(_scalar_loss(name, head, v, "auxiliary_loss"))
             sched.step()
         aux_params = [p for (_, _, ps) in self.aux.values() for p in ps]
         with frozen(aux_params):
@@ -491,12 +494,12 @@ _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
 def _scalar_loss(task: str, head: TaskHead, loss: Any, what: str = "compute_loss") -> torch.Tensor:
     """``loss`` as a float32 scalar, or a ContractError naming the task, the head and the shape
     (a per-sample loss vector used to fail inside the NaN check as an ambiguous bool)."""
-    if not torch.is_tensor(loss) or loss.dim() != 0:
+    if not torch.is_tensor(loss) or loss.numel() != 1:
         got = f"shape {tuple(loss.shape)}" if torch.is_tensor(loss) else type(loss).__name__
         raise ContractError(
             f"task {task!r}: {type(head).__name__}.{what} must return a scalar tensor (reduce it, "
             f"e.g. .mean()), got {got}")
-    return loss.float()
+    return loss.reshape(()).float()  # a one-element [1] loss is a scalar too
 
 
 def _is_optim_key(key: str) -> bool:

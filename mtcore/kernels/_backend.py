@@ -105,10 +105,16 @@ def _why_unavailable(name: str, device: torch.device | None, op: str | None) -> 
     """None if backend ``name`` can run ``op`` on ``device``, else the reason it cannot."""
     if name == "reference":
         return None
-    if _under_functorch():
-        return ("a torch.func transform (grad, vjp, jacrev, vmap, ...) or forward-mode AD is "
-                "active, and neither can differentiate this backend's autograd; the reference "
-                "backend works there")
+    why = _why_native_unavailable(name, device, op)
+    if why is None and _under_functorch():
+        why = ("a torch.func transform (grad, vjp, jacrev, vmap, ...) or forward-mode AD is "
+               "active, and neither can differentiate this backend's autograd; the reference "
+               "backend works there")
+    return why
+
+
+def _why_native_unavailable(name: str, device: torch.device | None, op: str | None) -> str | None:
+    """_why_unavailable for the non-reference backends, transforms aside."""
     if name == "cpp":
         if device is not None and device.type != "cpu":
             return f"the cpp backend runs on CPU tensors, got a {device.type} tensor"

@@ -119,9 +119,9 @@ def _build(verbose: bool) -> Path:
         _LOADED.add(lib)
         return lib
     # a first build takes a minute or more (several with CUDA): say so, or a run sits silent
-    print(f"mtcore: building the {'C++/CUDA' if with_cuda else 'C++'} kernels (first use of these "
-          f"sources; about a minute, cached in {build_dir}; `mtcore build-ext` does it ahead of "
-          "time, MTCORE_KERNELS=reference skips them)", file=sys.stderr, flush=True)
+    print(f"mtcore: building the {'C++/CUDA' if with_cuda else 'C++'} kernels, once for these "
+          f"sources ({'several minutes' if with_cuda else 'about a minute'}; cached in "
+          f"{build_dir}; MTCORE_KERNELS=reference runs without them)", file=sys.stderr, flush=True)
     load(
         name=name,
         sources=[str(s) for s in srcs],

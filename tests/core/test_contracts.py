@@ -214,5 +214,20 @@ def test_a_plugins_own_auxiliary_group_takes_its_settings(registry):
     opt = trainer("optim.groups.critic={lr=0.25}").aux[("cls", "critic")][0]
     assert opt.param_groups[0]["lr"] == 0.25
     with pytest.raises(ConfigError, match=r"optim\.groups\.critc: no parameter group of that "
-                                          r"name; groups: backbone, balancer, critic"):
+                                          r"name\. Did you mean 'critic'\? Groups: backbone, "
+                                          "balancer, critic"):
         trainer("optim.groups.critc={lr=0.25}")
+
+
+def test_a_one_element_loss_counts_as_a_scalar(registry):
+    """A loss of shape [1] (e.g. accumulated into torch.zeros(1)) trains as before."""
+    class OneElement(Head):
+        def compute_loss(self, outputs, batch):
+            return super().compute_loss(outputs, batch).reshape(1)
+
+    exp = mtcore.build(None, [*SMALL, 'model.backbone={name="tiny", params={}}',
+                              'tasks.cls.head={name="tiny_head", params={}}'], registry=registry)
+    exp.model.heads["cls"].__class__ = OneElement
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    logs = trainer.train_step(next(iter(trainer._loader(trainer.train_set, True))))
+    assert torch.isfinite(torch.tensor(logs["cls.loss"]))

@@ -145,7 +145,7 @@ def test_a_first_build_says_so_and_a_cached_one_is_silent(monkeypatch, tmp_path,
                                                      f"{kw['name']}.so").write_bytes(b""))
     lib = _build._build(verbose=False)
     err = capsys.readouterr().err
-    assert "mtcore: building the C++" in err and str(lib.parent) in err and "build-ext" in err
+    assert "mtcore: building the C++" in err and str(lib.parent) in err
     monkeypatch.setattr(_build, "_LOADED", set())
     monkeypatch.setattr(torch.ops, "load_library", lambda path: None)
     assert _build._build(verbose=False) == lib  # cached: loaded, not built

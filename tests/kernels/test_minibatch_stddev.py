@@ -106,12 +106,12 @@ def test_cpp_non_contiguous_input(cpp, layout):
         torch.testing.assert_close(ov, wv)
 
 
-@pytest.mark.parametrize("case", [(8, 6, 5, 3, 4), (4, 300, 4, 4, 2), (3, 4, 1, 1, 8), (6, 2000, 2, 1, 2)],
+@pytest.mark.parametrize("case", [(8, 6, 5, 3, 4), (4, 300, 4, 4, 2), (3, 4, 1, 2, 8), (6, 2000, 2, 1, 2)],
                          ids=str)
 def test_cpp_channels_last_keeps_its_layout(cpp, case):
     """With one std channel a channels-last x gives channels-last outputs (the next convolution
     then copies nothing), same values; pixels per task: several (C=6), a few (C=300), one with a
-    1x1 map, and a pixel wider than a task's features (C=2000)."""
+    1x2 map and G = N = 3, and a pixel wider than a task's features (C=2000)."""
     n, c, h, w, group = case
     g = torch.Generator().manual_seed(5)
     x = torch.randn(n, c, h, w, generator=g, dtype=torch.float64)
