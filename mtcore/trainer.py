@@ -213,7 +213,8 @@ class Trainer:
                 opt.zero_grad(set_to_none=True)  # D keeps no gradients into the G step
                 for k, v in aux.items():
                     if k != "loss":  # "<task>.loss" is the main step's loss of the task
-                        logs[f"{name}.{k}"] = float(_scalar_loss(name, head, v, "auxiliary_loss"))
+                        value = _scalar_loss(name, head, v, "auxiliary_loss")
+                        logs[f"{name}.{k}"] = float(value.detach())
             sched.step()
         aux_params = [p for (_, _, ps) in self.aux.values() for p in ps]
         with frozen(aux_params):

@@ -206,6 +206,8 @@ def test_native_backend_under_torch_func(cpp_built):
     torch.testing.assert_close(got, 2 * (x - 1) / x.numel())  # d/dx mean((x - 1)^2), role g
 
 
+# PyTorch's own forward-AD decompositions call the deprecated torch.jit.script on first use
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad_runs_the_reference(cpp_built):
     """Forward-mode AD (dual tensors) cannot go through the C++ autograd Functions ("jvp is not
     implemented"): auto uses the reference inside a dual level; the JVP equals the reference's."""
