@@ -31,6 +31,11 @@ step env "$PY" -c "import torch, triton; print('torch', torch.__version__, 'trit
 print('device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'none (CPU dry run)')"
 step install "$PY" -m pip install -q --no-deps --no-build-isolation -e .
 step build "$PY" -m mtcore.cli.main build-ext
+# the backends a GPU run is for must be there: a missing one would only skip its tests
+step backends "$PY" -c "import torch; from mtcore import kernels as K; \
+dev = 'cuda' if torch.cuda.is_available() else 'cpu'; have = K.available_backends(dev); \
+want = {'cuda', 'triton'} if dev == 'cuda' else {'cpp'}; print(dev, have); \
+assert want <= set(have), f'kernel backends missing on {dev}: {sorted(want - set(have))}'"
 step tests "$PY" -m pytest -q -p no:cacheprovider tests/kernels -m "not slow" -ra
 step bench "$PY" -m mtcore.cli.main bench --markdown
 echo "gpu_check: exit $status (logs in $OUT)"

@@ -81,11 +81,13 @@ def _fwd_bwd(fn: Callable[[str], tuple[torch.Tensor, list[torch.Tensor]]], backe
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--calls", type=int, default=300)
+    p.add_argument("--calls", type=int, default=300, help="timed calls per op and backend (>= 1)")
     p.add_argument("--layout", choices=("channels_last", "contiguous"), default="channels_last",
                    help="memory format of the 4-d model outputs "
                         "(the default config's: channels_last)")
     args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error(f"--calls must be >= 1, got {args.calls}")
     if "cpp" not in K.available_backends("cpu"):
         print("the C++ kernels are unavailable here; nothing to compare")
         return 1

@@ -81,8 +81,9 @@ def _quartiles(ts: list[float]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> int:
     """Build both trainers, time interleaved steps, print the table and the ratio."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=15,
+                   help="timed steps per trainer (>= 2: quartiles need two)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per trainer first")
     p.add_argument("--set", dest="overrides", action="append", default=[],
                    help="config override key=value (repeatable)")
     p.add_argument("--bound", action="store_true",
@@ -93,6 +94,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time cpp with these overrides on top (repeatable), e.g. "
                         "model.channels_last=false")
     args = p.parse_args(argv)
+    if args.repeats < 2 or args.warmup < 0:
+        p.error(f"--repeats must be >= 2 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    for o in (*args.overrides, *args.vs):
+        if o.split("=", 1)[0].strip() == "kernels":
+            p.error(f"{o!r}: the script chooses the kernels itself (cpp, reference, free)")
     if "cpp" not in kernels.available_backends("cpu"):
         print("the C++ kernels are unavailable here; nothing to compare")
         return 1

@@ -49,10 +49,13 @@ def pick_device(name: str) -> torch.device:
 
 
 def select_kernels(name: str) -> None:
-    """Apply the ``kernels`` config key (the fused-kernel backend)."""
+    """Apply the ``kernels`` config key (the fused-kernel backend). ``"auto"``, the default, is
+    no choice: it leaves ``$MTCORE_KERNELS`` in force (checked here, so a bad value fails the
+    build with the variable's name rather than the first kernel call)."""
     from mtcore import kernels
 
-    kernels.set_backend(name)
+    kernels.set_backend(None if name == "auto" else name)
+    kernels.get_backend()
 
 
 def _component(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -17,10 +17,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtcore import kernels
+    from mtcore.kernels import _build
 
     try:
         path = kernels.build_extensions(verbose=args.verbose)
     except Exception as exc:  # the build reports compiler errors; keep them on one line
         raise MtcoreError(f"kernel build failed: {exc}") from exc
-    print(f"built: {path}")
+    if path is None:  # the build warned and fell back: as a command, that is a failure
+        raise MtcoreError(f"kernel build failed: {_build.build_error()}"
+                          + ("" if args.verbose else " (run `mtcore build-ext --verbose` for the "
+                             "compiler log)"))
+    print(f"kernels ready: {path}")
     return 0

@@ -165,8 +165,8 @@ def load_ops(verbose: bool = False) -> bool:
             _state["error"] = f"{type(exc).__name__}: {short}"
             warnings.warn(
                 f"mtcore: building the C++ kernels failed ({_state['error']}); "
-                "falling back to the reference PyTorch ops. Run `mtcore build-ext` with "
-                "verbose output to see the compiler log.",
+                "falling back to the reference PyTorch ops. `mtcore build-ext --verbose` "
+                "shows the compiler log.",
                 RuntimeWarning,
                 stacklevel=2,
             )

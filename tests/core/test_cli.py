@@ -72,3 +72,37 @@ def test_foreign_checkpoint_is_refused(tmp_path, capsys):
     torch.save({"weights": torch.zeros(2)}, p)
     assert main(["sample", "--checkpoint", str(p)]) == 2
     assert "is not an mtcore checkpoint" in capsys.readouterr().err
+
+
+def test_build_ext_fails_when_the_build_fails(monkeypatch, capsys):
+    """The build warns and falls back inside a run; as a command a failed build must fail (it
+    printed "built: None" and exited 0, so gpu_check.sh's build step could never fail)."""
+    from mtcore import kernels
+    from mtcore.kernels import _build
+
+    monkeypatch.setattr(kernels, "build_extensions", lambda verbose=False: None)
+    monkeypatch.setattr(_build, "build_error", lambda: "CalledProcessError: g++ exited with 1")
+    assert main(["build-ext"]) == 2
+    err = capsys.readouterr().err
+    assert "kernel build failed: CalledProcessError: g++ exited with 1" in err
+    assert "mtcore build-ext --verbose" in err
+
+
+def test_mtcore_kernels_variable_applies_under_the_default_config(monkeypatch):
+    """`kernels = "auto"` (the default) is no choice, so $MTCORE_KERNELS decides; it used to be
+    overridden by the config's "auto" (and a bad value was never noticed)."""
+    import mtcore
+    from mtcore import kernels
+
+    tiny = ["data.dataset.params.num_samples=16", "data.dataset.params.size=16"]
+    try:
+        monkeypatch.setenv("MTCORE_KERNELS", "reference")
+        mtcore.build(None, tiny, splits=("train",))
+        assert kernels.get_backend() == "reference"
+        mtcore.build(None, [*tiny, 'kernels="cpp"'], splits=("train",))
+        assert kernels.get_backend() == "cpp"  # the config key outranks the variable
+        monkeypatch.setenv("MTCORE_KERNELS", "bogus")
+        with pytest.raises(ValueError, match="environment variable MTCORE_KERNELS"):
+            mtcore.build(None, tiny, splits=("train",))
+    finally:
+        kernels.set_backend(None)

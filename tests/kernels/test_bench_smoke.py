@@ -152,3 +152,16 @@ def test_conv_flop_count_matches_a_hand_count():
     flops = _load_script("train_step")._conv_flops(prof.events())
     assert flops["convolution forward"][0] == 2 * 2 * macs
     assert flops["convolution backward"][0] == 2 * macs * (1 + 2)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--repeats", "1"], "--repeats must be >= 2"),
+    (["--set", 'kernels="reference"'], "the script chooses the kernels itself"),
+    (["--vs", "kernels=cpp"], "the script chooses the kernels itself"),
+])
+def test_train_step_script_rejects_what_it_cannot_do(args, match, capsys):
+    """--repeats 1 crashed after timing everything (quartiles of one value); a kernels override
+    was silently replaced by the script's own."""
+    with pytest.raises(SystemExit) as exc:
+        _load_script("train_step").main(args)
+    assert exc.value.code == 2 and match in capsys.readouterr().err
