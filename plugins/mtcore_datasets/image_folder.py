@@ -12,6 +12,7 @@ Every problem found is reported with the file it concerns, since a user's folder
 from __future__ import annotations
 
 import csv
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,3 +359,18 @@ class ImageFolderDataset(Dataset):
         if self.labels is not None:
             item["label"] = self.labels[index]
         return item
+
+
+def image_folder(split: str, root: str | Path, **params) -> ImageFolderDataset:
+    """The registry's factory: mtcore passes the split first (``factory(split, **params)``), the
+    class takes ``root`` first (its Python API)."""
+    return ImageFolderDataset(root, split, **params)
+
+
+# the factory's visible signature is the class's, split first: the registry checks parameter
+# names against it (a misspelt one is a config error listing the accepted ones)
+_params = inspect.signature(ImageFolderDataset).parameters
+image_folder.__signature__ = inspect.Signature(
+    [_params["split"].replace(default=inspect.Parameter.empty), _params["root"],
+     *(p for name, p in _params.items() if name not in ("split", "root"))],
+    return_annotation=ImageFolderDataset)

@@ -3,7 +3,7 @@
 from mtcore.plugin import DatasetSpec, hookimpl
 
 from .digits import DigitsDataset
-from .image_folder import ImageFolderDataset
+from .image_folder import image_folder
 from .shapes import ShapesDataset
 
 
@@ -13,5 +13,5 @@ def mtcore_datasets():
                       "Procedural shapes on texture: masks + labels, any size, no download.")
     yield DatasetSpec("digits", DigitsDataset,
                       "scikit-learn's 1,797 handwritten digits with foreground masks.")
-    yield DatasetSpec("image_folder", ImageFolderDataset,
+    yield DatasetSpec("image_folder", image_folder,
                       "Your images, optional index/palette PNG masks and labels.csv.")

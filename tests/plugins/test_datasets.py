@@ -413,3 +413,21 @@ def test_image_folder_bad_arguments(tmp_path):
     no_masks = _folder(tmp_path / "plain", n=2, masks=False, labels=False)
     _expect(no_masks, "masks does not exist", num_seg_classes=3)
     _expect(no_masks, r"labels\.csv does not exist", label_names=["a"])
+
+
+def test_image_folder_from_a_config(tmp_path):
+    """The registry calls factory(split, **params): the class takes root first, so the dataset
+    could not be named in a config at all ("has no parameter 'root'")."""
+    import mtcore
+    from mtcore.errors import ConfigError
+
+    root = _folder(tmp_path / "data", n=10)
+    dataset = f'data.dataset={{name="image_folder", params={{root="{root}", size=8}}}}'
+    exp = mtcore.build(None, [dataset, "tasks.vae.enabled=false", "tasks.gan.enabled=false",
+                              'tasks.cls.head={name="classification", params={pool="avgmax", '
+                              'from_task=""}}', "model.backbone.params.width=8"],
+                       splits=("train", "val"))
+    assert exp.info.num_seg_classes == 4 and exp.info.num_labels == 2
+    assert exp.info.image_size == (8, 8)
+    with pytest.raises(ConfigError, match="has no parameter 'sise'.*Did you mean 'size'"):
+        mtcore.build(None, [dataset.replace("size=8", "sise=8")], splits=("train",))
