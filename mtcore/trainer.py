@@ -356,11 +356,12 @@ class Trainer:
         tcfg = self.cfg["train"]
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(dumps(self.cfg))
         if resume:
-            self._resume()
+            self._resume()  # before config.toml is written: a refused resume leaves the run as is
         elif self.out is not None and (self.out / "metrics.jsonl").exists():
             (self.out / "metrics.jsonl").unlink()
+        if self.out is not None:
+            (self.out / "config.toml").write_text(dumps(self.cfg))
         if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():
             init = self.generation_metrics()
             self._record({"epoch": 0, "split": "init", **init})

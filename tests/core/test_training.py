@@ -158,6 +158,11 @@ def test_resume_checks_what_changed(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"model\.backbone\.params\.width changed"):
         resume("model.backbone.params.width=4")
+    saved = (tmp_path / "config.toml").read_text()
+    with pytest.raises(CheckpointError, match=r"model\.backbone\.params\.width changed"):
+        Trainer(mtcore.build(None, [*sets, "model.backbone.params.width=4"]), tmp_path,
+                progress=False).fit(resume=True)
+    assert (tmp_path / "config.toml").read_text() == saved  # a refused resume rewrote it
     with pytest.raises(CheckpointError, match=r"tasks\.seg\.loss\.params\.label_smoothing"):
         resume("tasks.seg.loss.params.label_smoothing=0.2")
     with pytest.raises(CheckpointError, match=r"optim\.optimizer changed"):
