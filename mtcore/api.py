@@ -41,7 +41,7 @@ def load(checkpoint: str | Path, *, splits: tuple[str, ...] | None = None,
     from mtcore.config import resolve_config
 
     cfg = resolve_config(state["config"], list(overrides), base=state["config"])
-    exp = build_experiment(cfg, resolved=True, splits=splits, registry=registry)
+    exp = build_experiment(cfg, resolved=True, splits=splits, registry=registry, restoring=True)
     trainer = Trainer(exp, None, progress=False)
     trainer.load_state(state, str(checkpoint))
     return trainer

@@ -100,8 +100,14 @@ def build_model(registry: Registry, cfg: Mapping[str, Any], info: DatasetInfo) -
 
 def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[str] = (), *,
                      registry: Registry | None = None, splits: tuple[str, ...] | None = None,
-                     resolved: bool = False) -> Experiment:
-    """Build everything from a config dict (merged over the defaults unless ``resolved``)."""
+                     resolved: bool = False, restoring: bool = False) -> Experiment:
+    """Build everything from a config dict (merged over the defaults unless ``resolved``).
+
+    ``restoring``: the config is a run's saved one and its weights will come from that run's
+    checkpoint (eval, sample, resume), so the transfer strategy's ``configure`` (already applied
+    to the saved config) and ``setup`` (loading the source weights) are skipped: a transferred run
+    stays usable when its source checkpoint has moved or gone.
+    """
     cfg = dict(config) if resolved and config is not None else resolve_config(config, list(overrides))
     registry = registry or Registry()
     with warnings.catch_warnings():
@@ -109,7 +115,8 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
         select_kernels(cfg["kernels"])
     tname, tparams = _component(cfg["transfer"])
     transfer = registry.build("transfer", tname, tparams, key="transfer")
-    cfg = transfer.configure(cfg)
+    if not restoring:
+        cfg = transfer.configure(cfg)
     torch.manual_seed(cfg["seed"])
     splits = splits if splits is not None else ("train", cfg["data"]["val_split"])
     datasets = {s: build_dataset(registry, cfg, s) for s in splits}
@@ -118,7 +125,8 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
     model = build_model(registry, cfg, info)
     bname, bparams = _component(cfg["balancer"])
     balancer = registry.build("balancer", bname, bparams, list(cfg["tasks"]), key="balancer")
-    transfer.setup(model)
+    if not restoring:
+        transfer.setup(model)
     device = pick_device(cfg["device"])
     return Experiment(config=cfg, info=info, model=model, balancer=balancer, transfer=transfer,
                       device=device, datasets=datasets, registry=registry)

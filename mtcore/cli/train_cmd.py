@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve_config(load_toml(saved), args.overrides)
     else:
         cfg = resolve_config(load_toml(args.config) if args.config else None, args.overrides)
-    exp = build_experiment(cfg, resolved=True)
+    exp = build_experiment(cfg, resolved=True, restoring=args.resume)
+    cfg = exp.config  # as the transfer strategy configured it (structure transfer: its backbone)
     print(f"mtcore train: {exp.info.name} {exp.info.image_size[0]}x{exp.info.image_size[1]}, "
           f"backbone {cfg['model']['backbone']['name']}, tasks {', '.join(cfg['tasks'])}, "
           f"balancer {cfg['balancer']['name']}, device {exp.device}, out {out}")

@@ -89,3 +89,25 @@ def test_staged_rejects_unknown_module():
     with pytest.raises(ValueError, match="'heads.nope', which is not a module"):
         mtcore.build(None, SMALL + ["transfer.name=\"staged\"",
                                     "transfer.params.stages=[{freeze=[\"heads.nope\"]}]"], splits=())
+
+
+@pytest.mark.parametrize("strategy", ["finetune", "structure"])
+def test_a_transferred_run_outlives_its_source_checkpoint(source_ckpt, tmp_path, strategy):
+    """eval, sample and --resume of a finetuned (or structure-transferred) run read the run's own
+    checkpoint; they failed with "checkpoint 'src.pt' does not exist" once the source was gone."""
+    from mtcore.cli.main import main
+
+    path, _ = source_ckpt
+    out = tmp_path / "run"
+    exp = mtcore.build(None, SMALL + ["optim.epochs=2", "train.samples_every=0",
+                                      f'transfer={{name="{strategy}", params={{checkpoint="{path}"}}}}'])
+    trainer = Trainer(exp, out, progress=False, log=lambda _: None)
+    trainer.fit(stop_after=1)
+    weights = {k: v.clone() for k, v in exp.model.state_dict().items()}
+    path.unlink()
+    restored = mtcore.load(out / "checkpoints" / "last.pt")
+    for k, v in restored.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k  # the run's weights, not the source's
+    assert 0.0 <= mtcore.evaluate(out / "checkpoints" / "last.pt", "val")["seg.miou"] <= 1.0
+    assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
+    assert (out / "checkpoints" / "last.pt").is_file()
