@@ -170,8 +170,11 @@ class Trainer:
         """Train mode everywhere, then freeze (and put in eval mode) what the stage says."""
         stage = self.exp.transfer.stage(epoch)
         self.model.train()
-        for g in self.optimizer.param_groups:  # only what the main optimizer trains (not D, not EMA)
+        for g in self.optimizer.param_groups:  # what the optimizers train (not an EMA copy)
             for p in g["params"]:
+                p.requires_grad_(True)
+        for _, _, params in self.aux.values():  # a discriminator frozen by an earlier stage too
+            for p in params:
                 p.requires_grad_(True)
         for prefix in stage.freeze:
             module = self.model.get_submodule(prefix)
@@ -192,6 +195,8 @@ class Trainer:
         logs: dict[str, float] = {}
         for (name, gname), (opt, sched, params) in self.aux.items():
             head = self.heads[name]
+            if not any(p.requires_grad for p in params):
+                continue  # the transfer stage freezes this head: no auxiliary (D) step
             for _ in range(head.auxiliary_steps):
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():

@@ -111,3 +111,23 @@ def test_a_transferred_run_outlives_its_source_checkpoint(source_ckpt, tmp_path,
     assert 0.0 <= mtcore.evaluate(out / "checkpoints" / "last.pt", "val")["seg.miou"] <= 1.0
     assert main(["train", "--out", str(out), "--resume", "--quiet"]) == 0
     assert (out / "checkpoints" / "last.pt").is_file()
+
+
+def test_a_stage_can_freeze_the_gan_and_a_later_one_trains_it():
+    """Freezing heads.gan crashed the discriminator step ("element 0 of tensors does not require
+    grad"), and a later stage never unfroze the discriminator (its parameters are not the main
+    optimizer's)."""
+    stages = '[{name="g", epochs=1, freeze=["heads.gan"]}, {name="all", epochs=1}]'
+    exp = mtcore.build(None, [*SMALL, "tasks.gan.enabled=true", "tasks.gan.head.params.width=8",
+                              "tasks.gan.head.params.d_width=8", "optim.epochs=2",
+                              f'transfer={{name="staged", params={{stages={stages}}}}}'])
+    gan = exp.model.heads["gan"]
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    start = {k: v.clone() for k, v in gan.state_dict().items()}
+    trainer.fit(stop_after=1)
+    assert all(torch.equal(v, start[k]) for k, v in gan.state_dict().items())
+    before = {part: [p.clone() for p in part.parameters()]
+              for part in (gan.discriminator, gan.generator)}
+    trainer.fit()
+    for part, old in before.items():
+        assert any(not torch.equal(a, b) for a, b in zip(old, part.parameters(), strict=True))
