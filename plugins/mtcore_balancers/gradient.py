@@ -184,7 +184,8 @@ class MGDA(GradientCombiner):
     per-task gradients, each first divided by its normaliser (``"none"``: 1, ``"l2"``: its norm,
     ``"loss"``: its loss); the shared gradient is ``sum_k alpha_k g_k`` of the raw gradients, as
     in the paper's code, and the reported weights are the ``alpha_k``. With ``"none"`` the result
-    is the min-norm point, which no task's gradient conflicts with."""
+    is the min-norm point, which no task's gradient conflicts with. Tasks whose gradient on the
+    shared parameters is zero take no part in the solve (alpha 0)."""
 
     def __init__(self, task_names: Sequence[str], normalization: str = "none",
                  max_iter: int = 250, tol: float = 1e-6) -> None:
@@ -213,7 +214,13 @@ class MGDA(GradientCombiner):
 
     def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        normed = grads.double() / self.normalizers(grads, losses)[:, None]
-        alpha = min_norm_weights(normed @ normed.T, self.max_iter, self.tol)
+        # A task whose loss does not reach the shared parameters (a detached cascade, a GAN with
+        # its own generator) has a zero row: with it in the solve the min-norm point is 0 and the
+        # backbone never trains. It competes for nothing there, so it is left out (alpha 0).
+        active = grads.abs().amax(dim=1) > 0
+        alpha = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        if active.any():
+            sub = grads[active].double() / self.normalizers(grads, losses)[active, None]
+            alpha[active] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol)
         combined = alpha.to(device=grads.device, dtype=grads.dtype) @ grads
         return combined, {k: float(a) for k, a in zip(self.task_names, alpha, strict=True)}

@@ -211,6 +211,23 @@ def test_mgda_balancer_normalizations():
     assert w["a"] == pytest.approx(4 / 29)
 
 
+@pytest.mark.parametrize("normalization", ["none", "l2", "loss"])
+def test_mgda_leaves_out_tasks_that_do_not_reach_the_shared_parameters(normalization):
+    """With the default tasks the detached classification cascade and the GAN have zero shared
+    gradients; in the solve they made the min-norm point 0, so the backbone never trained (all
+    weight on one of them). Left out, the rest is the min-norm point of the others alone."""
+    g = d64([[10, 0], [0, 0], [0, 1], [0, 0]])
+    losses = {k: T(v, dtype=torch.float64) for k, v in zip("abcd", (2.0, 1.0, 0.5, 1.0), strict=True)}
+    d, w = MGDA(tuple("abcd"), normalization=normalization).combine(g, losses)
+    _, want = MGDA(("a", "c"), normalization=normalization).combine(g[[0, 2]], losses)
+    assert w["b"] == w["d"] == 0.0
+    assert (w["a"], w["c"]) == pytest.approx((want["a"], want["c"]))
+    torch.testing.assert_close(d, w["a"] * g[0] + w["c"] * g[2])
+    assert d.norm() > 0
+    d, w = MGDA(("b", "d")).combine(g[[1, 3]], losses)  # nothing reaches them: nothing to do
+    assert w == {"b": 0.0, "d": 0.0} and torch.equal(d, torch.zeros(2, dtype=torch.float64))
+
+
 def test_mgda_task_permutation_permutes_weights():
     gen = torch.Generator().manual_seed(6)
     g = torch.randn(3, 4, generator=gen, dtype=torch.float64)
@@ -281,10 +298,11 @@ def test_gradient_combiner_constant_loss_gives_zero_row():
     shared = model.shared_params()
     expected = flat_grad(losses["a"], shared)
     res = MGDA(("a", "b"), normalization="l2").backward(losses, shared)
-    # min-norm of {g_a, 0} is 0 (alpha_b = 1)
-    assert res.weights["b"] == pytest.approx(1.0)
+    # b is indifferent to the shared parameters (zero row): left out of the min-norm solve, which
+    # with it would be 0 (alpha_b = 1) and train nothing; a alone gets the whole weight
+    assert res.weights == {"a": pytest.approx(1.0), "b": 0.0}
     got = torch.cat([p.grad.reshape(-1) for p in shared])
-    torch.testing.assert_close(got, torch.zeros_like(expected))
+    torch.testing.assert_close(got, expected)
     model.zero_grad()
     PCGrad(("a", "b")).backward(model.losses() | {"b": T(0.3, dtype=torch.float64)}, shared)
     torch.testing.assert_close(torch.cat([p.grad.reshape(-1) for p in shared]), expected)
