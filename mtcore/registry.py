@@ -12,7 +12,13 @@ import inspect
 from collections.abc import Mapping
 from typing import Any
 
-from mtcore.errors import ComponentClashError, ComponentNotFoundError, ConfigError, PluginError
+from mtcore.errors import (
+    ComponentClashError,
+    ComponentNotFoundError,
+    ConfigError,
+    MtcoreError,
+    PluginError,
+)
 from mtcore.plugin_manager import PluginManager, Provided, default_manager
 from mtcore.specs import ComponentSpec, plural
 
@@ -87,7 +93,14 @@ class Registry:
         merged = {**spec.defaults, **dict(params or {})}
         check_factory(provided, set(context), len(args))
         check_params(spec, merged, key or kind, reserved=set(context), n_positional=len(args))
-        return spec.factory(*args, **context, **merged)
+        try:
+            return spec.factory(*args, **context, **merged)
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, MtcoreError):
+                raise
+            # a component rejecting its parameters: one line naming the config key, not a
+            # traceback (--debug still shows it, chained)
+            raise ConfigError(f"{key or kind} ({kind} {spec.name!r}): {exc}") from exc
 
 
 def accepted_params(spec: ComponentSpec, n_positional: int = 0) -> tuple[set[str], bool]:
@@ -105,6 +118,17 @@ def accepted_params(spec: ComponentSpec, n_positional: int = 0) -> tuple[set[str
         elif p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and i >= n_positional):
             names.add(p.name)
     return names | set(spec.defaults), var_kw
+
+
+def required_params(spec: ComponentSpec, n_positional: int = 0) -> set[str]:
+    """The factory's parameters after the ``n_positional`` mtcore passes that have no default."""
+    try:
+        sig = inspect.signature(spec.factory)
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for i, p in enumerate(sig.parameters.values())
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and not (p.kind is p.POSITIONAL_OR_KEYWORD and i < n_positional)}
 
 
 def check_factory(provided: Provided, passed: set[str], n_positional: int) -> None:
@@ -138,7 +162,11 @@ def check_factory(provided: Provided, passed: set[str], n_positional: int) -> No
 
 def check_params(spec: ComponentSpec, params: Mapping[str, Any], key: str,
                  reserved: set[str] = frozenset(), n_positional: int = 0) -> None:
-    """Reject parameters the factory does not take, naming the key and the accepted ones."""
+    """Reject parameters the factory does not take, naming the key and the accepted ones, and
+    require those it has no default for."""
+    for name in required_params(spec, n_positional) - set(reserved) - set(params):
+        raise ConfigError(f"{key}.params.{name}: required by {spec.kind} {spec.name!r} (it has no "
+                          "default)")
     accepted, var_kw = accepted_params(spec, n_positional)
     accepted -= set(reserved)
     if var_kw:

@@ -328,3 +328,20 @@ def test_first_party_plugins_import_only_the_public_api():
                     if (m == "mtcore" or m.startswith("mtcore.")) and m not in allowed
                     and not any(m.startswith(a + ".") for a in allowed)]
     assert bad == []
+
+
+@pytest.mark.parametrize("override,match", [
+    ('balancer.name="fixed"', r"^balancer\.params\.weights: required by balancer 'fixed' \(it "
+                              "has no default\\)"),
+    ('transfer={name="features"}', r"^transfer\.params\.checkpoint: required by transfer"),
+    ('model.backbone.params.width="8"', r"^model\.backbone \(backbone 'unet'\): .*width must be "
+                                        "an int >= 1, got '8'"),
+])
+def test_a_components_own_parameter_error_names_the_config_key(override, match):
+    """A missing required parameter, or a value the component itself rejects (ValueError or
+    TypeError), is a one-line ConfigError naming the key; they printed a traceback."""
+    import mtcore
+
+    with pytest.raises(ConfigError, match=match) as exc:
+        mtcore.build(None, ["data.dataset.params.num_samples=16", override], splits=("train",))
+    assert "\n" not in str(exc.value)
