@@ -285,6 +285,7 @@ class Trainer:
     # -- epochs -------------------------------------------------------------------------------
     def train_epoch(self, epoch: int) -> dict[str, float]:
         stage = self._apply_stage(epoch)
+        lr = self.optimizer.param_groups[0]["lr"]  # the epoch's first step's (its last sets the next)
         loader = self._loader(self.train_set, train=True, epoch=epoch)
         sums: dict[str, float] = defaultdict(float)
         n = 0
@@ -303,7 +304,7 @@ class Trainer:
         bar.close()
         out = {k: v / max(n, 1) for k, v in sums.items()}
         out["stage"] = stage
-        out["lr"] = self.optimizer.param_groups[0]["lr"]
+        out["lr"] = lr
         return out
 
     @torch.no_grad()

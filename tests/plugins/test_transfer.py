@@ -79,8 +79,9 @@ def test_staged_schedule_freezes_then_unfreezes():
     assert log["stage"] == "heads"
     assert all(torch.equal(b0[k], v) for k, v in exp.model.backbone.state_dict().items())
     lr0 = trainer.optimizer.param_groups[0]["initial_lr"]
+    assert log["lr"] == pytest.approx(lr0)  # each epoch logs its own rate (it logged the next's)
     log = trainer.train_epoch(1)
-    assert log["stage"] == "all"
+    assert log["stage"] == "all" and log["lr"] == pytest.approx(lr0 * 0.5)
     assert any(not torch.equal(b0[k], v) for k, v in exp.model.backbone.state_dict().items())
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * 0.5)
 
