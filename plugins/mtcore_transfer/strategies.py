@@ -17,9 +17,12 @@ class FromScratch(TransferStrategy):
 
 class FineTune(TransferStrategy):
     """Parameter transfer: load weights from an mtcore checkpoint, then train (optionally with the
-    backbone frozen for the first ``freeze_epochs`` epochs and a smaller backbone LR after).
+    backbone frozen for the first ``freeze_epochs`` epochs; a smaller backbone LR after is
+    ``optim.groups.backbone.lr``).
 
-    ``parts`` selects what to load: "backbone" (default) or "all" (backbone and matching heads).
+    ``parts`` selects what to load: "backbone" (default) or "all" (the whole model: with
+    ``strict`` (default) the source must have the same tasks and heads; ``strict=false`` loads the
+    keys both have (their shapes must agree) and leaves the rest fresh).
     """
 
     def __init__(self, checkpoint: str, parts: str = "backbone", freeze_epochs: int = 0,
