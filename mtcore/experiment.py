@@ -55,7 +55,10 @@ def select_kernels(name: str) -> None:
     from mtcore import kernels
 
     kernels.set_backend(None if name == "auto" else name)
-    kernels.get_backend()
+    try:
+        kernels.get_backend()
+    except ValueError as exc:  # a bad $MTCORE_KERNELS: one line, as for the config key
+        raise ConfigError(str(exc)) from None
 
 
 def _component(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -100,7 +100,8 @@ class Registry:
                 raise
             # a component rejecting its parameters: one line naming the config key, not a
             # traceback (--debug still shows it, chained)
-            raise ConfigError(f"{key or kind} ({kind} {spec.name!r}): {exc}") from exc
+            raise ConfigError(f"{key or kind} ({kind} {spec.name!r}): {exc} (if that is not a "
+                              "parameter problem, `mtcore --debug` shows where)") from exc
 
 
 def accepted_params(spec: ComponentSpec, n_positional: int = 0) -> tuple[set[str], bool]:
@@ -164,16 +165,16 @@ def check_params(spec: ComponentSpec, params: Mapping[str, Any], key: str,
                  reserved: set[str] = frozenset(), n_positional: int = 0) -> None:
     """Reject parameters the factory does not take, naming the key and the accepted ones, and
     require those it has no default for."""
-    for name in required_params(spec, n_positional) - set(reserved) - set(params):
-        raise ConfigError(f"{key}.params.{name}: required by {spec.kind} {spec.name!r} (it has no "
-                          "default)")
     accepted, var_kw = accepted_params(spec, n_positional)
     accepted -= set(reserved)
-    if var_kw:
-        return
-    for p in params:
+    for p in [] if var_kw else params:  # unknown names first: a typo gets its suggestion
         if p not in accepted:
             raise ConfigError(
                 f"{key}.params.{p}: {spec.kind} {spec.name!r} has no parameter {p!r}."
                 f"{suggest(p, sorted(accepted))} Accepted: {', '.join(sorted(accepted)) or '(none)'}"
             )
+    missing = sorted(required_params(spec, n_positional) - set(reserved) - set(params))
+    if missing:
+        raise ConfigError(
+            f"{key}.params.{missing[0]}: required by {spec.kind} {spec.name!r} (it has no "
+            f"default){'; also missing: ' + ', '.join(missing[1:]) if missing[1:] else ''}")

@@ -195,8 +195,11 @@ class Trainer:
         logs: dict[str, float] = {}
         for (name, gname), (opt, sched, params) in self.aux.items():
             head = self.heads[name]
-            if not any(p.requires_grad for p in params):
-                continue  # the transfer stage freezes this head: no auxiliary (D) step
+            if not any(p.requires_grad for p in params):  # a transfer stage froze this head:
+                with warnings.catch_warnings():  # no D step, but its schedule keeps pace
+                    warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
+                    sched.step()
+                continue
             for _ in range(head.auxiliary_steps):
                 opt.zero_grad(set_to_none=True)
                 with self._autocast():

@@ -28,11 +28,15 @@ class TransferStrategy:
     """Base class: train everything from the initialisation the model was built with."""
 
     def configure(self, config: dict[str, Any]) -> dict[str, Any]:
-        """Return the config to build the model from (default: unchanged)."""
+        """Return the config to build the model from (default: unchanged). Its result is what a
+        run saves, so it is not called again when the run is restored."""
         return config
 
     def setup(self, model: nn.Module) -> None:
-        """Called once on the built model before the optimizers are made."""
+        """Called once on the built model before the optimizers are made, to load weights or
+        check the model; not when a run is restored from its own checkpoint (eval, sample,
+        ``--resume``), whose weights replace whatever this loaded. Change the architecture in
+        ``configure``, never here."""
 
     def stage(self, epoch: int) -> Stage:
         """The stage of 0-based ``epoch``."""

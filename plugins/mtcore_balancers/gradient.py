@@ -217,10 +217,10 @@ class MGDA(GradientCombiner):
         # A task whose loss does not reach the shared parameters (a detached cascade, a GAN with
         # its own generator) has a zero row: with it in the solve the min-norm point is 0 and the
         # backbone never trains. It competes for nothing there, so it is left out (alpha 0).
-        active = grads.abs().amax(dim=1) > 0
+        active = (grads != 0).any(dim=1)  # a NaN row stays in, and fails visibly
         alpha = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
         if active.any():
             sub = grads[active].double() / self.normalizers(grads, losses)[active, None]
-            alpha[active] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol)
+            alpha[active] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol).to(alpha.device)
         combined = alpha.to(device=grads.device, dtype=grads.dtype) @ grads
         return combined, {k: float(a) for k, a in zip(self.task_names, alpha, strict=True)}

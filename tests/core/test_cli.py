@@ -93,6 +93,7 @@ def test_mtcore_kernels_variable_applies_under_the_default_config(monkeypatch):
     overridden by the config's "auto" (and a bad value was never noticed)."""
     import mtcore
     from mtcore import kernels
+    from mtcore.errors import ConfigError
 
     tiny = ["data.dataset.params.num_samples=16", "data.dataset.params.size=16"]
     try:
@@ -102,7 +103,7 @@ def test_mtcore_kernels_variable_applies_under_the_default_config(monkeypatch):
         mtcore.build(None, [*tiny, 'kernels="cpp"'], splits=("train",))
         assert kernels.get_backend() == "cpp"  # the config key outranks the variable
         monkeypatch.setenv("MTCORE_KERNELS", "bogus")
-        with pytest.raises(ValueError, match="environment variable MTCORE_KERNELS"):
-            mtcore.build(None, tiny, splits=("train",))
+        with pytest.raises(ConfigError, match="environment variable MTCORE_KERNELS"):
+            mtcore.build(None, tiny, splits=("train",))  # one line from the CLI, no traceback
     finally:
         kernels.set_backend(None)

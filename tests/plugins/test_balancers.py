@@ -226,6 +226,8 @@ def test_mgda_leaves_out_tasks_that_do_not_reach_the_shared_parameters(normaliza
     assert d.norm() > 0
     d, w = MGDA(("b", "d")).combine(g[[1, 3]], losses)  # nothing reaches them: nothing to do
     assert w == {"b": 0.0, "d": 0.0} and torch.equal(d, torch.zeros(2, dtype=torch.float64))
+    g[1, 0] = float("nan")  # a NaN row is not "zero": it stays in and shows
+    assert torch.isnan(MGDA(tuple("abcd")).combine(g, losses)[0]).any()
 
 
 def test_mgda_task_permutation_permutes_weights():

@@ -127,6 +127,8 @@ def test_a_stage_can_freeze_the_gan_and_a_later_one_trains_it():
     start = {k: v.clone() for k, v in gan.state_dict().items()}
     trainer.fit(stop_after=1)
     assert all(torch.equal(v, start[k]) for k, v in gan.state_dict().items())
+    d_schedule = trainer.aux[("gan", "discriminator")][1]
+    assert d_schedule.last_epoch == trainer.global_step > 0  # it kept pace while frozen
     before = {part: [p.clone() for p in part.parameters()]
               for part in (gan.discriminator, gan.generator)}
     trainer.fit()
