@@ -76,6 +76,9 @@ def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: 
         if not info.num_labels or not 0 <= label < info.num_labels:
             raise CheckpointError(f"--label {label}: the dataset has labels 0..{info.num_labels - 1}"
                                   if info.num_labels else "--label: the dataset has no labels")
+        if not head.conditional:
+            raise CheckpointError(f"--label {label}: the {name!r} head is not class-conditional "
+                                  "(its samples would ignore the label)")
         labels = torch.full((n,), label, dtype=torch.long)
     trainer.model.eval()
     gen = torch.Generator().manual_seed(seed)

@@ -37,6 +37,9 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint with ``weights_only=True``; clear errors for missing or foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a directory; give a file, e.g. "
+                              f"{str(path / 'checkpoints' / 'best.pt')!r}")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:

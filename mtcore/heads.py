@@ -36,6 +36,8 @@ class TaskHead(nn.Module):
     #: the name of the metric (as returned by ``compute``) that says how good the head is, and
     #: whether higher is better; the trainer's "best" checkpoint uses the first head's.
     primary_metric: ClassVar[tuple[str, bool] | None] = None
+    #: whether ``sample(n, labels=...)`` follows the labels (a class-conditional generator)
+    conditional: bool = False
 
     def __init__(self) -> None:
         super().__init__()

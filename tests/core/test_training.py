@@ -292,3 +292,27 @@ def test_bf16_autocast_trains_the_default_tasks(kernels, request):
     logs, want = trainer.train_step(batch), fp32.train_step(batch)
     for task in ("seg", "cls", "vae", "gan"):  # same init and batch: bf16 rounding only
         assert logs[f"{task}.loss"] == pytest.approx(want[f"{task}.loss"], rel=0.03), task
+
+
+def test_sampling_a_label_needs_a_conditional_generator(tmp_path):
+    """--label on an unconditional generator was silently ignored; now an error that says so.
+    A run folder given as the checkpoint is named as a directory (it said "does not exist")."""
+    from mtcore.errors import CheckpointError
+
+    fast = [*TINY, "optim.epochs=1", 'train.gen_metrics="none"', "train.samples_every=0",
+            "tasks.seg.enabled=false", "tasks.cls.enabled=false", "tasks.vae.enabled=false"]
+    for conditional in (True, False):
+        out = tmp_path / str(conditional)
+        flag = f"tasks.gan.head.params.conditional={str(conditional).lower()}"
+        mtcore.fit(mtcore.build(None, [*fast, flag]), out)
+        ckpt = out / "checkpoints" / "last.pt"
+        if conditional:
+            images = mtcore.sample(ckpt, n=4, label=1)
+            assert images.shape == (4, 3, 16, 16) and 0 <= images.min() <= images.max() <= 1
+        else:
+            with pytest.raises(CheckpointError, match="--label 1: the 'gan' head is not "
+                                                      "class-conditional"):
+                mtcore.sample(ckpt, n=4, label=1)
+            assert mtcore.sample(ckpt, n=4).shape == (4, 3, 16, 16)
+    with pytest.raises(CheckpointError, match="is a directory; give a file"):
+        mtcore.sample(tmp_path / "True", n=4)
