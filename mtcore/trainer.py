@@ -367,8 +367,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()  # before config.toml is written: a refused resume leaves the run as is
-        elif self.out is not None and (self.out / "metrics.jsonl").exists():
-            (self.out / "metrics.jsonl").unlink()
+        elif self.out is not None:
+            if (self.out / "checkpoints" / "last.pt").exists():
+                self.log(f"{self.out} holds an earlier run: starting over (--resume continues it)")
+            # a fresh run: none of an earlier run's records or sample grids stay behind
+            for stale in [self.out / "metrics.jsonl", *(self.out / "samples").glob("epoch_*.png")]:
+                stale.unlink(missing_ok=True)
         if self.out is not None:
             (self.out / "config.toml").write_text(dumps(self.cfg))
         if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():

@@ -316,3 +316,15 @@ def test_sampling_a_label_needs_a_conditional_generator(tmp_path):
             assert mtcore.sample(ckpt, n=4).shape == (4, 3, 16, 16)
     with pytest.raises(CheckpointError, match="is a directory; give a file"):
         mtcore.sample(tmp_path / "True", n=4)
+
+
+def test_a_fresh_run_into_an_old_run_folder_says_so_and_leaves_no_stale_grids(tmp_path):
+    fast = [*TINY, 'train.gen_metrics="none"', "tasks.gan.enabled=false"]
+    Trainer(mtcore.build(None, [*fast, "optim.epochs=2"]), tmp_path, progress=False,
+            log=lambda _: None).fit()
+    assert (tmp_path / "samples" / "epoch_002.png").is_file()
+    lines: list[str] = []
+    Trainer(mtcore.build(None, [*fast, "optim.epochs=1"]), tmp_path, progress=False,
+            log=lines.append).fit()
+    assert any("holds an earlier run: starting over" in line for line in lines)
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_001.png"]
