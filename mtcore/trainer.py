@@ -177,7 +177,11 @@ class Trainer:
             for p in params:
                 p.requires_grad_(True)
         for prefix in stage.freeze:
-            module = self.model.get_submodule(prefix)
+            try:
+                module = self.model.get_submodule(prefix)
+            except AttributeError:  # any strategy's stage (a restored run skips its setup check)
+                raise ConfigError(f"transfer: stage {stage.name!r} freezes {prefix!r}, which is "
+                                  "not a module of the model (e.g. 'backbone', 'heads.seg')") from None
             module.requires_grad_(False)
             module.eval()
         return stage.name

@@ -134,3 +134,19 @@ def test_a_stage_can_freeze_the_gan_and_a_later_one_trains_it():
     trainer.fit()
     for part, old in before.items():
         assert any(not torch.equal(a, b) for a, b in zip(old, part.parameters(), strict=True))
+
+
+def test_a_stage_freezing_an_unknown_module_is_a_config_error_on_resume(tmp_path):
+    """Staged checks its freeze prefixes in setup(), which a restored run skips; the trainer
+    checks them again as each stage starts (a resumed run with a bad prefix gave a traceback)."""
+    from mtcore.cli.main import main
+    from mtcore.errors import ConfigError
+
+    out = tmp_path / "run"
+    exp = mtcore.build(None, SMALL + ["optim.epochs=2", "train.samples_every=0",
+                                      'transfer={name="staged", params={stages=[{epochs=2}]}}'])
+    Trainer(exp, out, progress=False, log=lambda _: None).fit(stop_after=1)
+    bad = 'transfer.params.stages=[{name="b", epochs=2, freeze=["heads.nope"]}]'
+    assert main(["train", "--out", str(out), "--resume", "--quiet", "--set", bad]) == 2
+    with pytest.raises(ConfigError, match="stage 'b' freezes 'heads.nope', which is not a module"):
+        main(["--debug", "train", "--out", str(out), "--resume", "--quiet", "--set", bad])
