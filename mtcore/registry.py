@@ -104,41 +104,43 @@ class Registry:
                               "parameter problem, `mtcore --debug` shows where)") from exc
 
 
+def _signature(spec: ComponentSpec) -> inspect.Signature | None:
+    """The factory's signature, or None for a callable Python cannot inspect (a builtin)."""
+    try:
+        return inspect.signature(spec.factory)
+    except (TypeError, ValueError):
+        return None
+
+
+def _keyword_params(sig: inspect.Signature, n_positional: int) -> list[inspect.Parameter]:
+    """The parameters a config can set: keyword-capable ones after mtcore's positional ones."""
+    return [p for i, p in enumerate(sig.parameters.values())
+            if p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and i >= n_positional)]
+
+
 def accepted_params(spec: ComponentSpec, n_positional: int = 0) -> tuple[set[str], bool]:
     """The keyword parameters a spec's factory accepts (after the ``n_positional`` arguments
     mtcore passes itself), and whether it takes ``**kwargs``."""
-    try:
-        sig = inspect.signature(spec.factory)
-    except (TypeError, ValueError):
+    sig = _signature(spec)
+    if sig is None:
         return set(spec.defaults), True
-    names: set[str] = set()
-    var_kw = False
-    for i, p in enumerate(sig.parameters.values()):
-        if p.kind is p.VAR_KEYWORD:
-            var_kw = True
-        elif p.kind is p.KEYWORD_ONLY or (p.kind is p.POSITIONAL_OR_KEYWORD and i >= n_positional):
-            names.add(p.name)
-    return names | set(spec.defaults), var_kw
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    return {p.name for p in _keyword_params(sig, n_positional)} | set(spec.defaults), var_kw
 
 
 def required_params(spec: ComponentSpec, n_positional: int = 0) -> set[str]:
     """The factory's parameters after the ``n_positional`` mtcore passes that have no default."""
-    try:
-        sig = inspect.signature(spec.factory)
-    except (TypeError, ValueError):
-        return set()
-    return {p.name for i, p in enumerate(sig.parameters.values())
-            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-            and not (p.kind is p.POSITIONAL_OR_KEYWORD and i < n_positional)}
+    sig = _signature(spec)
+    return set() if sig is None else {
+        p.name for p in _keyword_params(sig, n_positional) if p.default is p.empty}
 
 
 def check_factory(provided: Provided, passed: set[str], n_positional: int) -> None:
     """A factory must take what mtcore passes it (``n_positional`` arguments, then the keywords
     ``passed``): else a clear error that blames the plugin, not a TypeError from inside the build."""
     spec = provided.spec
-    try:
-        sig = inspect.signature(spec.factory)
-    except (TypeError, ValueError):
+    sig = _signature(spec)
+    if sig is None:
         return
     params = list(sig.parameters.values())
     if any(p.kind is p.VAR_POSITIONAL for p in params):

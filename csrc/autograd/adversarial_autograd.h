@@ -23,9 +23,7 @@ class AdversarialLoss : public torch::autograd::Function<AdversarialLoss> {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(loss, grad) = handle.call(logits, kind, role, compute_grad);
     }
-    ctx->mark_non_differentiable({grad});
-    ctx->saved_data["compute_grad"] = compute_grad;
-    ctx->save_for_backward({grad});
+    store_grads(ctx, compute_grad, {grad});
     return {loss, grad};
   }
 

@@ -47,6 +47,17 @@ inline at::Tensor scaled(const at::Tensor& grad, const at::Tensor& g) {
   return is_real_one(g) ? grad : grad * g;
 }
 
+// Keeps the gradients a loss op's forward computed (outputs, themselves not differentiable) for
+// its backward, after `first` (e.g. the weights), and the compute_grad flag check_stored reads.
+inline void store_grads(AutogradContext* ctx, bool compute_grad, const variable_list& grads,
+                        const variable_list& first = {}) {
+  ctx->mark_non_differentiable(grads);
+  ctx->saved_data["compute_grad"] = compute_grad;
+  variable_list saved(first);
+  saved.insert(saved.end(), grads.begin(), grads.end());
+  ctx->save_for_backward(saved);
+}
+
 // Fails a backward through a loss op whose forward ran with compute_grad=false (nothing stored).
 inline void check_stored(AutogradContext* ctx, const char* op_name) {
   TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(), "mtcore::", op_name,

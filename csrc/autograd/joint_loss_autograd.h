@@ -35,10 +35,8 @@ class JointLoss : public torch::autograd::Function<JointLoss> {
                       mode, beta, label_smoothing, ignore_index, recon_kind, adv_kind, compute_grad);
     }
     auto& [terms, total, g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w] = o;
-    ctx->mark_non_differentiable({g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w});
     ctx->saved_data["mode"] = mode;
-    ctx->saved_data["compute_grad"] = compute_grad;
-    ctx->save_for_backward({weights, g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w});
+    store_grads(ctx, compute_grad, {g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w}, {weights});
     return {terms, total, g_seg, g_cls, g_rec, g_mu, g_lv, g_fake, g_w};
   }
 

@@ -26,10 +26,8 @@ class SegCrossEntropy : public torch::autograd::Function<SegCrossEntropy> {
       std::tie(loss, grad) = handle.call(logits, target, weight, ignore_index, label_smoothing, reduction,
                                          compute_grad);
     }
-    ctx->mark_non_differentiable({grad});
     ctx->saved_data["reduction"] = reduction;
-    ctx->saved_data["compute_grad"] = compute_grad;
-    ctx->save_for_backward({grad});
+    store_grads(ctx, compute_grad, {grad});
     return {loss, grad};
   }
 

@@ -27,10 +27,8 @@ class VAELoss : public torch::autograd::Function<VAELoss> {
       std::tie(rec, kl, total, g_recon, g_mu, g_logvar) =
           handle.call(recon, target, mu, logvar, beta, recon_kind, compute_grad);
     }
-    ctx->mark_non_differentiable({g_recon, g_mu, g_logvar});
     ctx->saved_data["beta"] = beta;
-    ctx->saved_data["compute_grad"] = compute_grad;
-    ctx->save_for_backward({g_recon, g_mu, g_logvar});
+    store_grads(ctx, compute_grad, {g_recon, g_mu, g_logvar});
     return {rec, kl, total, g_recon, g_mu, g_logvar};
   }
 

@@ -175,7 +175,6 @@ at::Tensor mbstd_bwd_nhwc(const at::Tensor& grad_out_in, const at::Tensor& x, co
       for (int64_t t = begin; t < end; ++t) {
         const int64_t m = t / chunks, p0 = (t % chunks) * pix_per_task;
         const int64_t npix = std::min(pix_per_task, d.HW - p0), k0 = p0 * d.C, len = npix * d.C;
-        if (len <= 0) continue;
         group_stats<scalar_t, acc_t>(d, xp, m, 0, k0, len, mean.data(), s.data());
         const acc_t a = static_cast<acc_t>(S[m] * scale);
         for (int64_t i = 0; i < len; ++i) s[i] = a / s[i];  // s now holds A / s_k
