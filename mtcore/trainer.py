@@ -25,6 +25,7 @@ from mtcore.experiment import Experiment
 from mtcore.heads import TaskHead
 from mtcore.optim import clip, make_optimizer, make_schedule
 from mtcore.registry import suggest
+from mtcore.transfer import Stage
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -92,6 +93,8 @@ class Trainer:
         self._build_optimizers()
         self.epoch = 0
         self.global_step = 0
+        self.stage = Stage("train")  # what trains; _apply_stage sets each epoch's
+        self.in_stage = self.updated = list(self.heads)
         self.best: float | None = None
         self.history: list[dict[str, Any]] = []
 
@@ -167,7 +170,8 @@ class Trainer:
                           pin_memory=self.device.type == "cuda")
 
     def _apply_stage(self, epoch: int) -> str:
-        """Train mode everywhere, then freeze (and put in eval mode) what the stage says."""
+        """Train mode everywhere, then freeze (and put in eval mode) what the stage says: its
+        module prefixes and the heads of the tasks it does not train."""
         stage = self.exp.transfer.stage(epoch)
         self.model.train()
         for g in self.optimizer.param_groups:  # what the optimizers train (not an EMA copy)
@@ -184,6 +188,24 @@ class Trainer:
                                   "not a module of the model (e.g. 'backbone', 'heads.seg')") from None
             module.requires_grad_(False)
             module.eval()
+        problem = stage.task_problem(list(self.heads))
+        if problem:  # checked here too: a restored run skips the strategy's setup
+            raise ConfigError(f"transfer: {problem}")
+        self.in_stage = [k for k in self.heads if stage.tasks is None or k in stage.tasks]
+        for name, head in self.heads.items():
+            if name not in self.in_stage:
+                head.requires_grad_(False)
+                head.eval()
+        # the heads whose own parameters train (a head frozen by a prefix, or one whose decoder
+        # belongs to a frozen task, has no main step: no EMA update, no warm-up counter)
+        self.updated = [k for k in self.in_stage
+                        if any(p.requires_grad for p in self.heads[k].main_parameters())]
+        idle = [k for k in stage.tasks or () if k not in self.updated]
+        if idle:
+            raise ConfigError(f"transfer: stage {stage.name!r} trains the task(s) {idle}, but none "
+                              "of their parameters train in it (frozen by its freeze list, or "
+                              "shared with a task it leaves out)")
+        self.stage = stage
         return stage.name
 
     # -- steps --------------------------------------------------------------------------------
@@ -199,7 +221,8 @@ class Trainer:
         logs: dict[str, float] = {}
         for (name, gname), (opt, sched, params) in self.aux.items():
             head = self.heads[name]
-            if not any(p.requires_grad for p in params):  # a transfer stage froze this head:
+            if name not in self.in_stage or not any(p.requires_grad for p in params):
+                # a transfer stage froze this head or trains other tasks:
                 with warnings.catch_warnings():  # no D step, but its schedule keeps pace
                     warnings.filterwarnings("ignore", message=".*lr_scheduler.step.*")
                     sched.step()
@@ -233,13 +256,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             rng = self._rng_state()  # the step's random draws, replayed by recompute()
             _, losses = self._losses(batch)
-            for k, v in losses.items():
+            stage = self.stage
+            for k in losses if stage.balance else self.in_stage:  # what the step uses
+                v = losses[k]
                 if not torch.isfinite(v):
                     raise FloatingPointError(
                         f"loss of task {k!r} is {float(v)} at step {self.global_step}; "
                         "lower optim.lr, enable optim.grad_clip, or check the data")
             scale = self.scaler.scale if self.scaler else None
-            result = self.balancer.backward(losses, self.model.shared_parameters(), scale)
+            if stage.balance:
+                result = self.balancer.backward(losses, self.model.shared_parameters(), scale)
+            else:  # each task of the stage on its own loss: the plain sum, no balancer
+                total = sum(losses[k] for k in self.in_stage)
+                if total.requires_grad:
+                    (scale(total) if scale else total).backward()
+                result = BalanceResult(total=float(total.detach()),
+                                       weights={k: float(k in self.in_stage) for k in self.heads})
             if not isinstance(result, BalanceResult):
                 raise ContractError(
                     f"balancer {type(self.balancer).__name__}.backward must return a "
@@ -263,9 +295,10 @@ class Trainer:
 
         # before the heads' bookkeeping, so a recompute sees the step's own loss schedule (the
         # VAE's KL warm-up counter moves in after_main_step)
-        self.balancer.after_step(losses, recompute)
-        for head in self.heads.values():
-            head.after_main_step()
+        if stage.balance:
+            self.balancer.after_step(losses, recompute)
+        for name in self.updated:  # a head whose parameters did not train had no main step
+            self.heads[name].after_main_step()
         self.global_step += 1
         for k, v in losses.items():
             logs[f"{k}.loss"] = float(v.detach())

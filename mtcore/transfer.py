@@ -7,7 +7,7 @@ schedules). Frozen modules get ``requires_grad=False`` and are kept in eval mode
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,44 @@ from torch import nn
 
 @dataclass(frozen=True)
 class Stage:
-    """What trains during an epoch: module prefixes to freeze and a learning-rate multiplier."""
+    """What trains during an epoch: module prefixes to freeze, a learning-rate multiplier, which
+    tasks train (``tasks``; None: all; the others' heads are frozen, their losses and auxiliary
+    steps left out) and whether the loss balancer combines them (``balance``; False: the plain
+    sum of the training tasks' losses, the balancer neither consulted nor updated, as when each
+    head is trained on its own). A stage that trains only some of the tasks cannot balance (a
+    balancer weighs every task); the trainer checks that as the stage starts."""
 
     name: str
     freeze: tuple[str, ...] = ()
     lr_scale: float = 1.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    tasks: tuple[str, ...] | None = None
+    balance: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tasks is not None:
+            if isinstance(self.tasks, str) or not self.tasks \
+                    or not all(isinstance(t, str) for t in self.tasks):
+                raise ValueError(f"stage {self.name!r}: tasks must be None or a non-empty "
+                                 f"sequence of task names, got {self.tasks!r}")
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+        if not isinstance(self.balance, bool):
+            raise ValueError(f"stage {self.name!r}: balance must be True or False, "
+                             f"got {self.balance!r}")
+
+    def task_problem(self, task_names: Sequence[str]) -> str | None:
+        """What is wrong with this stage's ``tasks`` for an experiment with ``task_names``
+        (unknown names, or a balanced subset), or None."""
+        if self.tasks is None:
+            return None
+        unknown = [t for t in self.tasks if t not in task_names]
+        if unknown:
+            return (f"stage {self.name!r} trains the task(s) {unknown}, which the experiment "
+                    f"does not have (tasks: {', '.join(task_names)})")
+        if self.balance and set(self.tasks) != set(task_names):
+            return (f"stage {self.name!r} trains only the tasks {list(self.tasks)}, so it cannot "
+                    "use the balancer (it weighs every task): set balance = false")
+        return None
 
 
 class TransferStrategy:

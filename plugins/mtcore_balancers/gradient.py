@@ -1,8 +1,9 @@
-"""Gradient-combining balancers: PCGrad and MGDA replace the shared parameters' gradient.
+"""Gradient-based balancers: PCGrad and MGDA replace the shared parameters' gradient; the
+bases :class:`GradientCombiner` (CAGrad too) and :class:`GradientWeighting` (Nash-MTL, GradNorm:
+loss weights chosen from the task gradients) do the autograd plumbing for all of them.
 
 Each method is a pure function on the ``[K, P]`` matrix of per-task gradients (``pcgrad_combine``,
-``min_norm_weights``), so it can be tested on fixed small matrices; the balancer classes only do
-the autograd plumbing, in :class:`GradientCombiner`.
+``min_norm_weights``), so it can be tested on fixed small matrices.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from torch import nn
 
 from mtcore.plugin import BalanceResult, LossBalancer
 
-__all__ = ["MGDA", "NORMALIZATIONS", "GradientCombiner", "PCGrad", "min_norm_weights",
-           "pcgrad_combine", "two_task_min_norm"]
+__all__ = ["MGDA", "NORMALIZATIONS", "GradientCombiner", "GradientWeighting", "PCGrad",
+           "active_rows", "min_norm_weights", "pcgrad_combine", "two_task_min_norm"]
 
 
 # -- pure math ----------------------------------------------------------------------------------
@@ -90,6 +91,16 @@ def min_norm_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-6)
         if change < tol:
             break
     return alpha
+
+
+def active_rows(grads: torch.Tensor) -> torch.Tensor:
+    """``[K]`` bool: the tasks whose gradient on the shared parameters is not all zero.
+
+    A task whose loss does not reach the shared parameters (a detached cascade, a GAN with its own
+    generator) has a zero row; it competes for nothing there, and in most solvers it would
+    dominate (MGDA's min-norm point becomes 0) or diverge (Nash-MTL's weight grows without bound),
+    so the gradient methods leave it out. A NaN row counts as active, so it fails visibly."""
+    return (grads != 0).any(dim=1)
 
 
 # -- the balancers ------------------------------------------------------------------------------
@@ -214,13 +225,55 @@ class MGDA(GradientCombiner):
 
     def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, float]]:
-        # A task whose loss does not reach the shared parameters (a detached cascade, a GAN with
-        # its own generator) has a zero row: with it in the solve the min-norm point is 0 and the
-        # backbone never trains. It competes for nothing there, so it is left out (alpha 0).
-        active = (grads != 0).any(dim=1)  # a NaN row stays in, and fails visibly
+        # with a zero row in the solve the min-norm point is 0 and the backbone never trains
+        active = active_rows(grads)
         alpha = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
         if active.any():
             sub = grads[active].double() / self.normalizers(grads, losses)[active, None]
             alpha[active] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol).to(alpha.device)
         combined = alpha.to(device=grads.device, dtype=grads.dtype) @ grads
         return combined, {k: float(a) for k, a in zip(self.task_names, alpha, strict=True)}
+
+
+class GradientWeighting(GradientCombiner):
+    """Base of methods that choose loss weights from the per-task gradients of the shared
+    parameters (Nash-MTL, GradNorm): ``backward`` computes the ``[K, P]`` task-gradient matrix,
+    asks :meth:`gradient_weights` for the weights ``w_k`` and back-propagates ``sum_k w_k L_k``,
+    so the shared parameters get ``sum_k w_k g_k`` and each head its task's gradient times
+    ``w_k``. Costs K + 1 backward passes on the steps where :meth:`needs_gradients` is true, one
+    on the others. With no trainable shared parameters (a frozen backbone) the weights are
+    :meth:`current_weights`."""
+
+    def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
+                         ) -> torch.Tensor:
+        """The ``[K]`` weights (float64, CPU) from the task gradients and the detached losses."""
+        raise NotImplementedError
+
+    def current_weights(self) -> torch.Tensor:
+        """The ``[K]`` weights used without new gradients (default: all 1)."""
+        return torch.ones(len(self.task_names), dtype=torch.float64)
+
+    def needs_gradients(self) -> bool:
+        """Whether this step computes the task gradients (default: every step)."""
+        return True
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        shared_params: Sequence[nn.Parameter],
+        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> BalanceResult:
+        self._check(losses)
+        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
+        detached = {k: losses[k].detach() for k in self.task_names}
+        params = [p for p in shared_params if p.requires_grad]
+        if params and self.needs_gradients():
+            w = self.gradient_weights(self._task_gradients(scaled, params), detached)
+        else:
+            w = self.current_weights()
+        weights = {k: float(v) for k, v in zip(self.task_names, w, strict=True)}
+        total = sum(weights[k] * scaled[k] for k in self.task_names)
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            total.backward()
+        value = float(sum(weights[k] * detached[k] for k in self.task_names))
+        return BalanceResult(total=value, weights=weights)

@@ -2,8 +2,11 @@
 
 from mtcore.plugin import BalancerSpec, hookimpl
 
+from .cagrad import CAGrad
 from .famo import FAMO
 from .gradient import MGDA, PCGrad
+from .gradnorm import GradNorm
+from .nash_mtl import NashMTL
 from .weighting import EqualWeighting, FixedWeighting, UncertaintyWeighting
 
 
@@ -15,4 +18,8 @@ def mtcore_balancers():
                        "Learned homoscedastic-uncertainty weights (Kendall et al. 2018).")
     yield BalancerSpec("pcgrad", PCGrad, "Project conflicting task gradients (Yu et al. 2020).")
     yield BalancerSpec("mgda", MGDA, "Min-norm common descent direction (Sener & Koltun 2018).")
+    yield BalancerSpec("gradnorm", GradNorm,
+                       "Weights that equalise task gradient norms (Chen et al. 2018).")
+    yield BalancerSpec("cagrad", CAGrad, "Conflict-averse gradient descent (Liu et al. 2021).")
+    yield BalancerSpec("nash_mtl", NashMTL, "Nash bargaining over task gradients (Navon et al. 2022).")
     yield BalancerSpec("famo", FAMO, "Fast adaptive multitask optimization (Liu et al. 2023).")

@@ -68,16 +68,20 @@ class StructureTransfer(TransferStrategy):
 
 
 class Staged(TransferStrategy):
-    """A schedule of stages, e.g. pretrain heads on a frozen backbone, then train jointly, then
-    unfreeze end to end with a smaller LR. ``stages`` is a list of tables
-    ``{name, epochs, freeze = [module prefixes], lr_scale}``; the last stage lasts to the end.
+    """A schedule of stages, by default: pretrain the heads on a frozen backbone, each on its own
+    loss (no balancer); then train them jointly (the balancer's combination), the backbone still
+    frozen; then unfreeze end to end with a smaller LR. ``stages`` is a list of tables
+    ``{name, epochs, freeze = [module prefixes], lr_scale, tasks = [task names], balance}``
+    (``tasks``: only these tasks train, the other heads frozen; ``balance = false``: the plain sum
+    of the losses, the default when ``tasks`` is given); the last stage lasts to the end.
     Optionally starts from a checkpoint's backbone (``checkpoint``)."""
 
     DEFAULT = (
-        {"name": "heads", "epochs": 2, "freeze": ["backbone"], "lr_scale": 1.0},
+        {"name": "heads", "epochs": 2, "freeze": ["backbone"], "lr_scale": 1.0, "balance": False},
         {"name": "joint", "epochs": 2, "freeze": ["backbone"], "lr_scale": 1.0},
         {"name": "end-to-end", "epochs": 1, "freeze": [], "lr_scale": 0.3},
     )
+    KEYS = ("name", "epochs", "freeze", "lr_scale", "tasks", "balance")
 
     def __init__(self, stages: Sequence[Mapping[str, Any]] = DEFAULT,
                  checkpoint: str | None = None) -> None:
@@ -87,17 +91,27 @@ class Staged(TransferStrategy):
         self.ends: list[int] = []
         end = 0
         for i, s in enumerate(stages):
-            unknown = set(s) - {"name", "epochs", "freeze", "lr_scale"}
+            where = f"transfer.params.stages[{i}]"
+            unknown = set(s) - set(self.KEYS)
             if unknown:
-                raise ValueError(f"transfer.params.stages[{i}]: unknown keys {sorted(unknown)}; "
-                                 "expected name, epochs, freeze, lr_scale")
+                raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected "
+                                 + ", ".join(self.KEYS))
             epochs = int(s.get("epochs", 1))
             if epochs < 1:
-                raise ValueError(f"transfer.params.stages[{i}].epochs: expected >= 1, got {epochs}")
+                raise ValueError(f"{where}.epochs: expected >= 1, got {epochs}")
+            tasks = s.get("tasks")
+            if tasks is not None and (isinstance(tasks, str) or not tasks
+                                      or not all(isinstance(t, str) for t in tasks)):
+                raise ValueError(f"{where}.tasks: expected a non-empty list of task names, "
+                                 f"got {tasks!r}")
+            balance = s.get("balance", tasks is None)
+            if not isinstance(balance, bool):
+                raise ValueError(f"{where}.balance: expected true or false, got {balance!r}")
             end += epochs
             self.ends.append(end)
             self.stages.append(Stage(str(s.get("name", f"stage{i + 1}")),
-                                     tuple(s.get("freeze", ())), float(s.get("lr_scale", 1.0))))
+                                     tuple(s.get("freeze", ())), float(s.get("lr_scale", 1.0)),
+                                     tasks=tasks, balance=balance))
         self.checkpoint = checkpoint
 
     def setup(self, model: nn.Module) -> None:
@@ -109,6 +123,9 @@ class Staged(TransferStrategy):
                     raise ValueError(f"transfer.params.stages: {st.name!r} freezes {prefix!r}, "
                                      "which is not a module of the model (e.g. 'backbone', "
                                      "'heads.seg')") from None
+            problem = st.task_problem(list(getattr(model, "heads", {})))
+            if problem:
+                raise ValueError(f"transfer.params.stages: {problem}")
         if self.checkpoint:
             FineTune(self.checkpoint).setup(model)
 

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from toy_multitask import TASKS, Toy, flat_grad, grads_of
 
 from mtcore.balancer import BalanceResult
 from mtcore_balancers.famo import FAMO
@@ -22,42 +22,10 @@ from mtcore_balancers.gradient import (
 from mtcore_balancers.weighting import EqualWeighting, FixedWeighting, UncertaintyWeighting
 
 T = torch.tensor
-TASKS = ("a", "b", "c")
 
 
 def d64(rows):
     return torch.tensor(rows, dtype=torch.float64)
-
-
-# -- a toy multi-task model -----------------------------------------------------------------------
-class Toy(nn.Module):
-    """A shared linear-tanh trunk and one linear head per task; losses are positive."""
-
-    def __init__(self, tasks=TASKS, seed: int = 0) -> None:
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.shared = nn.Linear(3, 4).double()
-        self.heads = nn.ModuleDict({k: nn.Linear(4, 2).double() for k in tasks})
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
-        self.x = torch.randn(6, 3, generator=g, dtype=torch.float64)
-        self.y = {k: torch.randn(6, 2, generator=g, dtype=torch.float64) for k in tasks}
-
-    def losses(self) -> dict[str, torch.Tensor]:
-        h = torch.tanh(self.shared(self.x))
-        return {k: ((head(h) - self.y[k]) ** 2).mean() for k, head in self.heads.items()}
-
-    def shared_params(self) -> list[nn.Parameter]:
-        return list(self.shared.parameters())
-
-
-def grads_of(loss: torch.Tensor, params) -> list[torch.Tensor]:
-    return list(torch.autograd.grad(loss, list(params), retain_graph=True, allow_unused=True))
-
-
-def flat_grad(loss, params) -> torch.Tensor:
-    return torch.cat([g.reshape(-1) for g in grads_of(loss, params)])
 
 
 # -- PCGrad: pure function ------------------------------------------------------------------------

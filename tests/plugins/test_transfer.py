@@ -150,3 +150,119 @@ def test_a_stage_freezing_an_unknown_module_is_a_config_error_on_resume(tmp_path
     assert main(["train", "--out", str(out), "--resume", "--quiet", "--set", bad]) == 2
     with pytest.raises(ConfigError, match="stage 'b' freezes 'heads.nope', which is not a module"):
         main(["--debug", "train", "--out", str(out), "--resume", "--quiet", "--set", bad])
+
+
+def test_staged_default_pretrains_heads_unbalanced_then_balances():
+    from mtcore_transfer.strategies import Staged
+
+    heads, joint, e2e = Staged().stages
+    assert (heads.freeze, heads.balance, heads.tasks) == (("backbone",), False, None)
+    assert (joint.freeze, joint.balance) == (("backbone",), True)
+    assert (e2e.freeze, e2e.balance, e2e.lr_scale) == ((), True, 0.3)
+    from mtcore.plugin import Stage
+
+    assert Stage("s", tasks=["seg"], balance=False).tasks == ("seg",)
+    for bad in ("seg", (), [1]):  # a string would be checked character by character
+        with pytest.raises(ValueError, match="tasks must be None or a non-empty sequence"):
+            Stage("s", tasks=bad, balance=False)
+    with pytest.raises(ValueError, match="balance must be True or False"):
+        Stage("s", balance="no")
+
+
+@pytest.mark.parametrize("stage, message", [
+    ('{tasks=["seg"], balance=true}', r"stage 'stage1' trains only the tasks \['seg'\], so it "
+                                      r"cannot use the balancer"),
+    ('{tasks="seg"}', r"stages\[0\]\.tasks: expected a non-empty list of task names"),
+    ('{tasks=[]}', r"stages\[0\]\.tasks: expected a non-empty list"),
+    ('{balance="no"}', r"stages\[0\]\.balance: expected true or false"),
+    ('{tasks=["nope"]}', r"'stage1' trains the task\(s\) \['nope'\], which the experiment does "
+                         r"not have \(tasks: seg, cls\)"),
+])
+def test_staged_stage_errors_name_the_key(stage, message):
+    from mtcore.errors import ConfigError
+
+    with pytest.raises((ConfigError, ValueError), match=message):
+        mtcore.build(None, SMALL + ['transfer.name="staged"',
+                                    f"transfer.params.stages=[{stage}]"], splits=())
+
+
+def test_a_stage_that_trains_some_tasks_leaves_the_others_and_the_balancer_alone():
+    stages = '[{name="seg only", epochs=1, tasks=["seg"]}, {name="all", epochs=1}]'
+    exp = mtcore.build(None, [*SMALL, "tasks.vae.enabled=true", "tasks.vae.head.params.width=8",
+                              "tasks.gan.enabled=true", "tasks.gan.head.params.width=8",
+                              "tasks.gan.head.params.d_width=8", "optim.epochs=2",
+                              'balancer.name="famo"',
+                              f'transfer={{name="staged", params={{stages={stages}}}}}'])
+    model = exp.model
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    famo_start = trainer.balancer.logits.clone()
+
+    def changed(prefix):
+        return {k for k, v in model.state_dict().items()
+                if k.startswith(prefix) and not torch.equal(start[k], v)}
+
+    trainer._apply_stage(0)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    step = trainer.train_step(batch)
+    assert step["total"] == pytest.approx(step["seg.loss"])  # the plain loss of seg alone
+    log = trainer.train_epoch(0)
+    assert log["stage"] == "seg only"
+    assert log["seg.weight"] == 1.0
+    assert log["cls.weight"] == log["vae.weight"] == log["gan.weight"] == 0.0
+    assert "gan.d_loss" not in log  # no discriminator step
+    for name in ("cls", "vae", "gan"):  # frozen, eval mode: not even BatchNorm statistics move
+        assert not changed(f"heads.{name}."), name
+    assert int(model.heads["vae"].steps) == 0  # no main step: its KL warm-up did not advance
+    assert changed("heads.seg.") and changed("backbone.")
+    # FAMO's after_step (which moves its logits) was not called
+    assert torch.equal(trainer.balancer.logits, famo_start)
+    log = trainer.train_epoch(1)
+    assert log["stage"] == "all" and "gan.d_loss" in log
+    assert not torch.equal(trainer.balancer.logits, famo_start)
+    for name in ("cls", "vae", "gan"):
+        assert changed(f"heads.{name}."), name
+
+
+def test_an_unbalanced_stage_trains_every_task_on_its_own_loss():
+    """balance = false: the step's gradient is that of sum_k L_k, whatever the balancer."""
+    def one_step(stages):
+        exp = mtcore.build(None, [*SMALL, "optim.epochs=1", 'balancer.name="fixed"',
+                                  "balancer.params.weights={seg=0.25, cls=4.0}",
+                                  'optim.optimizer="sgd"', "optim.schedule=\"constant\"",
+                                  "optim.grad_clip=0", "optim.weight_decay=0",
+                                  f'transfer={{name="staged", params={{stages={stages}}}}}'])
+        trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+        trainer._apply_stage(0)
+        batch = next(iter(trainer._loader(trainer.train_set, True)))
+        before = {k: v.clone() for k, v in exp.model.named_parameters()}
+        logs = trainer.train_step(batch)
+        return logs, {k: before[k] - v.detach() for k, v in exp.model.named_parameters()}
+
+    logs, plain = one_step("[{balance=false}]")
+    assert logs["seg.weight"] == logs["cls.weight"] == 1.0
+    assert logs["total"] == pytest.approx(logs["seg.loss"] + logs["cls.loss"])
+    logs_w, weighted = one_step("[{}]")
+    assert logs_w["seg.weight"] == 0.25 and logs_w["cls.weight"] == 4.0
+    # a head gets only its own task's gradient: seg's update is 1/0.25 = 4x as large unweighted,
+    # cls's 1/4 as large
+    for task, ratio in (("seg", 4.0), ("cls", 0.25)):
+        key = next(k for k in plain if k.startswith(f"heads.{task}.") and plain[k].abs().sum() > 0)
+        torch.testing.assert_close(plain[key], ratio * weighted[key], rtol=1e-4, atol=1e-7)
+
+
+def test_a_stage_must_be_able_to_train_the_tasks_it_lists():
+    from mtcore.errors import ConfigError
+
+    stages = '[{name="s", tasks=["seg"], freeze=["heads.seg"]}]'
+    exp = mtcore.build(None, [*SMALL, f'transfer={{name="staged", params={{stages={stages}}}}}'])
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    with pytest.raises(ConfigError, match=r"stage 's' trains the task\(s\) \['seg'\], but none of "
+                                          "their parameters train in it"):
+        trainer._apply_stage(0)
+    # listing every task may keep the balancer
+    stages = '[{name="all", tasks=["cls", "seg"], balance=true}]'
+    exp = mtcore.build(None, [*SMALL, f'transfer={{name="staged", params={{stages={stages}}}}}'])
+    trainer = Trainer(exp, None, progress=False, log=lambda _: None)
+    trainer._apply_stage(0)
+    assert trainer.stage.balance and trainer.in_stage == ["seg", "cls"]
