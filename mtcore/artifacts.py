@@ -80,38 +80,56 @@ def write_samples(trainer: Trainer, path: Path) -> Path:
     return save_grid(rows, path)
 
 
+Series = tuple[str, list[Any], list[Any], str]  # label, epochs, values, line style
+
+
+def curve_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Series]]]:
+    """The panels of ``curves.png`` from a run's history rows (``metrics.jsonl``): the losses
+    (train solid, validation dashed), the task weights when the balancer changes them from 1
+    (each epoch's mean), then one panel per validation metric."""
+    train = [h for h in history if h.get("split") == "train"]
+    val = [h for h in history if h.get("split") not in ("train", "init")]
+
+    def series(rows, k, label, style="-") -> Series:
+        pts = [(h["epoch"], h[k]) for h in rows if isinstance(h.get(k), int | float)]
+        return (label, [e for e, _ in pts], [v for _, v in pts], style)
+
+    loss_keys = sorted({k for h in train for k in h if k.endswith(".loss")})
+    panels = [("losses (solid: train, dashed: val)",
+               [s for k in loss_keys for s in (series(train, k, k), series(val, k, f"val {k}", "--"))])]
+    weight_keys = sorted({k for h in train for k in h if k.endswith(".weight")})
+    if any(h[k] != 1.0 for h in train for k in weight_keys if isinstance(h.get(k), int | float)):
+        panels.append(("task weights (train, epoch mean)",
+                       [series(train, k, k.removesuffix(".weight")) for k in weight_keys]))
+    metric_keys = sorted({k for h in val for k, v in h.items()
+                          if not k.endswith(".loss") and k not in ("epoch", "split")
+                          and isinstance(v, int | float)})
+    panels += [(k, [series(val, k, k, "o-")]) for k in metric_keys]
+    return panels
+
+
 def plot_curves(history: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """Loss curves (train and validation) and every validation metric, one panel each."""
+    """Draw :func:`curve_panels` into one figure at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    train = [h for h in history if h.get("split") == "train"]
-    val = [h for h in history if h.get("split") not in ("train", "init")]
-    loss_keys = sorted({k for h in train for k in h if k.endswith(".loss")})
-    metric_keys = sorted({k for h in val for k, v in h.items()
-                          if not k.endswith(".loss") and k not in ("epoch", "split")
-                          and isinstance(v, int | float)})
-    panels = 1 + len(metric_keys)
-    cols = min(4, panels)
-    rows = (panels + cols - 1) // cols
+    panels = curve_panels(history)
+    cols = min(4, len(panels))
+    rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
-    ax = axes[0][0]
-    for k in loss_keys:
-        ax.plot([h["epoch"] for h in train if k in h], [h[k] for h in train if k in h], label=k)
-        ax.plot([h["epoch"] for h in val if k in h], [h[k] for h in val if k in h], "--",
-                label=f"val {k}")
-    ax.set_title("losses (solid: train, dashed: val)")
-    ax.set_xlabel("epoch")
-    ax.set_yscale("symlog", linthresh=1e-2)
-    ax.legend(fontsize=6)
-    for i, k in enumerate(metric_keys, start=1):
-        a = axes[i // cols][i % cols]
-        a.plot([h["epoch"] for h in val if k in h], [h[k] for h in val if k in h], marker="o")
-        a.set_title(k)
-        a.set_xlabel("epoch")
-    for j in range(panels, rows * cols):
+    for i, (title, lines) in enumerate(panels):
+        ax = axes[i // cols][i % cols]
+        for label, xs, ys, style in lines:
+            ax.plot(xs, ys, style, label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if i == 0:
+            ax.set_yscale("symlog", linthresh=1e-2)
+        if len(lines) > 1:
+            ax.legend(fontsize=6)
+    for j in range(len(panels), rows * cols):
         axes[j // cols][j % cols].axis("off")
     fig.tight_layout()
     path = Path(path)
