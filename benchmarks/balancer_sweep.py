@@ -22,7 +22,7 @@ from multitask_vs_single import PRIMARY, delta_m, primary
 
 import mtcore
 
-DEFAULT = "equal,uncertainty,pcgrad,mgda,cagrad,nash_mtl,gradnorm,famo"
+DEFAULT = "equal,uncertainty,dwa,rlw,famo,pcgrad,mgda,cagrad,nash_mtl,gradnorm"
 
 
 def main() -> None:

@@ -72,6 +72,11 @@ class LossBalancer(nn.Module):
         same batch again without gradients (same random draws, no side effects on the model's
         buffers or the random stream). Default: nothing (FAMO-like methods override)."""
 
+    def after_epoch(self, mean_losses: Mapping[str, float]) -> None:
+        """Called at the end of each training epoch with every task's mean loss over it (the
+        losses the steps saw, before their updates). Default: nothing (DWA-like methods, which
+        weigh by how the losses moved from epoch to epoch, override)."""
+
     # -- helpers for subclasses ---------------------------------------------------------------
     def _check(self, losses: Mapping[str, torch.Tensor]) -> None:
         missing = [k for k in self.task_names if k not in losses]

@@ -343,6 +343,8 @@ class Trainer:
                              if k.endswith(".loss")}, refresh=False)
         bar.close()
         out = {k: v / max(n, 1) for k, v in sums.items()}
+        if self.stage.balance and n:  # an unbalanced stage leaves the balancer alone
+            self.balancer.after_epoch({k: out[f"{k}.loss"] for k in self.heads})
         out["stage"] = stage
         out["lr"] = lr
         return out

@@ -3,6 +3,7 @@
 from mtcore.plugin import BalancerSpec, hookimpl
 
 from .cagrad import CAGrad
+from .dwa import DWA, RLW
 from .famo import FAMO
 from .gradient import MGDA, PCGrad
 from .gradnorm import GradNorm
@@ -18,6 +19,8 @@ def mtcore_balancers():
                        "Learned homoscedastic-uncertainty weights (Kendall et al. 2018).")
     yield BalancerSpec("pcgrad", PCGrad, "Project conflicting task gradients (Yu et al. 2020).")
     yield BalancerSpec("mgda", MGDA, "Min-norm common descent direction (Sener & Koltun 2018).")
+    yield BalancerSpec("dwa", DWA, "Weights from the losses' epoch-to-epoch change (Liu et al. 2019).")
+    yield BalancerSpec("rlw", RLW, "Random loss weights each step (Lin et al. 2022).")
     yield BalancerSpec("gradnorm", GradNorm,
                        "Weights that equalise task gradient norms (Chen et al. 2018).")
     yield BalancerSpec("cagrad", CAGrad, "Conflict-averse gradient descent (Liu et al. 2021).")
