@@ -1,10 +1,11 @@
 """The loss-balancer contract: how per-task losses become one update of the shared parameters.
 
 A balancer owns the backward pass of the multi-task step, so loss-weighting methods
-(``L = sum_k w_k * L_k``), gradient-combining methods (PCGrad, MGDA: they combine the per-task
-gradients of the shared parameters) and methods that act after the optimizer step (FAMO: it
-compares the losses before and after the update) all fit one interface, and the trainer never
-knows a method by name.
+(``L = sum_k w_k * L_k``), gradient-combining methods (PCGrad, MGDA, CAGrad: they combine the
+per-task gradients of the shared parameters), weightings chosen from those gradients (Nash-MTL,
+GradNorm) and methods that act after the optimizer step or epoch (FAMO, DWA) all fit one
+interface, and the trainer never knows a method by name. :class:`GradientCombiner` and
+:class:`GradientWeighting` hold the autograd plumbing the gradient methods share.
 """
 
 from __future__ import annotations
@@ -89,10 +90,16 @@ class LossBalancer(nn.Module):
     def task_gradients(
         self, losses: Mapping[str, torch.Tensor], shared_params: Sequence[nn.Parameter]
     ) -> torch.Tensor:
-        """The ``[K, P]`` matrix of each task's gradient w.r.t. the flattened shared parameters."""
+        """The ``[K, P]`` matrix of each task's gradient w.r.t. the flattened shared parameters
+        (the graph is kept); a loss that reaches none of them, or needs no gradient at all, gives
+        a zero row."""
         rows = []
         for k in self.task_names:
-            grads = torch.autograd.grad(losses[k], shared_params, retain_graph=True, allow_unused=True)
+            if losses[k].requires_grad:
+                grads = torch.autograd.grad(losses[k], shared_params, retain_graph=True,
+                                            allow_unused=True)
+            else:
+                grads = (None,) * len(shared_params)
             rows.append(torch.cat([
                 (g if g is not None else torch.zeros_like(p)).reshape(-1)
                 for g, p in zip(grads, shared_params, strict=True)
@@ -108,3 +115,102 @@ class LossBalancer(nn.Module):
             g = flat[offset:offset + n].view_as(p).to(p.dtype)
             p.grad = g.clone() if p.grad is None else p.grad + g
             offset += n
+
+
+def active_rows(grads: torch.Tensor) -> torch.Tensor:
+    """``[K]`` bool: the tasks whose gradient on the shared parameters is not all zero.
+
+    A task whose loss does not reach the shared parameters (a detached cascade, a GAN with its own
+    generator) has a zero row; it competes for nothing there, and in most solvers it would
+    dominate (MGDA's min-norm point becomes 0) or diverge (Nash-MTL's weight grows without bound),
+    so the gradient methods leave it out. A NaN row counts as active, so it fails visibly."""
+    return (grads != 0).any(dim=1)
+
+
+
+class GradientCombiner(LossBalancer):
+    """Base of methods that combine per-task gradients of the shared parameters.
+
+    ``backward`` computes the ``[K, P]`` task-gradient matrix of the shared parameters, lets
+    :meth:`combine` turn it into one gradient, and writes that into their ``.grad``; every other
+    parameter (the heads) gets the plain sum of its tasks' gradients. A ``scale`` (AMP grad
+    scaler) is applied to every loss; PCGrad and MGDA are invariant to a common scale, so the
+    scaler's later unscale stays correct. Costs K + 1 backward passes.
+    """
+
+    def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The combined ``[P]`` gradient and the weight reported for each task."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        shared_params: Sequence[nn.Parameter],
+        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> BalanceResult:
+        self._check(losses)
+        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
+        total = sum(scaled[k] for k in self.task_names)
+        detached = {k: losses[k].detach() for k in self.task_names}
+        value = float(sum(detached[k] for k in self.task_names))
+        params = [p for p in shared_params if p.requires_grad]
+        if not params:  # e.g. a frozen backbone: nothing to combine
+            if total.requires_grad:
+                total.backward()
+            return BalanceResult(total=value, weights={k: 1.0 for k in self.task_names})
+        grads = self.task_gradients(scaled, params)
+        combined, weights = self.combine(grads, detached)
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        if total.requires_grad:
+            total.backward()  # the heads' gradients: the plain sum over their tasks
+        for p, g in zip(params, saved, strict=True):
+            p.grad = g
+        self.set_shared_gradient(params, combined)
+        return BalanceResult(total=value, weights=weights)
+
+
+class GradientWeighting(GradientCombiner):
+    """Base of methods that choose loss weights from the per-task gradients of the shared
+    parameters (Nash-MTL, GradNorm): ``backward`` computes the ``[K, P]`` task-gradient matrix,
+    asks :meth:`gradient_weights` for the weights ``w_k`` and back-propagates ``sum_k w_k L_k``,
+    so the shared parameters get ``sum_k w_k g_k`` and each head its task's gradient times
+    ``w_k``. Costs K + 1 backward passes on the steps where :meth:`needs_gradients` is true, one
+    on the others. With no trainable shared parameters (a frozen backbone) the weights are
+    :meth:`current_weights`."""
+
+    def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
+                         ) -> torch.Tensor:
+        """The ``[K]`` weights (float64, CPU) from the task gradients and the detached losses."""
+        raise NotImplementedError
+
+    def current_weights(self) -> torch.Tensor:
+        """The ``[K]`` weights used without new gradients (default: all 1)."""
+        return torch.ones(len(self.task_names), dtype=torch.float64)
+
+    def needs_gradients(self) -> bool:
+        """Whether this step computes the task gradients (default: every step)."""
+        return True
+
+    def backward(
+        self,
+        losses: Mapping[str, torch.Tensor],
+        shared_params: Sequence[nn.Parameter],
+        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> BalanceResult:
+        self._check(losses)
+        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
+        detached = {k: losses[k].detach() for k in self.task_names}
+        params = [p for p in shared_params if p.requires_grad]
+        if params and self.needs_gradients():
+            w = self.gradient_weights(self.task_gradients(scaled, params), detached)
+        else:
+            w = self.current_weights()
+        weights = {k: float(v) for k, v in zip(self.task_names, w, strict=True)}
+        total = sum(weights[k] * scaled[k] for k in self.task_names)
+        if isinstance(total, torch.Tensor) and total.requires_grad:
+            total.backward()
+        value = float(sum(weights[k] * detached[k] for k in self.task_names))
+        return BalanceResult(total=value, weights=weights)

@@ -11,7 +11,13 @@ from __future__ import annotations
 import pluggy
 
 from mtcore.backbone import Backbone, FeatureInfo
-from mtcore.balancer import BalanceResult, LossBalancer
+from mtcore.balancer import (
+    BalanceResult,
+    GradientCombiner,
+    GradientWeighting,
+    LossBalancer,
+    active_rows,
+)
 from mtcore.checkpoint import load as load_checkpoint
 from mtcore.checkpoint import load_model_weights
 from mtcore.data import SPLITS, DatasetInfo
@@ -40,6 +46,8 @@ __all__ = [
     "DatasetInfo",
     "DatasetSpec",
     "FeatureInfo",
+    "GradientCombiner",
+    "GradientWeighting",
     "HeadSpec",
     "IncompatibleComponentsError",
     "LossBalancer",
@@ -49,6 +57,7 @@ __all__ = [
     "TaskHead",
     "TransferSpec",
     "TransferStrategy",
+    "active_rows",
     "hookimpl",
     "load_checkpoint",
     "load_model_weights",

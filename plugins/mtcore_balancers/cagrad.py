@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from .gradient import GradientCombiner, active_rows
+from mtcore.plugin import GradientCombiner, active_rows
 
 __all__ = ["RESCALES", "CAGrad", "cagrad_direction", "cagrad_weights", "project_to_simplex"]
 

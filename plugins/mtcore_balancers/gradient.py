@@ -1,6 +1,5 @@
-"""Gradient-based balancers: PCGrad and MGDA replace the shared parameters' gradient; the
-bases :class:`GradientCombiner` (CAGrad too) and :class:`GradientWeighting` (Nash-MTL, GradNorm:
-loss weights chosen from the task gradients) do the autograd plumbing for all of them.
+"""Gradient-combining balancers: PCGrad and MGDA replace the shared parameters' gradient (the
+autograd plumbing is the core's :class:`~mtcore.balancer.GradientCombiner`).
 
 Each method is a pure function on the ``[K, P]`` matrix of per-task gradients (``pcgrad_combine``,
 ``min_norm_weights``), so it can be tested on fixed small matrices.
@@ -9,16 +8,15 @@ Each method is a pure function on the ``[K, P]`` matrix of per-task gradients (`
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from mtcore.plugin import BalanceResult, LossBalancer
+from mtcore.plugin import GradientCombiner, active_rows
 
-__all__ = ["MGDA", "NORMALIZATIONS", "GradientCombiner", "GradientWeighting", "PCGrad",
-           "active_rows", "min_norm_weights", "pcgrad_combine", "two_task_min_norm"]
+__all__ = ["MGDA", "NORMALIZATIONS", "PCGrad", "min_norm_weights", "pcgrad_combine",
+           "two_task_min_norm"]
 
 
 # -- pure math ----------------------------------------------------------------------------------
@@ -93,77 +91,7 @@ def min_norm_weights(gram: torch.Tensor, max_iter: int = 250, tol: float = 1e-6)
     return alpha
 
 
-def active_rows(grads: torch.Tensor) -> torch.Tensor:
-    """``[K]`` bool: the tasks whose gradient on the shared parameters is not all zero.
-
-    A task whose loss does not reach the shared parameters (a detached cascade, a GAN with its own
-    generator) has a zero row; it competes for nothing there, and in most solvers it would
-    dominate (MGDA's min-norm point becomes 0) or diverge (Nash-MTL's weight grows without bound),
-    so the gradient methods leave it out. A NaN row counts as active, so it fails visibly."""
-    return (grads != 0).any(dim=1)
-
-
 # -- the balancers ------------------------------------------------------------------------------
-class GradientCombiner(LossBalancer):
-    """Base of methods that combine per-task gradients of the shared parameters.
-
-    ``backward`` computes the ``[K, P]`` task-gradient matrix of the shared parameters, lets
-    :meth:`combine` turn it into one gradient, and writes that into their ``.grad``; every other
-    parameter (the heads) gets the plain sum of its tasks' gradients. A ``scale`` (AMP grad
-    scaler) is applied to every loss; PCGrad and MGDA are invariant to a common scale, so the
-    scaler's later unscale stays correct. Costs K + 1 backward passes.
-    """
-
-    def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The combined ``[P]`` gradient and the weight reported for each task."""
-        raise NotImplementedError
-
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        shared_params: Sequence[nn.Parameter],
-        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> BalanceResult:
-        self._check(losses)
-        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
-        total = sum(scaled[k] for k in self.task_names)
-        detached = {k: losses[k].detach() for k in self.task_names}
-        value = float(sum(detached[k] for k in self.task_names))
-        params = [p for p in shared_params if p.requires_grad]
-        if not params:  # e.g. a frozen backbone: nothing to combine
-            if total.requires_grad:
-                total.backward()
-            return BalanceResult(total=value, weights={k: 1.0 for k in self.task_names})
-        grads = self._task_gradients(scaled, params)
-        combined, weights = self.combine(grads, detached)
-        saved = [p.grad for p in params]
-        for p in params:
-            p.grad = None
-        if total.requires_grad:
-            total.backward()  # the heads' gradients: the plain sum over their tasks
-        for p, g in zip(params, saved, strict=True):
-            p.grad = g
-        self.set_shared_gradient(params, combined)
-        return BalanceResult(total=value, weights=weights)
-
-    def _task_gradients(self, losses: Mapping[str, torch.Tensor],
-                        params: Sequence[nn.Parameter]) -> torch.Tensor:
-        """Like ``LossBalancer.task_gradients`` but a loss that reaches no parameter (or does not
-        require grad at all) gives a zero row instead of an autograd error."""
-        rows = []
-        for k in self.task_names:
-            if losses[k].requires_grad:
-                grads = torch.autograd.grad(losses[k], params, retain_graph=True, allow_unused=True)
-            else:
-                grads = (None,) * len(params)
-            rows.append(torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1)
-                for g, p in zip(grads, params, strict=True)
-            ]))
-        return torch.stack(rows)
-
-
 class PCGrad(GradientCombiner):
     """Projecting conflicting gradients (Yu et al. 2020), the task order drawn per task and step
     from a ``torch.Generator`` seeded with ``seed`` (its state is saved in the state dict)."""
@@ -233,47 +161,3 @@ class MGDA(GradientCombiner):
             alpha[active] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol).to(alpha.device)
         combined = alpha.to(device=grads.device, dtype=grads.dtype) @ grads
         return combined, {k: float(a) for k, a in zip(self.task_names, alpha, strict=True)}
-
-
-class GradientWeighting(GradientCombiner):
-    """Base of methods that choose loss weights from the per-task gradients of the shared
-    parameters (Nash-MTL, GradNorm): ``backward`` computes the ``[K, P]`` task-gradient matrix,
-    asks :meth:`gradient_weights` for the weights ``w_k`` and back-propagates ``sum_k w_k L_k``,
-    so the shared parameters get ``sum_k w_k g_k`` and each head its task's gradient times
-    ``w_k``. Costs K + 1 backward passes on the steps where :meth:`needs_gradients` is true, one
-    on the others. With no trainable shared parameters (a frozen backbone) the weights are
-    :meth:`current_weights`."""
-
-    def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
-                         ) -> torch.Tensor:
-        """The ``[K]`` weights (float64, CPU) from the task gradients and the detached losses."""
-        raise NotImplementedError
-
-    def current_weights(self) -> torch.Tensor:
-        """The ``[K]`` weights used without new gradients (default: all 1)."""
-        return torch.ones(len(self.task_names), dtype=torch.float64)
-
-    def needs_gradients(self) -> bool:
-        """Whether this step computes the task gradients (default: every step)."""
-        return True
-
-    def backward(
-        self,
-        losses: Mapping[str, torch.Tensor],
-        shared_params: Sequence[nn.Parameter],
-        scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> BalanceResult:
-        self._check(losses)
-        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
-        detached = {k: losses[k].detach() for k in self.task_names}
-        params = [p for p in shared_params if p.requires_grad]
-        if params and self.needs_gradients():
-            w = self.gradient_weights(self._task_gradients(scaled, params), detached)
-        else:
-            w = self.current_weights()
-        weights = {k: float(v) for k, v in zip(self.task_names, w, strict=True)}
-        total = sum(weights[k] * scaled[k] for k in self.task_names)
-        if isinstance(total, torch.Tensor) and total.requires_grad:
-            total.backward()
-        value = float(sum(weights[k] * detached[k] for k in self.task_names))
-        return BalanceResult(total=value, weights=weights)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .gradient import GradientWeighting, active_rows
+from mtcore.plugin import GradientWeighting, active_rows
 
 __all__ = ["GradNorm", "gradnorm_weight_gradient"]
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .gradient import GradientWeighting, active_rows
+from mtcore.plugin import GradientWeighting, active_rows
 
 __all__ = ["NashMTL", "nash_mtl_weights"]
 
