@@ -127,7 +127,6 @@ def active_rows(grads: torch.Tensor) -> torch.Tensor:
     return (grads != 0).any(dim=1)
 
 
-
 class GradientCombiner(LossBalancer):
     """Base of methods that combine per-task gradients of the shared parameters.
 
@@ -172,7 +171,7 @@ class GradientCombiner(LossBalancer):
         return BalanceResult(total=value, weights=weights)
 
 
-class GradientWeighting(GradientCombiner):
+class GradientWeighting(LossBalancer):
     """Base of methods that choose loss weights from the per-task gradients of the shared
     parameters (Nash-MTL, GradNorm): ``backward`` computes the ``[K, P]`` task-gradient matrix,
     asks :meth:`gradient_weights` for the weights ``w_k`` and back-propagates ``sum_k w_k L_k``,
