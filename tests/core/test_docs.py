@@ -48,3 +48,13 @@ def test_the_complete_plugin_example_trains(tmp_path):
     result = Trainer(exp, tmp_path, progress=False, log=lines.append).fit()
     assert 0.0 <= result["metrics"]["cov.mae"] <= 1.0
     assert any("cov.mae=" in line for line in lines if line.startswith("epoch 1/1"))
+
+
+def test_every_built_in_balancer_has_a_row_in_docs_balancers():
+    from mtcore.registry import Registry
+
+    table = (Path(__file__).parents[2] / "docs" / "balancers.md").read_text()
+    names = sorted(p.spec.name for p in Registry().available("balancer") if p.plugin.builtin)
+    assert {"equal", "pcgrad", "cagrad", "nash_mtl", "gradnorm", "dwa"} <= set(names)
+    missing = [n for n in names if f"\n| `{n}` |" not in table]
+    assert not missing, f"docs/balancers.md has no table row for {missing}"
