@@ -25,7 +25,7 @@ import mtcore
 DEFAULT = "equal,uncertainty,dwa,rlw,famo,pcgrad,mgda,cagrad,nash_mtl,gradnorm"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--balancers", default=DEFAULT,
                     help=f"comma-separated registry names; the first is the baseline ({DEFAULT})")
@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/balancers")
     ap.add_argument("--reuse", action="store_true",
                     help="reuse runs whose metrics.json already exists in --out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = [n.strip() for n in args.balancers.split(",") if n.strip()]
     if not names:
         ap.error("--balancers: give at least one name")
@@ -67,7 +67,8 @@ def main() -> None:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "summary.json").write_text(json.dumps(
         {"balancers": summary, "baseline": names[0], "overrides": args.overrides}, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
