@@ -87,6 +87,16 @@ class LossBalancer(nn.Module):
             if losses[k].dim() != 0:
                 raise ValueError(f"loss of task {k!r} must be a scalar, got shape {tuple(losses[k].shape)}")
 
+    def _split(self, losses: Mapping[str, torch.Tensor], shared_params: Sequence[nn.Parameter],
+               scale: Callable[[torch.Tensor], torch.Tensor] | None
+               ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[nn.Parameter]]:
+        """Checked losses as the gradient methods use them: scaled (AMP), detached, and the
+        shared parameters that train."""
+        self._check(losses)
+        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
+        detached = {k: losses[k].detach() for k in self.task_names}
+        return scaled, detached, [p for p in shared_params if p.requires_grad]
+
     def task_gradients(
         self, losses: Mapping[str, torch.Tensor], shared_params: Sequence[nn.Parameter]
     ) -> torch.Tensor:
@@ -148,12 +158,9 @@ class GradientCombiner(LossBalancer):
         shared_params: Sequence[nn.Parameter],
         scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> BalanceResult:
-        self._check(losses)
-        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
+        scaled, detached, params = self._split(losses, shared_params, scale)
         total = sum(scaled[k] for k in self.task_names)
-        detached = {k: losses[k].detach() for k in self.task_names}
         value = float(sum(detached[k] for k in self.task_names))
-        params = [p for p in shared_params if p.requires_grad]
         if not params:  # e.g. a frozen backbone: nothing to combine
             if total.requires_grad:
                 total.backward()
@@ -199,10 +206,7 @@ class GradientWeighting(LossBalancer):
         shared_params: Sequence[nn.Parameter],
         scale: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> BalanceResult:
-        self._check(losses)
-        scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
-        detached = {k: losses[k].detach() for k in self.task_names}
-        params = [p for p in shared_params if p.requires_grad]
+        scaled, detached, params = self._split(losses, shared_params, scale)
         if params and self.needs_gradients():
             w = self.gradient_weights(self.task_gradients(scaled, params), detached)
         else:
