@@ -143,8 +143,10 @@ class GradientCombiner(LossBalancer):
     ``backward`` computes the ``[K, P]`` task-gradient matrix of the shared parameters, lets
     :meth:`combine` turn it into one gradient, and writes that into their ``.grad``; every other
     parameter (the heads) gets the plain sum of its tasks' gradients. A ``scale`` (AMP grad
-    scaler) is applied to every loss; PCGrad and MGDA are invariant to a common scale, so the
-    scaler's later unscale stays correct. Costs K + 1 backward passes.
+    scaler) is applied to every loss, so :meth:`combine` sees gradients times the scale ``s``
+    (and unscaled losses): it must satisfy ``combine(s G) = s combine(G)`` for the scaler's later
+    unscale to be right (PCGrad, MGDA and CAGrad do). Costs K + 1 backward passes (a loss that
+    reaches no shared parameter costs next to nothing).
     """
 
     def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
@@ -185,7 +187,10 @@ class GradientWeighting(LossBalancer):
     so the shared parameters get ``sum_k w_k g_k`` and each head its task's gradient times
     ``w_k``. Costs K + 1 backward passes on the steps where :meth:`needs_gradients` is true, one
     on the others. With no trainable shared parameters (a frozen backbone) the weights are
-    :meth:`current_weights`."""
+    :meth:`current_weights`. Under AMP the gradients arrive times the loss scale ``s`` (the
+    losses unscaled): the weights must not change with ``s`` (Nash-MTL's normalised Gram matrix
+    and GradNorm's norm ratios do not), and a gradient set on a learnable weight is unscaled by
+    the trainer with the rest."""
 
     def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                          ) -> torch.Tensor:

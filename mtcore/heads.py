@@ -86,7 +86,9 @@ class TaskHead(nn.Module):
         raise NotImplementedError
 
     def after_main_step(self) -> None:
-        """Called after every main optimizer step (e.g. to update a generator's EMA)."""
+        """Called after every main optimizer step that trained this head's own parameters (e.g.
+        to update a generator's EMA, or a warm-up counter); not while a transfer stage freezes
+        them or leaves the task out."""
 
     # -- generation and pictures --------------------------------------------------------------
     def sample(self, n: int, labels: torch.Tensor | None = None,

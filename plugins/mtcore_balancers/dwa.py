@@ -31,7 +31,9 @@ def dwa_weights(last: Sequence[float], before: Sequence[float], temperature: flo
 class DWA(LossBalancer):
     """Dynamic weight average (Liu et al. 2019): each epoch's weights come from how much each
     task's mean training loss changed over the two epochs before it (:func:`dwa_weights`,
-    temperature ``temperature``, default 2 as in the paper); the first two epochs weigh 1."""
+    temperature ``temperature``, default 2 as in the paper); the first two epochs weigh 1. The
+    epochs are those the balancer saw: a stage with ``balance = false`` in between is skipped, so
+    the first ratio after it compares the epochs on either side."""
 
     def __init__(self, task_names: Sequence[str], temperature: float = 2.0) -> None:
         super().__init__(task_names)
@@ -40,18 +42,26 @@ class DWA(LossBalancer):
             raise ValueError(f"DWA: temperature must be a finite number > 0, got {temperature!r}")
         self.temperature = float(temperature)
         k = len(self.task_names)
-        # the mean losses of the last two epochs (NaN until seen) and the weights they give
-        self.register_buffer("history", torch.full((2, k), math.nan, dtype=torch.float64))
-        self.register_buffer("current", torch.ones(k, dtype=torch.float64))
+        # the mean losses of the last two epochs (NaN until seen) and the weights they give;
+        # float32, so the balancer can live on any device
+        self.register_buffer("history", torch.full((2, k), math.nan))
+        self.register_buffer("current", torch.ones(k))
+        self._weights: list[float] | None = None  # ``current`` as floats, read once per epoch
         self._warned = False
 
     def weights(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: torch.tensor(float(w), dtype=losses[k].dtype, device=losses[k].device)
-                for k, w in zip(self.task_names, self.current, strict=True)}
+        if self._weights is None:
+            self._weights = self.current.tolist()
+        return {k: torch.tensor(w, dtype=losses[k].dtype, device=losses[k].device)
+                for k, w in zip(self.task_names, self._weights, strict=True)}
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._weights = None  # re-read the loaded ``current``
 
     def after_epoch(self, mean_losses: Mapping[str, float]) -> None:
         self._check_names(mean_losses)
-        new = torch.tensor([float(mean_losses[k]) for k in self.task_names], dtype=torch.float64)
+        new = torch.tensor([float(mean_losses[k]) for k in self.task_names])
         self.history[0] = self.history[1]
         self.history[1] = new.to(self.history.device)
         before, last = self.history[0].tolist(), self.history[1].tolist()
@@ -63,7 +73,8 @@ class DWA(LossBalancer):
             warnings.warn(f"DWA: the loss of task(s) {bad} is not positive, so its epoch-to-epoch "
                           "ratio is undefined; it counts as 1", stacklevel=2)
             self._warned = True
-        self.current.copy_(torch.tensor(dwa_weights(last, before, self.temperature)))
+        self._weights = dwa_weights(last, before, self.temperature)
+        self.current.copy_(torch.tensor(self._weights))
 
     def _check_names(self, mean_losses: Mapping[str, float]) -> None:
         missing = [k for k in self.task_names if k not in mean_losses]
@@ -92,4 +103,4 @@ class RLW(LossBalancer):
         return {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU

@@ -112,7 +112,7 @@ class PCGrad(GradientCombiner):
         return {"generator": self.generator.get_state()}
 
     def set_extra_state(self, state: Any) -> None:
-        self.generator.set_state(state["generator"])
+        self.generator.set_state(state["generator"].cpu())  # a checkpoint loaded onto a GPU
 
 
 NORMALIZATIONS: tuple[str, ...] = ("none", "l2", "loss")

@@ -64,7 +64,7 @@ class GradNorm(GradientWeighting):
         k = len(self.task_names)
         #: ``w_k`` in the order of ``task_names``
         self.loss_weights = nn.Parameter(torch.ones(k))
-        self.register_buffer("initial_losses", torch.full((k,), math.nan, dtype=torch.float64))
+        self.register_buffer("initial_losses", torch.full((k,), math.nan))  # float32: any device
         self.register_buffer("active", torch.zeros(k, dtype=torch.bool))
 
     def current_weights(self) -> torch.Tensor:
@@ -73,7 +73,7 @@ class GradNorm(GradientWeighting):
     def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                          ) -> torch.Tensor:
         vals = torch.tensor([float(losses[k]) for k in self.task_names], dtype=torch.float64)
-        initial = self.initial_losses.cpu()
+        initial = self.initial_losses.double().cpu()
         if torch.isnan(initial).all():  # the first step: L_k(0)
             initial = vals.clone()
             self.initial_losses.copy_(initial)

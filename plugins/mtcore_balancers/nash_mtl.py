@@ -79,7 +79,7 @@ class NashMTL(GradientWeighting):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"NashMTL: {name} must be an int >= 1, got {v!r}")
         self.update_every, self.max_iter = update_every, max_iter
-        self.register_buffer("alpha", torch.ones(len(self.task_names), dtype=torch.float64))
+        self.register_buffer("alpha", torch.ones(len(self.task_names)))  # float32: any device
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("solved", torch.zeros((), dtype=torch.bool))
 
@@ -88,7 +88,7 @@ class NashMTL(GradientWeighting):
         return not bool(self.solved) or int(self.steps) % self.update_every == 0
 
     def current_weights(self) -> torch.Tensor:
-        return self.alpha.detach().cpu()
+        return self.alpha.detach().double().cpu()
 
     def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                          ) -> torch.Tensor:

@@ -444,3 +444,10 @@ def test_famo_errors_and_non_finite_losses():
         bal.after_step({"a": T(1.0), "b": T(1.0)}, lambda: {"a": T(math.nan), "b": T(1.0)})
     torch.testing.assert_close(bal.logits, torch.zeros(2))
     assert int(bal.steps) == 0
+
+
+def test_active_rows_marks_tasks_with_any_nonzero_or_nan_gradient():
+    from mtcore.plugin import active_rows
+
+    g = torch.tensor([[0.0, 0.0], [0.0, -1e-30], [math.nan, 0.0], [0.0, 0.0]])
+    assert active_rows(g).tolist() == [False, True, True, False]

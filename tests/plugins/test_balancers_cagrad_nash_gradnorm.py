@@ -227,7 +227,7 @@ def test_nash_mtl_balancer_backward_and_update_every():
     with torch.no_grad():
         model.shared.weight.add_(0.5)
     res2 = bal.backward(model.losses(), shared)
-    assert res2.weights == res.weights
+    assert res2.weights == pytest.approx(res.weights, rel=1e-6)  # kept as float32
     bal.after_step(losses, model.losses)
     state = bal.state_dict()
     fresh = NashMTL(TASKS, update_every=2)
@@ -292,7 +292,7 @@ def test_gradnorm_backward_on_the_toy_model():
             torch.testing.assert_close(p.grad, e)
     assert res.weights == {k: 1.0 for k in TASKS}
     torch.testing.assert_close(bal.initial_losses,
-                               torch.stack([losses[k].detach() for k in TASKS]))
+                               torch.stack([losses[k].detach() for k in TASKS]).float())
     # the next step keeps L(0) and uses the current weights (after a step and renormalisation)
     with torch.no_grad():
         bal.loss_weights.copy_(torch.tensor([2.0, 0.5, 0.2]))

@@ -99,3 +99,32 @@ def test_the_trainer_feeds_dwa_each_epochs_mean_losses():
     assert [logs[2]["seg.weight"], logs[2]["cls.weight"]] == pytest.approx(ratio_weights(1, 0))
     assert trainer.balancer.current.tolist() == pytest.approx(ratio_weights(2, 1))
     assert trainer.balancer.current.tolist() != pytest.approx([1.0, 1.0])
+
+
+def test_dwa_resumes_where_it_stopped_and_skips_unbalanced_stages(tmp_path):
+    from mtcore.cli.main import main
+
+    tiny = ["data.dataset.params.size=16", "data.dataset.params.num_samples=32",
+            "data.batch_size=16", "model.backbone.params.width=8", "tasks.gan.enabled=false",
+            "tasks.vae.enabled=false", "train.progress=false", 'train.gen_metrics="none"',
+            "train.samples_every=0", 'kernels="reference"', "optim.epochs=4",
+            'balancer.name="dwa"']
+    whole = Trainer(mtcore.build(None, tiny), tmp_path / "whole", progress=False,
+                    log=lambda _: None)
+    whole.fit()
+    Trainer(mtcore.build(None, tiny), tmp_path / "split", progress=False,
+            log=lambda _: None).fit(stop_after=2)
+    args = ["train", "--out", str(tmp_path / "split"), "--resume", "--quiet"]
+    assert main(args) == 0
+    resumed = mtcore.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    torch.testing.assert_close(resumed.balancer.history, whole.balancer.history)
+    torch.testing.assert_close(resumed.balancer.current, whole.balancer.current)
+    assert whole.balancer.current.tolist() != pytest.approx([1.0, 1.0])
+    # an unbalanced stage does not feed it: two such epochs, then one balanced: one epoch seen
+    stages = '[{epochs=2, balance=false}, {epochs=2}]'
+    staged = Trainer(mtcore.build(None, [*tiny, f'transfer={{name="staged", params={{stages={stages}}}}}']),
+                     None, progress=False, log=lambda _: None)
+    for e in range(3):
+        staged.train_epoch(e)
+    history = staged.balancer.history
+    assert torch.isnan(history[0]).all() and not torch.isnan(history[1]).any()
