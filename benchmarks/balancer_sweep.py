@@ -7,8 +7,8 @@ Every run uses the same config (default: the built-in experiment), seed and data
 ``balancer`` changes, to each name with its default parameters (so balancers with required
 parameters, such as ``fixed``, cannot be swept). Prints each task's primary metric, delta_m
 (Maninis et al. 2019) against the first balancer listed, and the seconds per epoch (training
-and the per-epoch evaluation). ``--reuse`` takes a run's metrics.json as it is: use it only with
-the same overrides.
+and the per-epoch evaluation). ``--reuse`` takes a finished run's metrics.json when its
+config.toml is the one this sweep would train (else it is an error).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from multitask_vs_single import PRIMARY, delta_m, primary
 
 import mtcore
+from mtcore.config import dumps
 
 DEFAULT = "equal,uncertainty,dwa,rlw,famo,pcgrad,mgda,cagrad,nash_mtl,gradnorm"
 
@@ -41,10 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for name in names:
         out = Path(args.out) / name
+        overrides = [*common, f'balancer={{name="{name}", params={{}}}}']
         if args.reuse and (out / "metrics.json").exists():
+            planned = dumps(mtcore.build(None, overrides, splits=()).config)
+            if (out / "config.toml").read_text() != planned:
+                ap.error(f"--reuse: {out} was trained with another config than this sweep's; "
+                         "remove that run or drop --reuse")
             results[name] = json.loads((out / "metrics.json").read_text())
             continue
-        exp = mtcore.build(None, [*common, f'balancer={{name="{name}", params={{}}}}'])
+        exp = mtcore.build(None, overrides)
         t0 = time.perf_counter()
         results[name] = mtcore.fit(exp, out)
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)

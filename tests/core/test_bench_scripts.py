@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).parents[2] / "benchmarks"
 TINY = ["data.dataset.params.size=16", "data.dataset.params.num_samples=32",
         "data.batch_size=16", "model.backbone.params.width=8", "tasks.vae.head.params.width=8",
@@ -43,6 +45,11 @@ def test_balancer_sweep_trains_each_balancer_and_reuses_runs(tmp_path, monkeypat
     (out / "equal" / "checkpoints" / "last.pt").unlink()  # --reuse reads metrics.json only
     assert sweep.main(_args("--balancers", "equal,dwa", "--out", str(out), "--reuse")) == 0
     assert "dwa" in capsys.readouterr().out and not (out / "equal" / "checkpoints" / "last.pt").exists()
+    # a run trained with other settings is not reused silently
+    with pytest.raises(SystemExit):
+        sweep.main(_args("--balancers", "equal", "--out", str(out), "--reuse",
+                         overrides=(*TINY, "optim.epochs=2")))
+    assert "was trained with another config than this sweep's" in capsys.readouterr().err
 
 
 def test_balancer_step_times_each_balancer(monkeypatch, capsys):
