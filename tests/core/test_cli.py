@@ -107,3 +107,15 @@ def test_mtcore_kernels_variable_applies_under_the_default_config(monkeypatch):
             mtcore.build(None, tiny, splits=("train",))  # one line from the CLI, no traceback
     finally:
         kernels.set_backend(None)
+
+
+@pytest.mark.parametrize("argv, prog", [(["bench", "--json"], "mtcore bench"),
+                                        (["train", "--epochs", "3"], "mtcore train"),
+                                        (["--nope"], "mtcore")])
+def test_an_unknown_option_is_reported_by_its_command(argv, prog, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"{prog}: error: unrecognized arguments: {' '.join(argv[1:] or argv)}"
+    assert err.startswith(f"usage: {prog} ")
