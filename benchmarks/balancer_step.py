@@ -4,8 +4,8 @@
                                        [--warmup 2] [--set key=value ...]
 
 One trainer per balancer is built from the same config (default: the built-in experiment, its
-kernels ``auto``) and seed; each takes ``--warmup`` untimed steps, then the repeats interleave
-the trainers (rotating which goes first) on one fixed batch, so machine load hits all alike.
+kernels ``auto``) and seed; ``--warmup`` untimed rounds, then the timed ones, interleave the
+trainers (rotating which goes first) on one fixed batch, so machine load hits all alike.
 Prints each balancer's median step time with its quartiles and the ratio to the first listed.
 """
 
@@ -16,9 +16,10 @@ import statistics
 import time
 
 from balancer_sweep import DEFAULT
+from train_step import interleaved
 
 import mtcore
-from mtcore.trainer import Trainer
+from mtcore.trainer import Trainer, to_device
 
 BASE = ["train.progress=false", "data.dataset.params.num_samples=256"]
 
@@ -43,16 +44,14 @@ def main(argv: list[str] | None = None) -> int:
         trainers[name] = Trainer(exp, None, progress=False, log=lambda _: None)
         trainers[name]._apply_stage(0)
     first = trainers[names[0]]
-    batch = next(iter(first._loader(first.train_set, train=True)))
-    for trainer in trainers.values():
-        for _ in range(args.warmup):
-            trainer.train_step(batch)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            trainers[name].train_step(batch)
-            times[name].append(time.perf_counter() - t0)
+    batch = to_device(next(iter(first._loader(first.train_set, train=True))), first.device)
+
+    def step(name: str) -> float:
+        t0 = time.perf_counter()
+        trainers[name].train_step(batch)
+        return time.perf_counter() - t0
+
+    times = interleaved(names, step, args.warmup, args.repeats)
     base = statistics.median(times[names[0]])
     print(f"{args.repeats} interleaved steps per balancer, batch {len(batch['image'])}, "
           f"kernels {first.cfg['kernels']}")

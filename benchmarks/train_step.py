@@ -27,13 +27,14 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Callable, Sequence
 
 import torch
 
 import mtcore
 from mtcore import kernels
 from mtcore.kernels.reference.losses import VAELossTerms
-from mtcore.trainer import Trainer
+from mtcore.trainer import Trainer, to_device
 
 BASE = ["train.progress=false", "data.dataset.params.num_samples=256"]
 KINDS = ("cpp", "reference")
@@ -53,6 +54,21 @@ def _free_ops() -> dict[str, object]:
         "vae_loss": vae_loss,
         "adversarial_loss": lambda logits, *args, **kwargs: logits.float().mean(),
     }
+
+
+def interleaved(kinds: Sequence[str], step: Callable[[str], float], warmup: int,
+                repeats: int) -> dict[str, list[float]]:
+    """``warmup + repeats`` rounds of ``step(kind)`` (which returns the seconds it timed) over
+    all ``kinds``, rotating which goes first so machine load hits all alike; the last
+    ``repeats`` rounds' times, by kind."""
+    kinds = list(kinds)
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    for i in range(warmup + repeats):
+        for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:  # each kind in each slot
+            elapsed = step(kind)
+            if i >= warmup:
+                times[kind].append(elapsed)
+    return times
 
 
 class _Patched:
@@ -113,21 +129,18 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(exp, None, progress=False, log=lambda _: None)
         trainer._apply_stage(0)
         if batch is None:  # one fixed batch, shared by both
-            batch = next(iter(trainer._loader(trainer.train_set, True)))
-            batch = {k: v.to(trainer.device) if torch.is_tensor(v) else v
-                     for k, v in batch.items()}
+            batch = to_device(next(iter(trainer._loader(trainer.train_set, True))),
+                              trainer.device)
         trainers[kind] = trainer
-    times: dict[str, list[float]] = {k: [] for k in kinds}
-    for i in range(args.warmup + args.repeats):
-        order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]  # each kind in each slot
-        for kind in order:
-            kernels.set_backend(backends.get(kind, kind))
-            with _Patched(ops.get(kind)):
-                t0 = time.perf_counter()
-                trainers[kind].train_step(batch)
-                elapsed = time.perf_counter() - t0
-            if i >= args.warmup:
-                times[kind].append(elapsed)
+
+    def step(kind: str) -> float:
+        kernels.set_backend(backends.get(kind, kind))
+        with _Patched(ops.get(kind)):
+            t0 = time.perf_counter()
+            trainers[kind].train_step(batch)
+            return time.perf_counter() - t0
+
+    times = interleaved(kinds, step, args.warmup, args.repeats)
     shape = {k: tuple(v.shape) for k, v in batch.items() if torch.is_tensor(v)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {shape}")
     print(f"{'kernels':<10} {'median ms':>10} {'q25 ms':>9} {'q75 ms':>9} {'min ms':>9}")

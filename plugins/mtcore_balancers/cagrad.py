@@ -17,7 +17,8 @@ import torch
 
 from mtcore.plugin import GradientCombiner, active_rows
 
-__all__ = ["RESCALES", "CAGrad", "cagrad_direction", "cagrad_weights", "project_to_simplex"]
+__all__ = ["RESCALES", "CAGrad", "cagrad_coefficients", "cagrad_direction", "cagrad_weights",
+           "project_to_simplex"]
 
 #: how the update is divided afterwards, as in the paper's code: 0 by 1, 1 by 1 + c^2, 2 by 1 + c
 RESCALES = (0, 1, 2)
@@ -76,22 +77,30 @@ def cagrad_weights(gram: np.ndarray | torch.Tensor, c: float, max_iter: int = 10
     return w
 
 
+def cagrad_coefficients(gram: torch.Tensor, c: float, rescale: int = 1) -> torch.Tensor:
+    """The ``[K]`` coefficients ``a`` of CAGrad's update ``d = sum_i a_i g_i`` from the Gram
+    matrix of the task gradients: ``d = (g_0 + c ||g_0|| g_w / ||g_w||)`` divided as ``rescale``
+    says (``RESCALES``), so ``a_i = (1/K + lambda w_i) / divisor`` with
+    ``lambda = c ||g_0|| / ||g_w||`` (both norms read off the Gram matrix)."""
+    if rescale not in RESCALES:
+        raise ValueError(f"cagrad_direction: rescale must be one of {list(RESCALES)}, got {rescale!r}")
+    a = gram.double()
+    k = a.shape[0]
+    w = torch.from_numpy(cagrad_weights(a, c)).to(a.device)
+    b = torch.full((k,), 1.0 / k, dtype=torch.float64, device=a.device)
+    gw_norm = (w @ a @ w).clamp_min(0).sqrt()
+    lam = c * (b @ a @ b).clamp_min(0).sqrt() / gw_norm if gw_norm > 0 else 0.0
+    return (b + lam * w) / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+
+
 def cagrad_direction(grads: torch.Tensor, c: float, rescale: int = 1) -> torch.Tensor:
     """CAGrad's update for the ``[K, P]`` task gradients: ``(g_0 + c ||g_0|| g_w / ||g_w||)``
     divided as ``rescale`` says (``RESCALES``); ``g_0`` is the mean gradient, so with ``c = 0``
     and ``rescale = 0`` this is ``g_0``."""
     if grads.dim() != 2:
         raise ValueError(f"cagrad_direction: grads must be [K, P], got shape {tuple(grads.shape)}")
-    if rescale not in RESCALES:
-        raise ValueError(f"cagrad_direction: rescale must be one of {list(RESCALES)}, got {rescale!r}")
     g = grads.double()
-    w = torch.from_numpy(cagrad_weights(g @ g.T, c)).to(g.device)
-    g0 = g.mean(dim=0)
-    gw = w @ g
-    gw_norm = gw.norm()
-    d = g0 + (c * g0.norm() / gw_norm) * gw if gw_norm > 0 else g0
-    d = d / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
-    return d.to(grads.dtype)
+    return (cagrad_coefficients(g @ g.T, c, rescale) @ g).to(grads.dtype)
 
 
 class CAGrad(GradientCombiner):
@@ -114,14 +123,8 @@ class CAGrad(GradientCombiner):
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         active = active_rows(grads)
         coef = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
-        if active.any():
+        if active.any():  # K times the update, to match the plain sum the heads get
             sub = grads[active].double()
-            n = sub.shape[0]
-            w = torch.from_numpy(cagrad_weights(sub @ sub.T, self.c)).to(sub.device)
-            gw_norm = (w @ sub).norm()
-            lam = self.c * sub.mean(dim=0).norm() / gw_norm if gw_norm > 0 else 0.0
-            divide = {0: 1.0, 1: 1.0 + self.c**2, 2: 1.0 + self.c}[self.rescale]
-            # n * (mean + lam * g_w) / divide, written as one coefficient per task
-            coef[active] = (1.0 + n * lam * w) / divide
+            coef[active] = sub.shape[0] * cagrad_coefficients(sub @ sub.T, self.c, self.rescale)
         combined = coef.to(grads.dtype) @ grads
         return combined, {k: float(v) for k, v in zip(self.task_names, coef, strict=True)}
