@@ -66,6 +66,21 @@ def cases(channels_last: bool = True
     out["vae_loss bernoulli 32x3x32x32"] = lambda be: (
         K.vae_loss(recon, image, mu, logvar, 1.0, "bernoulli", backend=be).total,
         [recon, mu, logvar])
+    # the U-Net's and the segmentation/VAE decoders' BatchNorm + ReLU, at the step's map sizes
+    for c, s in ((16, 32), (32, 32), (32, 16), (64, 8)):
+        x, w, b = leaf(32, c, s, s), leaf(c), leaf(c)
+        out[f"batch_norm_act relu 32x{c}x{s}x{s}"] = (
+            lambda be, x=x, w=w, b=b: (K.batch_norm_act(x, None, None, w, b, True, 0.1, 1e-5,
+                                                        "relu", backend=be).sum(), [x, w, b]))
+    # the width-16 GAN generator: pixel norm + leaky ReLU, and its (upsample, conv) stages
+    for c, s in ((64, 8), (32, 16), (16, 32)):
+        x = leaf(32, c, s, s)
+        out[f"pixel_norm_act lrelu 32x{c}x{s}x{s}"] = (
+            lambda be, x=x: (K.pixel_norm_act(x, 1e-8, "lrelu", 0.2, backend=be).sum(), [x]))
+    for c, s in ((128, 4), (64, 8), (32, 16)):
+        x, w = leaf(32, c, s, s), leaf(c // 2, c, 3, 3)
+        out[f"upsample_conv2d 32x{c}x{s}x{s}->{c // 2}"] = (
+            lambda be, x=x, w=w: (K.upsample_conv2d(x, w, backend=be).sum(), [x, w]))
     d_logits = leaf(32)
     for role in ("d_real", "d_fake", "g"):
         out[f"adversarial {role}, 32 logits"] = (
@@ -93,11 +108,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; fwd+bwd medians of "
           f"{args.calls} calls, {args.layout} model outputs")
-    print(f"{'op at the default step size':<32} {'reference us':>13} {'cpp us':>9} {'ratio':>6}")
+    print(f"{'op at the default step size':<38} {'reference us':>13} {'cpp us':>9} {'ratio':>6}")
     for name, fn in cases(args.layout == "channels_last").items():
         ref = _median_us(functools.partial(_fwd_bwd, fn, "reference"), args.calls)
         cpp = _median_us(functools.partial(_fwd_bwd, fn, "cpp"), args.calls)
-        print(f"{name:<32} {ref:>13.1f} {cpp:>9.1f} {ref / cpp:>6.2f}")
+        print(f"{name:<38} {ref:>13.1f} {cpp:>9.1f} {ref / cpp:>6.2f}")
     return 0
 
 

@@ -18,7 +18,9 @@ and the convolutions' FLOPs (from the traced shapes) per second, against the CPU
 ``--bound`` adds a third trainer, "free", whose fused ops are stand-ins that cost next to nothing
 (bias + activation returns its input, each loss is a plain mean, minibatch-stddev appends a
 copied channel): reference / free is the most any kernel for these ops could gain in this step
-(Amdahl's law), the figure that says whether the 1.15x target is reachable with them at all.
+(Amdahl's law), the figure that says whether the 1.15x target is reachable with them at all. The
+model-layer ops (batch_norm_act, pixel_norm_act, upsample_conv2d) run their reference there, as
+in the reference trainer: the bound is that of the issue's loss and discriminator ops alone.
 """
 
 from __future__ import annotations

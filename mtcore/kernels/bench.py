@@ -96,6 +96,27 @@ def _make_mbstd(quick: bool, device: torch.device) -> dict[str, torch.Tensor]:
     return {"x": _randn(n, c, h, w, device=device)}
 
 
+def _nhwc(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(x.requires_grad)
+
+
+def _make_norm(quick: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    n, c, s = (4, 8, 8) if quick else (32, 64, 32)
+    return {"x": _nhwc(_randn(n, c, s, s, device=device)), "w": _randn(c, device=device),
+            "b": _randn(c, device=device)}
+
+
+def _make_pixel_norm(quick: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    n, c, s = (4, 8, 8) if quick else (32, 64, 32)
+    return {"x": _nhwc(_randn(n, c, s, s, device=device))}
+
+
+def _make_upconv(quick: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    n, c, s = (4, 8, 4) if quick else (32, 64, 16)
+    return {"x": _nhwc(_randn(n, c, s, s, device=device)),
+            "w": _randn(c // 2, c, 3, 3, device=device), "b": _randn(c // 2, device=device)}
+
+
 def _make_joint(quick: bool, device: torch.device) -> dict[str, torch.Tensor]:
     n, s, z = (4, 8, 8) if quick else (32, 64, 128)
     return {"seg_logits": _randn(n, 21, s, s, device=device),
@@ -131,6 +152,13 @@ CASES: dict[str, BenchCase] = {c.name: c for c in (
               lambda fn, t: fn(t["logits"], "non_saturating", "g")),
     BenchCase("mbstd", "minibatch_stddev", "32x256x8x8 G=4", "8x16x4x4 G=4", _make_mbstd,
               lambda fn, t: fn(t["x"], 4, 1)),
+    # the backbone's and decoders' layers (channels-last, as the default model runs them)
+    BenchCase("bn_relu", "batch_norm_act", "32x64x32x32 NHWC", "4x8x8x8 NHWC", _make_norm,
+              lambda fn, t: fn(t["x"], None, None, t["w"], t["b"], True, 0.1, 1e-5, "relu")),
+    BenchCase("pixel_norm_lrelu", "pixel_norm_act", "32x64x32x32 NHWC", "4x8x8x8 NHWC",
+              _make_pixel_norm, lambda fn, t: fn(t["x"], 1e-8, "lrelu", 0.2)),
+    BenchCase("upsample_conv", "upsample_conv2d", "32x64x16x16 -> 32 NHWC", "4x8x4x4 -> 4 NHWC",
+              _make_upconv, lambda fn, t: fn(t["x"], t["w"], t["b"])),
     BenchCase("joint_loss", "joint_loss", "B=32 64x64 C=21/10 Z=128", "B=4 8x8", _make_joint,
               _call_joint),
 )}

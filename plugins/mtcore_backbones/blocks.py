@@ -1,7 +1,8 @@
 """Building blocks shared by the backbones: norm layers, conv-norm-ReLU, residual blocks, checks.
 
 Everything here uses plain ``nn.Conv2d``/norm/activation modules, so a model converted with
-``.to(memory_format=torch.channels_last)`` stays channels-last end to end.
+``.to(memory_format=torch.channels_last)`` stays channels-last end to end. ``ConvNormAct`` is a
+:class:`mtcore.kernels.FusedSequential`: its BatchNorm + ReLU run as one fused kernel.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from mtcore.kernels import FusedSequential
 
 NORMS: tuple[str, ...] = ("batch", "group", "none")
 
@@ -71,8 +74,9 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     raise ValueError(f"norm must be one of {list(NORMS)}, got {norm!r}")
 
 
-class ConvNormAct(nn.Sequential):
-    """3x3 (or ``kernel``) conv -> norm -> ReLU; the conv has a bias only when there is no norm."""
+class ConvNormAct(FusedSequential):
+    """3x3 (or ``kernel``) conv -> norm -> ReLU; the conv has a bias only when there is no norm.
+    BatchNorm + ReLU run fused (:class:`mtcore.kernels.FusedSequential`)."""
 
     def __init__(self, in_channels: int, out_channels: int, norm: str, stride: int = 1,
                  kernel: int = 3, act: bool = True) -> None:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from mtcore import kernels
+from mtcore.kernels import PixelNorm
 from mtcore.plugin import IncompatibleComponentsError
 
 from .augment import check_policy, diff_augment
@@ -24,14 +25,6 @@ def num_upsamples(size: tuple[int, int], start: int = 4) -> int:
             f"image size {h}x{w}: generative heads need square images of {start}*2^k pixels "
             "(e.g. 16, 32, 64); resize the dataset (params.size)")
     return k
-
-
-class PixelNorm(nn.Module):
-    """Scale each pixel's feature vector to unit RMS (Karras et al. 2018, progressive GANs): a
-    normalisation with no batch statistics, so an EMA copy of the weights samples correctly."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + 1e-8)
 
 
 DECODER_NORMS = ("batch", "pixel")
@@ -65,7 +58,8 @@ class ImageDecoder(nn.Module):
                        nn.LeakyReLU(0.2, inplace=True)]
             c = nxt
         layers += [nn.Conv2d(c, out_channels, 3, padding=1)]
-        self.net = nn.Sequential(*layers)
+        # upsample + conv and BatchNorm/PixelNorm + LeakyReLU run fused (kernels.FusedSequential)
+        self.net = kernels.FusedSequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.fc(z).view(z.shape[0], self.c0, 4, 4)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mtcore import kernels
 from mtcore.plugin import DatasetInfo, FeatureInfo, IncompatibleComponentsError, TaskHead
 
 from . import metrics as M
@@ -24,7 +25,8 @@ PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25],
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
+    """3x3 conv -> BatchNorm -> ReLU, the last two fused (:class:`mtcore.kernels.FusedSequential`)."""
+    return kernels.FusedSequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
                          nn.ReLU(inplace=True))
 
 
@@ -92,7 +94,9 @@ class SegmentationHead(TaskHead):
         x = None
         for name, lat, merge in zip(self.names, self.lateral, self.merge, strict=True):
             f = lat(features[name])
-            x = f if x is None else f + F.interpolate(x, size=f.shape[-2:], mode="nearest")
+            if x is not None and x.shape[-2:] != f.shape[-2:]:
+                x = F.interpolate(x, size=f.shape[-2:], mode="nearest")
+            x = f if x is None else f + x
             x = merge(x)
         logits = self.classifier(x)
         if self.final_stride != 1:

@@ -328,3 +328,35 @@ def test_a_fresh_run_into_an_old_run_folder_says_so_and_leaves_no_stale_grids(tm
             log=lines.append).fit()
     assert any("holds an earlier run: starting over" in line for line in lines)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_001.png"]
+
+
+def test_default_steps_with_cpp_kernels_match_the_reference(cpp_built):
+    """The fused ops (the losses, the discriminator's layers, and the model layers that
+    FusedSequential runs fused: BatchNorm/pixel norm + activation, upsample + conv) change float
+    rounding only: the first default step from the same init, batch and sampling noise logs the
+    reference's losses to 1e-5; the second, after Adam's first update (which moves every weight
+    by +-lr, whatever its gradient's size, so tiny gradients that differ in sign part the runs),
+    to 1e-3."""
+    from mtcore import kernels
+    from mtcore.trainer import to_device
+
+    trainers = {}
+    for k in ("reference", "cpp"):
+        trainers[k] = Trainer(mtcore.build(None, [*TINY[:-1], f'kernels="{k}"']), None,
+                              progress=False, log=lambda _: None)
+        trainers[k]._apply_stage(0)
+    batch = to_device(next(iter(trainers["cpp"]._loader(trainers["cpp"].train_set, True))), "cpu")
+    logs = {k: [] for k in trainers}
+    try:
+        for step in range(2):
+            for k, trainer in trainers.items():
+                kernels.set_backend(k)
+                torch.manual_seed(100 + step)  # the VAE's noise comes from the global generator
+                logs[k].append(trainer.train_step(batch))
+    finally:
+        kernels.set_backend(None)
+    for tol, got, want in zip((1e-5, 1e-3), logs["cpp"], logs["reference"], strict=True):
+        for task in ("seg", "cls", "vae", "gan"):
+            assert got[f"{task}.loss"] == pytest.approx(want[f"{task}.loss"], rel=tol), task
+    fused = [m for m in trainers["cpp"].model.modules() if isinstance(m, kernels.FusedSequential)]
+    assert len(fused) >= 8  # the U-Net's blocks, the segmentation head's, both image decoders

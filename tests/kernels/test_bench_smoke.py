@@ -128,7 +128,7 @@ def test_train_step_and_step_ops_scripts_run(capsys):
         out = capsys.readouterr().out
         rows = [line for line in out.splitlines() if line.endswith(tuple("0123456789"))]
         assert f"{layout} model outputs" in out
-        assert len(rows) == 11 and all(float(r.split()[-1]) > 0 for r in rows)
+        assert len(rows) == 21 and all(float(r.split()[-1]) > 0 for r in rows)
     # the layouts hold the same numbers, so both time the same maths
     loss_cl, (x_cl, *_) = step_ops.cases(True)["bias_act lrelu 32x16x32x32"]("reference")
     loss_c, (x_c, *_) = step_ops.cases(False)["bias_act lrelu 32x16x32x32"]("reference")

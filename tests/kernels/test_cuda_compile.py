@@ -33,6 +33,12 @@ CONTRACT_OPS = {
     "bias_act_grad",
     "mbstd_fwd",
     "mbstd_bwd",
+    "bn_act_fwd",
+    "bn_act_bwd",
+    "pn_act_fwd",
+    "pn_act_bwd",
+    "upsample_fold",
+    "upsample_fold_backward",
 }
 
 
@@ -104,6 +110,9 @@ def test_cuda_sources_present() -> None:
         "joint_loss",
         "bias_act",
         "minibatch_stddev",
+        "batch_norm_act",
+        "pixel_norm_act",
+        "upsample_fold",
     }
 
 

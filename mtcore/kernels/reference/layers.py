@@ -1,4 +1,5 @@
-"""Reference (pure PyTorch) layer ops: fused bias + activation, and minibatch standard deviation.
+"""Reference (pure PyTorch) layer ops: fused bias + activation, minibatch standard deviation,
+BatchNorm + activation, pixel norm + activation and nearest x2 upsampling + 3x3 convolution.
 
 These are the oracles the C++, CUDA and Triton kernels are tested against. ``bias_act`` follows
 the fused op of StyleGAN2 (Karras et al. 2020, "Analyzing and Improving the Image Quality of
@@ -17,10 +18,17 @@ import torch.nn.functional as F
 __all__ = [
     "ACTIVATIONS",
     "ActSpec",
+    "NORM_ACTIVATIONS",
+    "batch_norm_act",
     "bias_act",
+    "check_batch_norm_act_args",
     "check_bias_act_args",
     "check_mbstd_args",
+    "check_pixel_norm_act_args",
+    "check_upsample_conv2d_args",
     "minibatch_stddev",
+    "pixel_norm_act",
+    "upsample_conv2d",
 ]
 
 
@@ -194,3 +202,146 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     y = y.mean(dim=(2, 3, 4))  # [N//G, F]
     y = y.reshape(-1, f, 1, 1).repeat(g, 1, h, w)  # sample n uses group column n % (N//G)
     return torch.cat([x, y], dim=1)
+
+
+#: activations of ``batch_norm_act``: name -> code in the C++ schema (bias_act's codes)
+NORM_ACTIVATIONS: dict[str, int] = {"linear": 0, "relu": 1, "lrelu": 2}
+
+
+def _check_channel_vector(name: str, t: torch.Tensor | None, x: torch.Tensor, op: str) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dim() != 1 or t.shape[0] != x.shape[1]:
+        raise ValueError(f"{op}: {name} must have shape [C] = [{x.shape[1]}] (x of shape "
+                         f"{tuple(x.shape)}), got {name} of shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating point tensor, got dtype {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def check_batch_norm_act_args(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    training: bool,
+    eps: float,
+    act: str,
+    alpha: float,
+) -> int:
+    """Validate ``batch_norm_act``'s arguments; returns the activation's code."""
+    op = "batch_norm_act"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be a floating point tensor, got x of dtype {x.dtype} and "
+                        f"shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be [N, C, ...], got x of shape {tuple(x.shape)}")
+    if act not in NORM_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown act {act!r}; expected one of {tuple(NORM_ACTIVATIONS)}")
+    if act == "lrelu" and not (alpha >= 0.0 and math.isfinite(alpha)):
+        raise ValueError(f"{op}: alpha must be a finite number >= 0 for lrelu, got {alpha!r}")
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
+    for name, t in (("running_mean", running_mean), ("running_var", running_var),
+                    ("weight", weight), ("bias", bias)):
+        _check_channel_vector(name, t, x, op)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: training=False normalises with the running statistics, but "
+                         "running_mean and running_var are None")
+    if training and x.numel() // max(x.shape[1], 1) <= 1:
+        raise ValueError(f"{op}: training statistics need more than one value per channel, got x "
+                         f"of shape {tuple(x.shape)}")
+    return NORM_ACTIVATIONS[act]
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    act: str = "relu",
+    alpha: float = 0.2,
+) -> torch.Tensor:
+    """``act(F.batch_norm(x, ...))``: BatchNorm (arguments as ``F.batch_norm``'s) followed by
+    linear, relu or lrelu (slope ``alpha``)."""
+    check_batch_norm_act_args(x, running_mean, running_var, weight, bias, training, eps, act,
+                              alpha)
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    # in place on BatchNorm's fresh output, as nn.ReLU(inplace=True) after nn.BatchNorm2d
+    if act == "relu":
+        return F.relu(y, inplace=True)
+    if act == "lrelu":
+        return F.leaky_relu(y, alpha, inplace=True)
+    return y
+
+
+def check_pixel_norm_act_args(x: torch.Tensor, eps: float, act: str, alpha: float) -> int:
+    """Validate ``pixel_norm_act``'s arguments; returns the activation's code."""
+    op = "pixel_norm_act"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be a floating point tensor, got x of dtype {x.dtype} and "
+                        f"shape {tuple(x.shape)}")
+    if x.dim() < 2 or x.shape[1] == 0:
+        raise ValueError(f"{op}: x must be [N, C, ...] with C >= 1, got x of shape {tuple(x.shape)}")
+    if act not in NORM_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown act {act!r}; expected one of {tuple(NORM_ACTIVATIONS)}")
+    if act == "lrelu" and not (alpha >= 0.0 and math.isfinite(alpha)):
+        raise ValueError(f"{op}: alpha must be a finite number >= 0 for lrelu, got {alpha!r}")
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
+    return NORM_ACTIVATIONS[act]
+
+
+def pixel_norm_act(x: torch.Tensor, eps: float = 1e-8, act: str = "linear",
+                   alpha: float = 0.2) -> torch.Tensor:
+    """``act(x / sqrt(mean_c x^2 + eps))``: each pixel's feature vector scaled to unit RMS
+    (Karras et al. 2018, progressive GANs), then linear, relu or lrelu (slope ``alpha``)."""
+    check_pixel_norm_act_args(x, eps, act, alpha)
+    y = x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + eps)
+    if act == "relu":  # in place on the fresh product, as nn.ReLU(inplace=True) after PixelNorm
+        return F.relu(y, inplace=True)
+    if act == "lrelu":
+        return F.leaky_relu(y, alpha, inplace=True)
+    return y
+
+
+def check_upsample_conv2d_args(x: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None) -> None:
+    """Validate ``upsample_conv2d``'s arguments (x [N, Cin, H, W], weight [Cout, Cin, 3, 3])."""
+    op = "upsample_conv2d"
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating point tensor, got dtype {t.dtype}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must be [N, C, H, W], got x of shape {tuple(x.shape)}")
+    if weight.dim() != 4 or tuple(weight.shape[1:]) != (x.shape[1], 3, 3):
+        raise ValueError(f"{op}: weight must be [C_out, {x.shape[1]}, 3, 3] for x of shape "
+                         f"{tuple(x.shape)}, got weight of shape {tuple(weight.shape)}")
+    if bias is not None and (not isinstance(bias, torch.Tensor)
+                             or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"{op}: bias must be None or of shape [{weight.shape[0]}], got "
+                         f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else bias!r}")
+
+
+def upsample_conv2d(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Nearest x2 upsampling, then a 3x3 convolution with padding 1: the decoders' upsampling
+    stage, ``[N, Cin, H, W] -> [N, Cout, 2H, 2W]``."""
+    check_upsample_conv2d_args(x, weight, bias)
+    return F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)
