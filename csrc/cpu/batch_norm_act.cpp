@@ -30,11 +30,15 @@
 #include <vector>
 
 #include "common.h"
+#include "norm_act.h"
 
 namespace mtcore {
 namespace {
 
-enum Act : int64_t { kLinear = 0, kRelu = 1, kLrelu = 2 };
+using norm_act::check_float;
+using norm_act::is_nhwc;
+using norm_act::neg_slope;
+using norm_act::slope;
 
 constexpr int64_t kLanes = 16;      // independent partial sums in a plane reduction (vectorised)
 constexpr int64_t kRowBlock = 64;   // channels-last rows summed in float before a double add
@@ -45,10 +49,6 @@ struct Layout {
   int64_t outer, C, inner;
   at::MemoryFormat format;
 };
-
-bool is_nhwc(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
 
 Layout layout_of(const at::Tensor& x) {
   Layout l;
@@ -67,12 +67,6 @@ Layout layout_of(const at::Tensor& x) {
   return l;
 }
 
-void check_float(const char* op, const at::Tensor& t, const char* name) {
-  auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", st);
-}
-
 void check_channel_vec(const char* op, const std::optional<at::Tensor>& t, const char* name, int64_t C) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
@@ -80,15 +74,6 @@ void check_channel_vec(const char* op, const std::optional<at::Tensor>& t, const
   check_float(op, *t, name);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape [", C,
               "] (one value per channel of x), got ", t->sizes());
-}
-
-void check_x(const char* op, const at::Tensor& x, const char* name, int64_t act, double alpha) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
-              x.device());
-  check_float(op, x, name);
-  TORCH_CHECK(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
-  TORCH_CHECK(act >= kLinear && act <= kLrelu, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
-  TORCH_CHECK(act != kLrelu || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
 }
 
 // The per-channel vector `t` (or `fill` where absent) as acc_t values.
@@ -101,19 +86,6 @@ std::vector<acc_t> channel_values(const std::optional<at::Tensor>& t, int64_t C,
     std::copy(p, p + C, v.begin());
   }
   return v;
-}
-
-// act'(pre) as a multiplier, selected and then multiplied (so GCC if-converts and vectorises it):
-// 1 above zero, `neg` below (linear: 1, relu: 0, lrelu: alpha).
-template <typename A>
-MT_AI A slope(A pre, A neg) {
-  return pre > A(0) ? A(1) : neg;
-}
-
-// act'(pre) below zero: 1 for linear, 0 for relu, alpha for lrelu.
-template <typename A>
-A neg_slope(int64_t act, double alpha) {
-  return act == kLinear ? A(1) : (act == kRelu ? A(0) : static_cast<A>(alpha));
 }
 
 // Per-channel coefficients of one call, as acc_t arrays of C.
@@ -300,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, double eps,
     int64_t act, double alpha) {
   constexpr const char* op = "batch_norm_act";
-  check_x(op, x_in, "x", act, alpha);
+  norm_act::check_input(op, x_in, "x", act, alpha, eps);
   const int64_t C = x_in.size(1);
   check_channel_vec(op, weight, "weight", C);
   check_channel_vec(op, bias, "bias", C);
@@ -309,7 +281,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
   TORCH_CHECK(has_mean == has_var, op, ": give both running_mean and running_var (eval) or neither (training)");
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
   const bool training = !has_mean;
   const Layout l = layout_of(x_in);
   const int64_t M = l.outer * l.inner;
@@ -360,8 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& var_in, double eps,
     int64_t act, double alpha, bool training) {
   constexpr const char* op = "batch_norm_act backward";
-  check_x(op, x_in, "x", act, alpha);
-  check_x(op, dy_in, "dy", act, alpha);
+  norm_act::check_input(op, x_in, "x", act, alpha, eps);
+  norm_act::check_input(op, dy_in, "dy", act, alpha, eps);
   TORCH_CHECK(dy_in.sizes() == x_in.sizes(), op, ": dy has shape ", dy_in.sizes(), " but x has shape ",
               x_in.sizes());
   const int64_t C = x_in.size(1);

@@ -19,37 +19,13 @@
 #include <vector>
 
 #include "common.h"
+#include "norm_act.h"
 
 namespace mtcore {
 namespace {
 
-enum Act : int64_t { kLinear = 0, kRelu = 1, kLrelu = 2 };
-
-void check_pn(const char* op, const at::Tensor& x, const char* name, int64_t act, double alpha, double eps) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
-              x.device());
-  auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
-  TORCH_CHECK(act >= kLinear && act <= kLrelu, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
-  TORCH_CHECK(act != kLrelu || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
-}
-
-bool nhwc(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-template <typename A>
-MT_AI A slope(A v, A neg) {
-  return v > A(0) ? A(1) : neg;
-}
-
-template <typename A>
-A neg_slope(int64_t act, double alpha) {
-  return act == kLinear ? A(1) : (act == kRelu ? A(0) : static_cast<A>(alpha));
-}
+using norm_act::neg_slope;
+using norm_act::slope;
 
 // One pixel (C values `stride` apart). FWD: y = act(x r); else dx from dy.
 template <bool FWD, typename T, typename A>
@@ -124,7 +100,7 @@ void plane_block(const T* x, const T* dy, T* out, int64_t C, int64_t S, int64_t 
 
 template <bool FWD>
 at::Tensor run(const at::Tensor& x_in, const at::Tensor* dy_in, double eps, int64_t act, double alpha) {
-  const bool cl = nhwc(x_in);
+  const bool cl = norm_act::is_nhwc(x_in);
   const at::MemoryFormat fmt = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor x = x_in.contiguous(fmt);
   at::Tensor dy;
@@ -162,13 +138,13 @@ at::Tensor run(const at::Tensor& x_in, const at::Tensor* dy_in, double eps, int6
 }
 
 at::Tensor pn_act_fwd_cpu(const at::Tensor& x, double eps, int64_t act, double alpha) {
-  check_pn("pixel_norm_act", x, "x", act, alpha, eps);
+  norm_act::check_input("pixel_norm_act", x, "x", act, alpha, eps);
   return run<true>(x, nullptr, eps, act, alpha);
 }
 
 at::Tensor pn_act_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, double eps, int64_t act, double alpha) {
-  check_pn("pixel_norm_act backward", x, "x", act, alpha, eps);
-  check_pn("pixel_norm_act backward", dy, "dy", act, alpha, eps);
+  norm_act::check_input("pixel_norm_act backward", x, "x", act, alpha, eps);
+  norm_act::check_input("pixel_norm_act backward", dy, "dy", act, alpha, eps);
   TORCH_CHECK(dy.sizes() == x.sizes(), "pixel_norm_act backward: dy has shape ", dy.sizes(), " but x has shape ",
               x.sizes());
   return run<false>(x, &dy, eps, act, alpha);

@@ -17,11 +17,6 @@ __host__ __device__ __forceinline__ int64_t bn_offset(const BnShape& s, int64_t 
   return ((j / s.inner) * s.C + c) * s.inner + j % s.inner;
 }
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t bn_slope(acc_t pre, acc_t neg) {
-  return pre > acc_t(0) ? acc_t(1) : neg;
-}
-
 // Block (c, split): sums of a = d, b = d^2 (MOMENTS: d = x - x[c, 0]) or of a = g, b = g (x - mean)
 // (the backward: g = dy act'(pre)) over the split's values of channel c.
 template <bool MOMENTS, typename scalar_t, typename acc_t>
@@ -43,7 +38,7 @@ __global__ void bn_partial_kernel(const scalar_t* __restrict__ x, const scalar_t
     for (int64_t j = split * (int64_t)blockDim.x + threadIdx.x; j < s.M; j += (int64_t)splits * blockDim.x) {
       const int64_t o = bn_offset(s, c, j);
       const acc_t xv = static_cast<acc_t>(x[o]);
-      const acc_t g = static_cast<acc_t>(dy[o]) * bn_slope(xv * scale + shift, neg);
+      const acc_t g = static_cast<acc_t>(dy[o]) * norm_act_slope(xv * scale + shift, neg);
       sa += g;
       sb += g * (xv - mean);
     }
@@ -104,7 +99,7 @@ __global__ void bn_apply_kernel(const scalar_t* __restrict__ x, const acc_t* __r
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = (e / s.inner) % s.C;
     const acc_t pre = static_cast<acc_t>(x[e]) * coef[c] + coef[s.C + c];
-    y[e] = static_cast<scalar_t>(pre * bn_slope(pre, neg));
+    y[e] = static_cast<scalar_t>(pre * norm_act_slope(pre, neg));
   }
 }
 
@@ -133,7 +128,7 @@ __global__ void bn_dx_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
   for (int64_t e = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
     const int64_t c = (e / s.inner) % s.C;
     const acc_t scale = coef[c], xv = static_cast<acc_t>(x[e]);
-    const acc_t g = static_cast<acc_t>(dy[e]) * bn_slope(xv * scale + coef[s.C + c], neg);
+    const acc_t g = static_cast<acc_t>(dy[e]) * norm_act_slope(xv * scale + coef[s.C + c], neg);
     dx[e] = static_cast<scalar_t>(scale * (g - k[c] - (xv - coef[2 * s.C + c]) * k[s.C + c]));
   }
 }
@@ -155,15 +150,6 @@ BnShape bn_shape(const at::Tensor& x) {
   }
   s.M = s.outer * s.inner;
   return s;
-}
-
-void check_x(const char* op, const at::Tensor& x, const char* name, int64_t act, double alpha, double eps) {
-  check_cuda(x, op, name);
-  check_float(x, op, name);
-  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(act >= 0 && act <= 2, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
-  TORCH_CHECK_VALUE(act != 2 || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
 // A per-channel vector as a contiguous tensor of `dtype` on x's device (undefined if absent).
@@ -195,7 +181,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cuda(
     const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var, double eps,
     int64_t act, double alpha) {
   constexpr const char* kOp = "batch_norm_act";
-  check_x(kOp, x_in, "x", act, alpha, eps);
+  check_norm_act_input(kOp, x_in, "x", act, alpha, eps);
   const auto sd = stat_dtype(x_in);
   const at::Tensor w = channel_vec(weight, x_in, kOp, "weight", sd);
   const at::Tensor b = channel_vec(bias, x_in, kOp, "bias", sd);
@@ -215,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cuda(
   MTCORE_DISPATCH_FLOATS(x.scalar_type(), "bn_act_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const cudaStream_t st = stream();
-    const acc_t neg = act == 0 ? acc_t(1) : (act == 1 ? acc_t(0) : static_cast<acc_t>(alpha));
+    const acc_t neg = norm_act_neg<acc_t>(act, alpha);
     at::Tensor coef = at::empty({3 * s.C}, acc_options<acc_t>(x));
     at::Tensor pa, pb;
     int splits = 1;
@@ -246,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean_in, const at::Tensor& var_in, double eps,
     int64_t act, double alpha, bool training) {
   constexpr const char* kOp = "batch_norm_act backward";
-  check_x(kOp, x_in, "x", act, alpha, eps);
-  check_x(kOp, dy_in, "dy", act, alpha, eps);
+  check_norm_act_input(kOp, x_in, "x", act, alpha, eps);
+  check_norm_act_input(kOp, dy_in, "dy", act, alpha, eps);
   TORCH_CHECK_VALUE(dy_in.sizes() == x_in.sizes(), kOp, ": dy has shape ", dy_in.sizes(), " but x has shape ",
                     x_in.sizes());
   const auto sd = stat_dtype(x_in);
@@ -268,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
     MTCORE_DISPATCH_FLOATS(x.scalar_type(), "bn_act_bwd_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
       const cudaStream_t st = stream();
-      const acc_t neg = act == 0 ? acc_t(1) : (act == 1 ? acc_t(0) : static_cast<acc_t>(alpha));
+      const acc_t neg = norm_act_neg<acc_t>(act, alpha);
       at::Tensor coef = at::empty({3 * s.C}, acc_options<acc_t>(x));
       at::Tensor stat_m = at::empty({s.C}, acc_options<acc_t>(x)), stat_v = at::empty({s.C}, acc_options<acc_t>(x));
       bn_coef_kernel<scalar_t, acc_t, acc_t><<<num_blocks(s.C), kThreads, 0, st>>>(

@@ -142,6 +142,30 @@ __device__ __forceinline__ acc_t sigmoid(acc_t x) {
   return acc_t(1) / (acc_t(1) + exp(-x));
 }
 
+// The norm + activation ops (batch_norm_act.cu, pixel_norm_act.cu): x (or dy) a float CUDA
+// tensor [N, C, ...]; act 0 (linear), 1 (relu) or 2 (lrelu), alpha >= 0 for lrelu; eps > 0.
+inline void check_norm_act_input(const char* op, const at::Tensor& x, const char* name, int64_t act,
+                                 double alpha, double eps) {
+  check_cuda(x, op, name);
+  check_float(x, op, name);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(act >= 0 && act <= 2, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ",
+                    act);
+  TORCH_CHECK_VALUE(act != 2 || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
+}
+
+// Their activation's slope below zero (linear 1, relu 0, lrelu alpha), and act'(v) from it.
+template <typename acc_t>
+inline acc_t norm_act_neg(int64_t act, double alpha) {
+  return act == 0 ? acc_t(1) : (act == 1 ? acc_t(0) : static_cast<acc_t>(alpha));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t norm_act_slope(acc_t v, acc_t neg) {
+  return v > acc_t(0) ? acc_t(1) : neg;
+}
+
 // ------------------------------------------------------------------------ internal entry points
 // `grad_scale` (optional, a 1-element CUDA tensor) multiplies every gradient on the device without
 // a host sync; joint_loss uses it to fold in d(total)/d(term_k). Undefined means 1.

@@ -7,11 +7,6 @@
 namespace mtcore::cuda_impl {
 namespace {
 
-template <typename acc_t>
-__device__ __forceinline__ acc_t pn_slope(acc_t v, acc_t neg) {
-  return v > acc_t(0) ? acc_t(1) : neg;
-}
-
 // Pixel p of N * S: base offset and channel stride in either layout.
 __device__ __forceinline__ int64_t pn_base(int64_t p, int64_t C, int64_t S, bool nhwc) {
   return nhwc ? p * C : (p / S) * C * S + p % S;
@@ -33,31 +28,22 @@ __global__ void pn_kernel(const scalar_t* __restrict__ x, const scalar_t* __rest
     if (FWD) {
       for (int64_t c = 0; c < C; ++c) {
         const acc_t u = static_cast<acc_t>(x[base + c * stride]) * r;
-        out[base + c * stride] = static_cast<scalar_t>(u * pn_slope(u, neg));
+        out[base + c * stride] = static_cast<scalar_t>(u * norm_act_slope(u, neg));
       }
     } else {
       acc_t gx = 0;
       for (int64_t c = 0; c < C; ++c) {
         const acc_t v = static_cast<acc_t>(x[base + c * stride]);
-        gx += static_cast<acc_t>(dy[base + c * stride]) * pn_slope(v, neg) * v;
+        gx += static_cast<acc_t>(dy[base + c * stride]) * norm_act_slope(v, neg) * v;
       }
       const acc_t k = r * r * r * gx / static_cast<acc_t>(C);
       for (int64_t c = 0; c < C; ++c) {
         const int64_t o = base + c * stride;
         const acc_t v = static_cast<acc_t>(x[o]);
-        out[o] = static_cast<scalar_t>(r * static_cast<acc_t>(dy[o]) * pn_slope(v, neg) - k * v);
+        out[o] = static_cast<scalar_t>(r * static_cast<acc_t>(dy[o]) * norm_act_slope(v, neg) - k * v);
       }
     }
   }
-}
-
-void pn_check(const char* op, const at::Tensor& x, const char* name, int64_t act, double alpha, double eps) {
-  check_cuda(x, op, name);
-  check_float(x, op, name);
-  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
-  TORCH_CHECK_VALUE(act >= 0 && act <= 2, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
-  TORCH_CHECK_VALUE(act != 2 || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
-  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
 template <bool FWD>
@@ -74,7 +60,7 @@ at::Tensor pn_run(const at::Tensor& x_in, const at::Tensor* dy_in, double eps, i
   const int64_t S = x.numel() / (N * C);
   MTCORE_DISPATCH_FLOATS(x.scalar_type(), "pixel_norm_act_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t neg = act == 0 ? acc_t(1) : (act == 1 ? acc_t(0) : static_cast<acc_t>(alpha));
+    const acc_t neg = norm_act_neg<acc_t>(act, alpha);
     pn_kernel<FWD, scalar_t, acc_t><<<num_blocks(N * S), kThreads, 0, stream()>>>(
         x.data_ptr<scalar_t>(), FWD ? nullptr : dy.data_ptr<scalar_t>(), N * S, C, S, nhwc || S == 1,
         static_cast<acc_t>(eps), neg, out.data_ptr<scalar_t>());
@@ -84,13 +70,13 @@ at::Tensor pn_run(const at::Tensor& x_in, const at::Tensor* dy_in, double eps, i
 }
 
 at::Tensor pn_act_fwd_cuda(const at::Tensor& x, double eps, int64_t act, double alpha) {
-  pn_check("pixel_norm_act", x, "x", act, alpha, eps);
+  check_norm_act_input("pixel_norm_act", x, "x", act, alpha, eps);
   return pn_run<true>(x, nullptr, eps, act, alpha);
 }
 
 at::Tensor pn_act_bwd_cuda(const at::Tensor& dy, const at::Tensor& x, double eps, int64_t act, double alpha) {
-  pn_check("pixel_norm_act backward", x, "x", act, alpha, eps);
-  pn_check("pixel_norm_act backward", dy, "dy", act, alpha, eps);
+  check_norm_act_input("pixel_norm_act backward", x, "x", act, alpha, eps);
+  check_norm_act_input("pixel_norm_act backward", dy, "dy", act, alpha, eps);
   TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "pixel_norm_act backward: dy has shape ", dy.sizes(),
                     " but x has shape ", x.sizes());
   check_same_device(dy, x, "pixel_norm_act backward", "dy", "x");

@@ -208,6 +208,24 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
 NORM_ACTIVATIONS: dict[str, int] = {"linear": 0, "relu": 1, "lrelu": 2}
 
 
+def _check_norm_act_input(op: str, x: torch.Tensor, eps: float, act: str, alpha: float) -> None:
+    """The checks batch_norm_act and pixel_norm_act share: x a float [N, C, ...] tensor, a known
+    activation, alpha >= 0 for lrelu, eps > 0."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be a floating point tensor, got x of dtype {x.dtype} and "
+                        f"shape {tuple(x.shape)}")
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be [N, C, ...], got x of shape {tuple(x.shape)}")
+    if act not in NORM_ACTIVATIONS:
+        raise ValueError(f"{op}: unknown act {act!r}; expected one of {tuple(NORM_ACTIVATIONS)}")
+    if act == "lrelu" and not (alpha >= 0.0 and math.isfinite(alpha)):
+        raise ValueError(f"{op}: alpha must be a finite number >= 0 for lrelu, got {alpha!r}")
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
+
+
 def _check_channel_vector(name: str, t: torch.Tensor | None, x: torch.Tensor, op: str) -> None:
     if t is None:
         return
@@ -235,19 +253,7 @@ def check_batch_norm_act_args(
 ) -> int:
     """Validate ``batch_norm_act``'s arguments; returns the activation's code."""
     op = "batch_norm_act"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be a floating point tensor, got x of dtype {x.dtype} and "
-                        f"shape {tuple(x.shape)}")
-    if x.dim() < 2:
-        raise ValueError(f"{op}: x must be [N, C, ...], got x of shape {tuple(x.shape)}")
-    if act not in NORM_ACTIVATIONS:
-        raise ValueError(f"{op}: unknown act {act!r}; expected one of {tuple(NORM_ACTIVATIONS)}")
-    if act == "lrelu" and not (alpha >= 0.0 and math.isfinite(alpha)):
-        raise ValueError(f"{op}: alpha must be a finite number >= 0 for lrelu, got {alpha!r}")
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
+    _check_norm_act_input(op, x, eps, act, alpha)
     for name, t in (("running_mean", running_mean), ("running_var", running_var),
                     ("weight", weight), ("bias", bias)):
         _check_channel_vector(name, t, x, op)
@@ -290,19 +296,9 @@ def batch_norm_act(
 def check_pixel_norm_act_args(x: torch.Tensor, eps: float, act: str, alpha: float) -> int:
     """Validate ``pixel_norm_act``'s arguments; returns the activation's code."""
     op = "pixel_norm_act"
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{op}: x must be a floating point tensor, got x of dtype {x.dtype} and "
-                        f"shape {tuple(x.shape)}")
-    if x.dim() < 2 or x.shape[1] == 0:
+    _check_norm_act_input(op, x, eps, act, alpha)
+    if x.shape[1] == 0:
         raise ValueError(f"{op}: x must be [N, C, ...] with C >= 1, got x of shape {tuple(x.shape)}")
-    if act not in NORM_ACTIVATIONS:
-        raise ValueError(f"{op}: unknown act {act!r}; expected one of {tuple(NORM_ACTIVATIONS)}")
-    if act == "lrelu" and not (alpha >= 0.0 and math.isfinite(alpha)):
-        raise ValueError(f"{op}: alpha must be a finite number >= 0 for lrelu, got {alpha!r}")
-    if not eps > 0:
-        raise ValueError(f"{op}: eps must be > 0, got {eps!r}")
     return NORM_ACTIVATIONS[act]
 
 
