@@ -11,6 +11,7 @@
 #include <ATen/TensorSubclassLikeUtils.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -62,6 +63,22 @@ inline void store_grads(AutogradContext* ctx, bool compute_grad, const variable_
 inline void check_stored(AutogradContext* ctx, const char* op_name) {
   TORCH_CHECK(ctx->saved_data["compute_grad"].toBool(), "mtcore::", op_name,
               " was run with compute_grad=False; cannot backward");
+}
+
+// A backward's results for an op with no second derivative, as Python's @once_differentiable
+// makes them: under create_graph (grad mode on) with an input that requires grad they come back
+// attached to an error node, so a second differentiation through them raises `msg`, while a
+// create_graph backward that never differentiates them again works. Otherwise returned as is.
+inline variable_list once_differentiable(variable_list outputs, bool inputs_require_grad, const std::string& msg) {
+  if (!at::GradMode::is_enabled() || !inputs_require_grad) return outputs;
+  variable_list leaves;
+  leaves.reserve(outputs.size());
+  for (const auto& v : outputs) {
+    Variable leaf = v.defined() ? v.detach() : Variable();
+    if (leaf.defined()) leaf.set_requires_grad(true);
+    leaves.push_back(leaf);
+  }
+  return torch::autograd::DelayedError(msg, static_cast<int64_t>(leaves.size())).apply(std::move(leaves));
 }
 
 }  // namespace autograd

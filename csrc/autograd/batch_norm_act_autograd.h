@@ -3,7 +3,8 @@
 // The forward keeps x and the statistics it normalised with (the batch's in training, the given
 // running ones in eval); the backward is the op bn_act_bwd. BatchNorm sits in no discriminator,
 // so no second derivative is needed (the R1 penalty differentiates only the discriminator twice):
-// a double backward through this op is an error that names it, not a silent zero.
+// a create_graph backward through the op works, and differentiating its result again is an error
+// that names the op, not a silent zero (once_differentiable).
 
 #pragma once
 
@@ -50,10 +51,6 @@ class BnAct : public torch::autograd::Function<BnAct> {
     const Variable &x = saved[0], &w = saved[1], &b = saved[2], &mean = saved[3], &var = saved[4];
     const bool has_w = ctx->saved_data["has_w"].toBool(), has_b = ctx->saved_data["has_b"].toBool();
     const at::Tensor& dy = grads[0];
-    TORCH_CHECK(!(at::GradMode::is_enabled() &&
-                  (dy.requires_grad() || x.requires_grad() || (has_w && w.requires_grad()))),
-                "mtcore::batch_norm_act has no second derivative (create_graph=True reached it); use the "
-                "reference kernels (kernels = \"reference\") for a double backward through BatchNorm");
     at::Tensor dx, dw, db;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
@@ -63,9 +60,12 @@ class BnAct : public torch::autograd::Function<BnAct> {
                       ctx->saved_data["act"].toInt(), ctx->saved_data["alpha"].toDouble(),
                       ctx->saved_data["training"].toBool());
     }
+    const bool wants_second = dy.requires_grad() || x.requires_grad() || (has_w && w.requires_grad());
+    variable_list g = once_differentiable({dx, has_w ? dw : Variable(), has_b ? db : Variable()}, wants_second,
+                                          "mtcore::batch_norm_act has no second derivative; use the reference "
+                                          "kernels (kernels = \"reference\") to differentiate through BatchNorm twice");
     // Edges: x, weight, bias, running_mean, running_var (statistics are never differentiated).
-    return {dx, has_w ? dw : Variable(), has_b ? db : Variable(), Variable(), Variable(), Variable(), Variable(),
-            Variable()};
+    return {g[0], g[1], g[2], Variable(), Variable(), Variable(), Variable(), Variable()};
   }
 };
 

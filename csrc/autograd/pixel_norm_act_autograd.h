@@ -1,8 +1,9 @@
 // Autograd of mtcore::pn_act_fwd (csrc/cpu/pixel_norm_act.cpp has the math).
 //
 // The forward keeps x; the backward is the op pn_act_bwd. Pixel norm sits in the GAN generator,
-// which is never differentiated twice (the R1 penalty differentiates the discriminator), so a
-// double backward through this op is an error that names it, not a silent zero.
+// which is never differentiated twice (the R1 penalty differentiates the discriminator): a
+// create_graph backward through the op works, and differentiating its result again is an error
+// that names the op, not a silent zero (once_differentiable).
 
 #pragma once
 
@@ -32,13 +33,17 @@ class PnAct : public torch::autograd::Function<PnAct> {
     static auto handle = op<BwdSig>("mtcore::pn_act_bwd");
     const Variable x = ctx->get_saved_variables()[0];
     const at::Tensor& dy = grads[0];
-    TORCH_CHECK(!(at::GradMode::is_enabled() && (dy.requires_grad() || x.requires_grad())),
-                "mtcore::pixel_norm_act has no second derivative (create_graph=True reached it); use the "
-                "reference kernels (kernels = \"reference\") for a double backward through pixel norm");
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return {handle.call(dy, x, ctx->saved_data["eps"].toDouble(), ctx->saved_data["act"].toInt(),
-                        ctx->saved_data["alpha"].toDouble()),
-            Variable(), Variable(), Variable()};
+    at::Tensor dx;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      dx = handle.call(dy, x, ctx->saved_data["eps"].toDouble(), ctx->saved_data["act"].toInt(),
+                       ctx->saved_data["alpha"].toDouble());
+    }
+    const variable_list g = once_differentiable(
+        {dx}, dy.requires_grad() || x.requires_grad(),
+        "mtcore::pixel_norm_act has no second derivative; use the reference kernels (kernels = \"reference\") "
+        "to differentiate through pixel norm twice");
+    return {g[0], Variable(), Variable(), Variable()};
   }
 };
 

@@ -14,8 +14,10 @@ namespace {  // only register_autograd.cpp includes this header
 
 using Sig = at::Tensor(const at::Tensor&);
 
-at::Tensor call(const char* name, const at::Tensor& t) {
-  return op<Sig>(name).call(t);
+at::Tensor call_fold(bool forward, const at::Tensor& t) {
+  static auto fold = op<Sig>("mtcore::upsample_fold");
+  static auto unfold = op<Sig>("mtcore::upsample_fold_backward");
+  return (forward ? fold : unfold).call(t);
 }
 
 template <bool FORWARD>
@@ -23,7 +25,7 @@ class Fold : public torch::autograd::Function<Fold<FORWARD>> {
  public:
   static Variable forward(AutogradContext*, const Variable& t) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    return call(FORWARD ? "mtcore::upsample_fold" : "mtcore::upsample_fold_backward", t);
+    return call_fold(FORWARD, t);
   }
 
   static variable_list backward(AutogradContext*, variable_list grads) {

@@ -5,7 +5,7 @@
 // as (N*H*W, C, 1); other strides are made contiguous first. With M = outer * inner values per
 // channel c:
 //   training: mean_c and the biased var_c of the batch, in one pass of the moments about each
-//             channel's first value (so a large mean costs no precision); eval: the running ones
+//             channel's first value (so a large mean costs the statistics no precision); eval: the running ones
 //   y = act(x * scale_c + shift_c),  invstd = 1/sqrt(var + eps), scale = w invstd, shift = b - mean scale
 // Backward, with g = dy * act'(pre), pre = x * scale + shift (relu: [pre > 0]; lrelu: 1 or alpha):
 //   db_c = sum g,  dw_c = invstd * sum g (x - mean)

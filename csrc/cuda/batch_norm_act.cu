@@ -51,7 +51,8 @@ __global__ void bn_partial_kernel(const scalar_t* __restrict__ x, const scalar_t
   }
 }
 
-// One thread per channel: add the splits' partials in order.
+// A channel's partials, added in order (one thread per channel in the kernels below, which loop
+// over the grid: num_blocks caps it, and C may exceed the threads of a capped grid).
 template <typename acc_t>
 __device__ __forceinline__ void bn_reduce(const acc_t* pa, const acc_t* pb, int64_t c, int splits, acc_t& a,
                                           acc_t& b) {
@@ -71,26 +72,27 @@ __global__ void bn_coef_kernel(const scalar_t* __restrict__ x, const acc_t* __re
                                const param_t* __restrict__ rv, const param_t* __restrict__ w,
                                const param_t* __restrict__ b, BnShape s, acc_t eps, acc_t* __restrict__ coef,
                                acc_t* __restrict__ mean_out, acc_t* __restrict__ var_out) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= s.C) return;
-  acc_t mean, var;
-  if (pa != nullptr) {
-    acc_t s1, s2;
-    bn_reduce(pa, pb, c, splits, s1, s2);
-    const acc_t d1 = s1 / static_cast<acc_t>(s.M);
-    mean = static_cast<acc_t>(x[bn_offset(s, c, 0)]) + d1;
-    var = s2 / static_cast<acc_t>(s.M) - d1 * d1;
-    var = var > acc_t(0) ? var : acc_t(0);
-  } else {
-    mean = static_cast<acc_t>(rm[c]);
-    var = static_cast<acc_t>(rv[c]);
+  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < s.C;
+       c += (int64_t)gridDim.x * blockDim.x) {
+    acc_t mean, var;
+    if (pa != nullptr) {
+      acc_t s1, s2;
+      bn_reduce(pa, pb, c, splits, s1, s2);
+      const acc_t d1 = s1 / static_cast<acc_t>(s.M);
+      mean = static_cast<acc_t>(x[bn_offset(s, c, 0)]) + d1;
+      var = s2 / static_cast<acc_t>(s.M) - d1 * d1;
+      var = var > acc_t(0) ? var : acc_t(0);
+    } else {
+      mean = static_cast<acc_t>(rm[c]);
+      var = static_cast<acc_t>(rv[c]);
+    }
+    const acc_t scale = (w ? static_cast<acc_t>(w[c]) : acc_t(1)) / sqrt(var + eps);
+    coef[c] = scale;
+    coef[s.C + c] = (b ? static_cast<acc_t>(b[c]) : acc_t(0)) - mean * scale;
+    coef[2 * s.C + c] = mean;
+    mean_out[c] = mean;
+    var_out[c] = var;
   }
-  const acc_t scale = (w ? static_cast<acc_t>(w[c]) : acc_t(1)) / sqrt(var + eps);
-  coef[c] = scale;
-  coef[s.C + c] = (b ? static_cast<acc_t>(b[c]) : acc_t(0)) - mean * scale;
-  coef[2 * s.C + c] = mean;
-  mean_out[c] = mean;
-  var_out[c] = var;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -109,16 +111,17 @@ template <typename acc_t, typename param_t>
 __global__ void bn_bwd_coef_kernel(const acc_t* __restrict__ pa, const acc_t* __restrict__ pb, int splits,
                                    const acc_t* __restrict__ var, BnShape s, acc_t eps, bool training,
                                    acc_t* __restrict__ k, param_t* __restrict__ dw, param_t* __restrict__ db) {
-  const int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (c >= s.C) return;
-  acc_t sg, sgx;
-  bn_reduce(pa, pb, c, splits, sg, sgx);
-  const acc_t invstd = acc_t(1) / sqrt(var[c] + eps);
-  const acc_t m = static_cast<acc_t>(s.M);
-  k[c] = training ? sg / m : acc_t(0);
-  k[s.C + c] = training ? sgx / m * invstd * invstd : acc_t(0);
-  dw[c] = static_cast<param_t>(sgx * invstd);
-  db[c] = static_cast<param_t>(sg);
+  for (int64_t c = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; c < s.C;
+       c += (int64_t)gridDim.x * blockDim.x) {
+    acc_t sg, sgx;
+    bn_reduce(pa, pb, c, splits, sg, sgx);
+    const acc_t invstd = acc_t(1) / sqrt(var[c] + eps);
+    const acc_t m = static_cast<acc_t>(s.M);
+    k[c] = training ? sg / m : acc_t(0);
+    k[s.C + c] = training ? sgx / m * invstd * invstd : acc_t(0);
+    dw[c] = static_cast<param_t>(sgx * invstd);
+    db[c] = static_cast<param_t>(sg);
+  }
 }
 
 template <typename scalar_t, typename acc_t>
@@ -236,6 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
   check_norm_act_input(kOp, dy_in, "dy", act, alpha, eps);
   TORCH_CHECK_VALUE(dy_in.sizes() == x_in.sizes(), kOp, ": dy has shape ", dy_in.sizes(), " but x has shape ",
                     x_in.sizes());
+  check_same_device(dy_in, x_in, kOp, "dy", "x");
   const auto sd = stat_dtype(x_in);
   const at::Tensor w = channel_vec(weight, x_in, kOp, "weight", sd);
   const at::Tensor b = channel_vec(bias, x_in, kOp, "bias", sd);

@@ -14,8 +14,8 @@ structure, state dict and checkpoints are those of the unfused network; only the
 - ``Upsample(scale_factor=2, mode="nearest")`` followed by a 3x3, stride-1, padding-1 ``Conv2d``
   runs as one :func:`~mtcore.kernels.upsample_conv2d`.
 
-A pair is left unfused when either module has forward hooks (or global module hooks are set),
-so hooks always see what they expect. With the reference backend the fused ops are the plain
+A pair is left unfused when either module has forward or backward hooks (or global module hooks
+are set), so hooks always see what they expect. With the reference backend the fused ops are the plain
 PyTorch modules' computation, so the two layouts agree exactly there.
 """
 
@@ -48,11 +48,14 @@ class PixelNorm(nn.Module):
 
 
 def _hooked(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks)
+    """Whether ``m`` has forward or backward hooks (a fused pair would bypass them)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks)
 
 
 def _global_hooks() -> bool:
-    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks)
+    return bool(_module._global_forward_hooks or _module._global_forward_pre_hooks
+                or _module._global_backward_hooks or _module._global_backward_pre_hooks)
 
 
 def _activation(m: nn.Module | None) -> tuple[str, float, int]:

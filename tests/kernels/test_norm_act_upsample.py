@@ -176,12 +176,20 @@ def test_batch_norm_act_opcheck(on):
 
 
 def test_batch_norm_act_double_backward_is_a_clear_error(cpp):
-    """create_graph=True through the op fails at once, naming it (not a silent zero later)."""
+    """A create_graph backward through the op works (a regulariser or balancer may take one
+    without differentiating this op again); differentiating its result again raises, naming the
+    op, instead of giving a silent zero."""
     x = _rand(4, 3, 2, 2).requires_grad_()
-    y = K.batch_norm_act(x, training=True, act="relu", backend="cpp")
+    w = torch.ones(3, requires_grad=True)
+    y = K.batch_norm_act(x, None, None, w, None, True, act="relu", backend="cpp")
+    gx, gw = torch.autograd.grad((y * y).sum(), (x, w), create_graph=True)
+    y0 = K.batch_norm_act(x, None, None, w, None, True, act="relu", backend="reference")
+    gx0, gw0 = torch.autograd.grad((y0 * y0).sum(), (x, w))
+    assert _rel(gx, gx0) <= 1e-5 and _rel(gw, gw0) <= 1e-5
     with pytest.raises(RuntimeError, match="batch_norm_act has no second derivative"):
-        torch.autograd.grad((y * y).sum(), x, create_graph=True)
-    (gx,) = torch.autograd.grad((y * y).sum(), x)  # a first-order backward is fine
+        gw.sum().backward()
+    # plain backward, and a create_graph one whose result stays unused beyond this op: no error
+    (gx,) = torch.autograd.grad((y * y).sum(), x, retain_graph=True)
     assert gx.shape == x.shape
 
 
@@ -194,6 +202,8 @@ def test_batch_norm_act_bad_input(cpp, backend):
         K.batch_norm_act(x, training=False, backend=backend)
     with pytest.raises(ValueError, match="more than one value per channel"):
         K.batch_norm_act(_rand(1, 3), training=True, backend=backend)
+    empty = _rand(0, 3, 4, 4)  # an empty batch passes through, as in F.batch_norm
+    assert K.batch_norm_act(empty, training=True, backend=backend).shape == empty.shape
     with pytest.raises(TypeError, match="floating point"):
         K.batch_norm_act(torch.ones(2, 3, 2, dtype=torch.long), training=True, backend=backend)
     with pytest.raises(ValueError, match="unknown act 'tanh'"):
@@ -243,11 +253,12 @@ def test_pixel_norm_act_gradcheck_opcheck_and_errors(on):
     torch.library.opcheck(torch.ops.mtcore.pn_act_fwd.default,
                           (_rand(2, 3, 4, 5).to(device).requires_grad_(), 1e-8, 2, 0.2))
     x = _rand(3, 4, 2, 2).to(device).requires_grad_()
+    (gx,) = torch.autograd.grad(K.pixel_norm_act(x, backend=backend).pow(3).sum(), x,
+                                create_graph=True)
     with pytest.raises(RuntimeError, match="pixel_norm_act has no second derivative"):
-        torch.autograd.grad(K.pixel_norm_act(x, backend=backend).pow(3).sum(), x,
-                            create_graph=True)
-    with pytest.raises(ValueError, match="C >= 1"):
-        K.pixel_norm_act(torch.ones(2, 0, 3, device=device), backend=backend)
+        gx.sum().backward()
+    empty = torch.ones(2, 0, 3, device=device)  # as the plain PixelNorm: empty in, empty out
+    assert K.pixel_norm_act(empty, backend=backend).shape == empty.shape
     with pytest.raises(ValueError, match="eps must be > 0"):
         K.pixel_norm_act(x, eps=0.0, backend=backend)
 
@@ -345,6 +356,13 @@ def test_fused_sequential_equals_the_plain_modules(cpp, backend, tol):
             assert _rel(a.double(), b.double()) <= tol, k  # running stats, num_batches_tracked
 
 
+def test_fused_sequential_empty_batch_as_the_plain_modules(cpp):
+    plain, fused = _pair(nn.Upsample(scale_factor=2), nn.Conv2d(3, 4, 3, padding=1),
+                         nn.BatchNorm2d(4), nn.ReLU(), K.PixelNorm(), nn.LeakyReLU(0.2))
+    x = _rand(0, 3, 5, 5)
+    assert fused(x).shape == plain(x).shape == (0, 4, 10, 10)
+
+
 def test_fused_sequential_batchnorm_options(cpp):
     """momentum=None (cumulative average) and track_running_stats=False follow nn.BatchNorm2d."""
     for bn in (nn.BatchNorm2d(3, momentum=None), nn.BatchNorm2d(3, track_running_stats=False),
@@ -360,13 +378,30 @@ def test_fused_sequential_batchnorm_options(cpp):
 
 
 def test_fused_sequential_runs_hooked_modules_unfused(cpp):
-    """A forward hook on a fused module must still fire: the pair then runs module by module."""
+    """A forward or backward hook on a fused module must still fire: the pair then runs module
+    by module."""
     plain, fused = _pair(nn.BatchNorm2d(3), nn.ReLU())
     seen = []
     fused[1].register_forward_hook(lambda m, i, o: seen.append(o.shape))
     y = fused(_rand(2, 3, 4, 4))
     assert seen == [y.shape]
     torch.testing.assert_close(y, plain(_rand(2, 3, 4, 4)))
+    for where in ("module", "global"):
+        _, fused = _pair(nn.BatchNorm2d(3), nn.ReLU())
+        called = []
+
+        def hook(m, grad_in, grad_out, called=called):
+            called.append(type(m).__name__)
+        if where == "module":
+            handle = fused[0].register_full_backward_hook(hook)
+        else:
+            handle = torch.nn.modules.module.register_module_full_backward_hook(hook)
+        try:
+            x = _rand(2, 3, 4, 4).requires_grad_()
+            fused(x).sum().backward()
+        finally:
+            handle.remove()
+        assert "BatchNorm2d" in called, where
 
 
 def test_fused_sequential_leaves_other_upsamplings_alone(cpp):

@@ -43,7 +43,8 @@ def batch_norm_act(
     code = ref.check_batch_norm_act_args(x, running_mean, running_var, weight, bias, training,
                                          eps, act, alpha)
     name = backend_for(x, backend, "bn_act_fwd")
-    if name not in ("cpp", "cuda"):  # no Triton kernel of this op: triton runs the reference
+    # no Triton kernel of this op: triton runs the reference; so does an empty x (nothing to fuse)
+    if name not in ("cpp", "cuda") or x.numel() == 0:
         return ref.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum,
                                   eps, act, alpha)
     native_ready("batch_norm_act", _register)

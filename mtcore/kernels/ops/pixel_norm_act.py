@@ -25,7 +25,7 @@ def pixel_norm_act(x: torch.Tensor, eps: float = 1e-8, act: str = "linear", alph
     """``act(x * rsqrt(mean(x^2 over dim 1) + eps))`` for x [N, C, ...]; act in {linear, relu,
     lrelu} (slope ``alpha``). See :func:`mtcore.kernels.reference.pixel_norm_act` for the oracle."""
     code = ref.check_pixel_norm_act_args(x, eps, act, alpha)
-    if backend_for(x, backend, "pn_act_fwd") not in ("cpp", "cuda"):
+    if backend_for(x, backend, "pn_act_fwd") not in ("cpp", "cuda") or x.numel() == 0:
         return ref.pixel_norm_act(x, eps, act, alpha)  # no Triton kernel: triton runs this
     native_ready("pixel_norm_act", _register)
     return torch.ops.mtcore.pn_act_fwd(x, float(eps), code, float(alpha))

@@ -262,7 +262,7 @@ def check_batch_norm_act_args(
     if not training and running_mean is None:
         raise ValueError(f"{op}: training=False normalises with the running statistics, but "
                          "running_mean and running_var are None")
-    if training and x.numel() // max(x.shape[1], 1) <= 1:
+    if training and x.numel() // max(x.shape[1], 1) == 1:  # F.batch_norm's rule: empty is fine
         raise ValueError(f"{op}: training statistics need more than one value per channel, got x "
                          f"of shape {tuple(x.shape)}")
     return NORM_ACTIVATIONS[act]
@@ -297,8 +297,6 @@ def check_pixel_norm_act_args(x: torch.Tensor, eps: float, act: str, alpha: floa
     """Validate ``pixel_norm_act``'s arguments; returns the activation's code."""
     op = "pixel_norm_act"
     _check_norm_act_input(op, x, eps, act, alpha)
-    if x.shape[1] == 0:
-        raise ValueError(f"{op}: x must be [N, C, ...] with C >= 1, got x of shape {tuple(x.shape)}")
     return NORM_ACTIVATIONS[act]
 
 
