@@ -20,22 +20,35 @@ from mtcore import kernels as K
 from mtcore.kernels.ops.upsample_conv import fold_upsample_weight
 from mtcore.kernels.reference import layers as ref
 
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (a GPU machine)")])
 
-@pytest.fixture(params=[
-    "cpp",
-    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-        not torch.cuda.is_available(), reason="needs a CUDA device (a GPU machine)")]),
-])
-def on(request, cpp_built):
-    """(device, backend) under test; fails (not skips) if a backend that should be there is not."""
-    device = "cpu" if request.param == "cpp" else "cuda"
-    if request.param not in K.available_backends(device):
-        pytest.fail(f"the {request.param} backend is unavailable on {device}")
-    K.batch_norm_act(torch.randn(2, 3, 2, device=device), training=True, backend=request.param)
-    K.pixel_norm_act(torch.randn(2, 3, 2, device=device), backend=request.param)
+
+def _backend_on(backend: str) -> tuple[str, str]:
+    """(device, backend), the ops' fakes registered; fails (not skips) if the backend that
+    should be there is not. Triton runs in its interpreter on the CPU (conftest sets
+    TRITON_INTERPRET=1 there)."""
+    device = "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) \
+        else "cpu"
+    if backend not in K.available_backends(device):
+        pytest.fail(f"the {backend} backend is unavailable on {device}")
+    K.batch_norm_act(torch.randn(2, 3, 2, device=device), training=True, backend=backend)
+    K.pixel_norm_act(torch.randn(2, 3, 2, device=device), backend=backend)
     K.upsample_conv2d(torch.randn(1, 2, 2, 2, device=device), torch.randn(2, 2, 3, 3, device=device),
-                      backend=request.param)
-    return device, request.param
+                      backend=backend)
+    return device, backend
+
+
+@pytest.fixture(params=["cpp", _CUDA, "triton"])
+def on(request, cpp_built):
+    """Every backend with a kernel of these ops."""
+    return _backend_on(request.param)
+
+
+@pytest.fixture(params=["cpp", _CUDA])
+def native(request, cpp_built):
+    """The backends of torch.ops.mtcore (C++ and CUDA)."""
+    return _backend_on(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +176,8 @@ def test_batch_norm_act_gradcheck(on):
         assert torch.autograd.gradcheck(f, (x, w, b))
 
 
-def test_batch_norm_act_opcheck(on):
-    device, _ = on
+def test_batch_norm_act_opcheck(native):
+    device, _ = native
     ops = torch.ops.mtcore
     x = _rand(3, 4, 5, 2).to(device).requires_grad_()
     w, b = _rand(4, seed=1).to(device).requires_grad_(), _rand(4, seed=2).to(device)
@@ -175,13 +188,15 @@ def test_batch_norm_act_opcheck(on):
                            1, 0.0))
 
 
-def test_batch_norm_act_double_backward_is_a_clear_error(cpp):
+@pytest.mark.parametrize("backend", ["cpp", "triton"])
+def test_batch_norm_act_double_backward_is_a_clear_error(cpp, backend):
     """A create_graph backward through the op works (a regulariser or balancer may take one
     without differentiating this op again); differentiating its result again raises, naming the
     op, instead of giving a silent zero."""
+    _backend_on(backend)
     x = _rand(4, 3, 2, 2).requires_grad_()
     w = torch.ones(3, requires_grad=True)
-    y = K.batch_norm_act(x, None, None, w, None, True, act="relu", backend="cpp")
+    y = K.batch_norm_act(x, None, None, w, None, True, act="relu", backend=backend)
     gx, gw = torch.autograd.grad((y * y).sum(), (x, w), create_graph=True)
     y0 = K.batch_norm_act(x, None, None, w, None, True, act="relu", backend="reference")
     gx0, gw0 = torch.autograd.grad((y0 * y0).sum(), (x, w))
@@ -250,8 +265,12 @@ def test_pixel_norm_act_gradcheck_opcheck_and_errors(on):
             memory_format=torch.channels_last).requires_grad_()
         assert torch.autograd.gradcheck(
             lambda x, act=act: K.pixel_norm_act(x, 1e-8, act, 0.3, backend=backend), (x,))
-    torch.library.opcheck(torch.ops.mtcore.pn_act_fwd.default,
-                          (_rand(2, 3, 4, 5).to(device).requires_grad_(), 1e-8, 2, 0.2))
+    if backend == "triton":
+        from mtcore.kernels.triton_kernels import pn_act as tpn
+        fwd = tpn.pn_act_fwd
+    else:
+        fwd = torch.ops.mtcore.pn_act_fwd.default
+    torch.library.opcheck(fwd, (_rand(2, 3, 4, 5).to(device).requires_grad_(), 1e-8, 2, 0.2))
     x = _rand(3, 4, 2, 2).to(device).requires_grad_()
     (gx,) = torch.autograd.grad(K.pixel_norm_act(x, backend=backend).pow(3).sum(), x,
                                 create_graph=True)
@@ -428,8 +447,8 @@ def test_batch_norm_act_functional_matches_module():
     assert torch.equal(rm, bn.running_mean) and torch.equal(rv, bn.running_var)
 
 
-def test_native_fold_matches_the_matrix_fold_and_is_twice_differentiable(on):
-    device, _ = on
+def test_native_fold_matches_the_matrix_fold_and_is_twice_differentiable(native):
+    device, _ = native
     ops = torch.ops.mtcore
     w = _rand(5, 3, 3, 3, dtype=torch.float64).to(device).requires_grad_()
     assert torch.equal(ops.upsample_fold(w), fold_upsample_weight(w))
@@ -441,3 +460,21 @@ def test_native_fold_matches_the_matrix_fold_and_is_twice_differentiable(on):
     torch.library.opcheck(ops.upsample_fold_backward.default, (g,))
     with pytest.raises((RuntimeError, ValueError), match=r"weight must be \[\*, \*, 3, 3\]"):
         ops.upsample_fold(_rand(2, 2, 2, 2).to(device))
+
+
+def test_triton_batch_norm_act_opcheck():
+    """The Triton ops (mtcore_triton::bn_act_fwd / bn_act_bwd): schema, autograd registration and
+    fake tensors, in the interpreter on the CPU."""
+    _backend_on("triton")
+    from mtcore.kernels.triton_kernels import bn_act as tbn
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = _rand(3, 4, 5, 2).to(device).requires_grad_()
+    w, b = _rand(4, seed=1).to(device).requires_grad_(), _rand(4, seed=2).to(device)
+    stats = (torch.zeros(4, device=device), torch.ones(4, device=device))
+    for xx in (x, x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()):
+        torch.library.opcheck(tbn.bn_act_fwd, (xx, w, b, *stats, True, 1e-5, 2, 0.2))
+    y, mean, var = tbn.bn_act_fwd(x, w, b, *stats, True, 1e-5, 1, 0.0)
+    torch.library.opcheck(tbn.bn_act_bwd, (torch.randn_like(y), x.detach(), w.detach(), b, mean,
+                                           var, True, 1e-5, 1, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))

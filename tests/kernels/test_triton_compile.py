@@ -25,7 +25,7 @@ import itertools, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from mtcore.kernels.triton_kernels import adversarial, fused_bias_act, mbstd, seg_ce, vae
+from mtcore.kernels.triton_kernels import adversarial, bn_act, fused_bias_act, mbstd, pn_act, seg_ce, vae
 
 target = GPUTarget("cuda", 90, 32)
 count, failed = 0, []
@@ -86,6 +86,30 @@ for dt in ("fp32", "bf16", "fp16", "fp64"):
     for ones in ((), ("F",), ("F", "C"), ("F", "C", "HW")):
         build(mbstd._out_kernel, {k: v for k, v in out.items() if k not in ones},
               dict(BLOCK=1024, **{k: 1 for k in ones}), f"mbstd out {dt}")
+    # batch_norm_act / pixel_norm_act: channels-last walks have inner = 1 (pixel norm: CS = 1),
+    # NCHW ones PS = 1; Triton makes an integer argument equal to 1 a constant
+    for fwd, block_c, one in itertools.product((False, True), (1, 16, 64), ("PS", "CS")):
+        sig = {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "out_ptr": f"*{dt}", "P": "i32",
+               "C": "i32", "S": "i32", "PS": "i32", "CS": "i32", "eps": "fp32", "neg": "fp32"}
+        del sig[one]
+        build(pn_act._pn_kernel, sig, {"FWD": fwd, "F64": f64, "BLOCK_P": max(16, 2048 // block_c),
+              "BLOCK_C": block_c, one: 1}, f"pixel_norm_act {dt}")
+    for grad, block_c, nhwc in itertools.product((False, True), (1, 16, 64), (False, True)):
+        sig = {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "coef_ptr": f"*{acc}", "pa_ptr": f"*{acc}",
+               "pb_ptr": f"*{acc}", "M": "i32", "C": "i32", "inner": "i32", "neg": "fp32"}
+        c = {"GRAD": grad, "F64": f64, "BLOCK_J": max(16, 4096 // block_c), "BLOCK_C": block_c}
+        if nhwc:
+            del sig["inner"]
+            c["inner"] = 1
+        build(bn_act._sums_kernel, sig, c, f"batch_norm_act sums {dt}")
+    for fwd, nhwc in itertools.product((False, True), (False, True)):
+        sig = {"x_ptr": f"*{dt}", "dy_ptr": f"*{dt}", "coef_ptr": f"*{acc}", "out_ptr": f"*{dt}",
+               "numel": "i32", "C": "i32", "inner": "i32", "neg": "fp32"}
+        c = {"FWD": fwd, "F64": f64, "BLOCK": 1024}
+        if nhwc:
+            del sig["inner"]
+            c["inner"] = 1
+        build(bn_act._map_kernel, sig, c, f"batch_norm_act map {dt}")
 print("compiled", count)
 for f in failed:
     print("FAILED", f)
@@ -102,4 +126,4 @@ def test_every_triton_kernel_compiles_for_a_gpu():
                           env=env, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     compiled = int(proc.stdout.split("compiled")[1].split()[0])
-    assert compiled == 4 * (2 * 24 + 24 + 4 + 2 + 18 + 3 + 4), proc.stdout
+    assert compiled == 4 * (2 * 24 + 24 + 4 + 2 + 18 + 3 + 4 + 12 + 12 + 4), proc.stdout

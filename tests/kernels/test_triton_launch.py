@@ -60,6 +60,9 @@ def _all_ops(dtype):
         tk.adversarial_loss(fake, "hinge", "d_fake"),
         tk.joint_loss(seg, t, cls, ct, recon, image, mu, lv, fake, w, "uncertainty").total,
         tk.minibatch_stddev(tk.bias_act(x, b, 1, "lrelu", clamp=0.5), 2).square().mean(),
+        tk.batch_norm_act(x, b, b, None, None, 1e-5, 2, 0.2)[0].square().mean(),
+        tk.batch_norm_act(x, None, None, b.detach(), b.detach().abs() + 1, 1e-5, 1, 0.0)[0].mean(),
+        tk.pixel_norm_act(x, 1e-8, "lrelu", 0.2).square().mean(),
     ]
     torch.autograd.grad(sum(losses), [seg, cls, recon, mu, lv, fake, w, x, b])
 

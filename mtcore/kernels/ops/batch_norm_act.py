@@ -6,14 +6,15 @@ backward at 32 channels alone takes as long as ~15 copies of the tensor. The fus
 and activates in one pass after the statistics, and its backward is two passes (the sums, then
 dx), recomputing the activation's mask from x (csrc/cpu/batch_norm_act.cpp has the math;
 autograd in C++: csrc/autograd/batch_norm_act_autograd.h). It has no second derivative (BatchNorm is in no
-discriminator, the only network differentiated twice). CUDA: csrc/cuda/batch_norm_act.cu. There
-is no Triton kernel: on the triton backend the op runs as the reference (cuDNN's BatchNorm).
+discriminator, the only network differentiated twice). CUDA: csrc/cuda/batch_norm_act.cu;
+Triton: mtcore/kernels/triton_kernels/bn_act.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _backend
 from ..reference import layers as ref
 from . import backend_for, native_ready
 
@@ -43,14 +44,16 @@ def batch_norm_act(
     code = ref.check_batch_norm_act_args(x, running_mean, running_var, weight, bias, training,
                                          eps, act, alpha)
     name = backend_for(x, backend, "bn_act_fwd")
-    # no Triton kernel of this op: triton runs the reference; so does an empty x (nothing to fuse)
-    if name not in ("cpp", "cuda") or x.numel() == 0:
+    if name == "reference" or x.numel() == 0:  # an empty x: nothing to fuse, F.batch_norm's result
         return ref.batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum,
                                   eps, act, alpha)
-    native_ready("batch_norm_act", _register)
+    if name == "triton":
+        fwd = _backend.triton_function("batch_norm_act")
+    else:
+        native_ready("batch_norm_act", _register)
+        fwd = torch.ops.mtcore.bn_act_fwd
     stats = (None, None) if training else (running_mean, running_var)
-    y, mean, var = torch.ops.mtcore.bn_act_fwd(x, weight, bias, *stats, float(eps), code,
-                                               float(alpha))
+    y, mean, var = fwd(x, weight, bias, *stats, float(eps), code, float(alpha))
     if training and running_mean is not None:
         with torch.no_grad():  # F.batch_norm's update: the unbiased variance, weight `momentum`
             m = x.numel() // x.shape[1]

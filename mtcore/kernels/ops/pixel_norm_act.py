@@ -5,14 +5,15 @@ ReLU (Karras et al. 2018). In eager PyTorch that is pow, mean, add, rsqrt, mul a
 and about twice as many ops backward, each a pass over the map; the fused op reads each pixel's
 channels once forward and once backward (csrc/cpu/pixel_norm_act.cpp has the math; autograd in
 C++: csrc/autograd/pixel_norm_act_autograd.h). No second derivative: the generator is never
-differentiated twice. CUDA: csrc/cuda/pixel_norm_act.cu. There is no Triton kernel: on the
-triton backend the op runs as the reference.
+differentiated twice. CUDA: csrc/cuda/pixel_norm_act.cu; Triton:
+mtcore/kernels/triton_kernels/pn_act.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .. import _backend
 from ..reference import layers as ref
 from . import backend_for, native_ready
 from .batch_norm_act import output_format
@@ -25,8 +26,11 @@ def pixel_norm_act(x: torch.Tensor, eps: float = 1e-8, act: str = "linear", alph
     """``act(x * rsqrt(mean(x^2 over dim 1) + eps))`` for x [N, C, ...]; act in {linear, relu,
     lrelu} (slope ``alpha``). See :func:`mtcore.kernels.reference.pixel_norm_act` for the oracle."""
     code = ref.check_pixel_norm_act_args(x, eps, act, alpha)
-    if backend_for(x, backend, "pn_act_fwd") not in ("cpp", "cuda") or x.numel() == 0:
-        return ref.pixel_norm_act(x, eps, act, alpha)  # no Triton kernel: triton runs this
+    name = backend_for(x, backend, "pn_act_fwd")
+    if name == "reference" or x.numel() == 0:
+        return ref.pixel_norm_act(x, eps, act, alpha)
+    if name == "triton":
+        return _backend.triton_function("pixel_norm_act")(x, eps, act, alpha)
     native_ready("pixel_norm_act", _register)
     return torch.ops.mtcore.pn_act_fwd(x, float(eps), code, float(alpha))
 

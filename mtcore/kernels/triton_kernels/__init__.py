@@ -20,10 +20,12 @@ if TYPE_CHECKING:
 
 __all__ = [
     "adversarial_loss",
+    "batch_norm_act",
     "bias_act",
     "is_available",
     "joint_loss",
     "minibatch_stddev",
+    "pixel_norm_act",
     "seg_cross_entropy",
     "vae_loss",
 ]
@@ -143,3 +145,27 @@ def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1
     from .mbstd import minibatch_stddev as impl
 
     return impl(x, group_size, num_channels)
+
+
+def batch_norm_act(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    eps: float,
+    act: int,
+    alpha: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """BatchNorm + activation code ``act``: (y, mean, var), as ``mtcore::bn_act_fwd``."""
+    from .bn_act import batch_norm_act as impl
+
+    return impl(x, weight, bias, running_mean, running_var, eps, act, alpha)
+
+
+def pixel_norm_act(x: torch.Tensor, eps: float = 1e-8, act: str = "linear",
+                   alpha: float = 0.2) -> torch.Tensor:
+    """Pixel norm (unit RMS over channels) + linear, relu or lrelu."""
+    from .pn_act import pixel_norm_act as impl
+
+    return impl(x, eps, act, alpha)

@@ -24,6 +24,7 @@ __all__ = [
     "check_device",
     "block_for",
     "is_interpreted",
+    "is_nhwc",
     "log1p_exp_neg_abs",
     "make_op",
     "num_blocks",
@@ -65,6 +66,12 @@ def check_device(name: str, t: torch.Tensor) -> None:
             f"before mtcore's triton kernels are imported); {name} is on {t.device} "
             f"(shape {tuple(t.shape)}, dtype {t.dtype})"
         )
+
+
+def is_nhwc(x: torch.Tensor) -> bool:
+    """Whether ``x`` is channels-last and not also NCHW-contiguous (walked as rows of C)."""
+    return (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
