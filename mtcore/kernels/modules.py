@@ -80,13 +80,10 @@ def _is_conv3(m: nn.Module | None) -> bool:
             and m.padding_mode == "zeros" and not _hooked(m))
 
 
-def batch_norm_module_act(bn: nn.BatchNorm2d, x: torch.Tensor, act: str = "linear",
-                          alpha: float = 0.0) -> torch.Tensor:
+def _batch_norm_module_act(bn: nn.BatchNorm2d, x: torch.Tensor, act: str,
+                           alpha: float) -> torch.Tensor:
     """``act(bn(x))`` through :func:`batch_norm_act`, with ``nn.BatchNorm2d.forward``'s rules for
     the statistics (train/eval, momentum, num_batches_tracked, track_running_stats)."""
-    if x.dim() != 4:
-        raise ValueError(f"{type(bn).__name__}: expected a 4-d input [N, C, H, W], got shape "
-                         f"{tuple(x.shape)}")
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
@@ -110,7 +107,7 @@ class FusedSequential(nn.Sequential):
             nxt = mods[i + 1] if i + 1 < len(mods) else None
             if fuse and type(m) is nn.BatchNorm2d and not _hooked(m) and x.dim() == 4:
                 act, alpha, used = _activation(nxt)
-                x = batch_norm_module_act(m, x, act, alpha)
+                x = _batch_norm_module_act(m, x, act, alpha)
                 i += used
             elif fuse and type(m) is PixelNorm and not _hooked(m):
                 act, alpha, used = _activation(nxt)

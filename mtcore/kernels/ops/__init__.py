@@ -17,7 +17,7 @@ import torch
 
 from .. import _backend, _build
 
-__all__ = ["backend_for", "native_ready"]
+__all__ = ["backend_for", "native_ready", "output_format"]
 
 _done: set[str] = set()
 _lock = threading.Lock()
@@ -46,3 +46,11 @@ def backend_for(tensor: torch.Tensor, backend: str | None, op: str) -> str:
     Thin alias of :func:`mtcore.kernels._backend.resolve` so op modules share one call.
     """
     return _backend.resolve(tensor, backend, op=op)
+
+
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the layer kernels (batch_norm_act, pixel_norm_act) give their outputs, on every
+    backend: a channels-last x stays so, anything else is made contiguous."""
+    nhwc = (x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+    return torch.channels_last if nhwc else torch.contiguous_format

@@ -16,7 +16,7 @@ import torch
 
 from .. import _backend
 from ..reference import layers as ref
-from . import backend_for, native_ready
+from . import backend_for, native_ready, output_format
 
 __all__ = ["batch_norm_act"]
 
@@ -60,13 +60,6 @@ def batch_norm_act(
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             running_var.lerp_((var * (m / (m - 1))).to(running_var.dtype), momentum)
     return y
-
-
-def output_format(x: torch.Tensor) -> torch.memory_format:
-    """The kernels' output layout: channels-last x stays so, anything else is made contiguous."""
-    nhwc = (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
-    return torch.channels_last if nhwc else torch.contiguous_format
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:

@@ -15,8 +15,7 @@ import torch
 
 from .. import _backend
 from ..reference import layers as ref
-from . import backend_for, native_ready
-from .batch_norm_act import output_format
+from . import backend_for, native_ready, output_format
 
 __all__ = ["pixel_norm_act"]
 

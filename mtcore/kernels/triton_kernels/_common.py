@@ -23,10 +23,11 @@ __all__ = [
     "acc_dtype",
     "check_device",
     "block_for",
+    "channel_block",
     "is_interpreted",
-    "is_nhwc",
     "log1p_exp_neg_abs",
     "make_op",
+    "neg_slope",
     "num_blocks",
     "sigmoid",
     "tanh",
@@ -68,10 +69,14 @@ def check_device(name: str, t: torch.Tensor) -> None:
         )
 
 
-def is_nhwc(x: torch.Tensor) -> bool:
-    """Whether ``x`` is channels-last and not also NCHW-contiguous (walked as rows of C)."""
-    return (x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
+def channel_block(c: int) -> int:
+    """The channel tile of the norm + activation kernels: C rounded up to a power of 2, <= 64."""
+    return min(64, triton.next_power_of_2(max(int(c), 1)))
+
+
+def neg_slope(act: int, alpha: float) -> float:
+    """act' below zero of the norm + activation ops' codes: linear 1, relu 0, lrelu alpha."""
+    return 1.0 if act == 0 else (0.0 if act == 1 else float(alpha))
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:

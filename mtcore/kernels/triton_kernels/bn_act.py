@@ -16,7 +16,16 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from ._common import acc_dtype, block_for, check_device, is_nhwc, make_op, num_blocks
+from ..ops import output_format
+from ._common import (
+    acc_dtype,
+    block_for,
+    channel_block,
+    check_device,
+    make_op,
+    neg_slope,
+    num_blocks,
+)
 
 __all__ = ["batch_norm_act"]
 
@@ -106,19 +115,15 @@ def _map_kernel(
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     """(x in the walked layout, M values per channel, C, inner)."""
-    nhwc = is_nhwc(x)
+    nhwc = output_format(x) is torch.channels_last
     xc = x if nhwc else x.contiguous()
     c = x.shape[1]
     inner = 1 if nhwc else x.numel() // max(x.shape[0] * c, 1)
     return xc, x.numel() // max(c, 1), c, inner
 
 
-def _neg(act: int, alpha: float) -> float:
-    return 1.0 if act == 0 else (0.0 if act == 1 else float(alpha))
-
-
 def _sums(xc, dy, coef, m, c, inner, neg, grad):
-    block_c = min(64, triton.next_power_of_2(max(c, 1)))
+    block_c = channel_block(c)
     block_j = max(16, 4096 // block_c)
     jblocks = num_blocks(m, block_j)
     acc = coef.dtype
@@ -144,7 +149,7 @@ def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mean_in: tor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xc, m, c, inner = _layout(x)
     acc = acc_dtype(x)
-    neg = _neg(act, alpha)
+    neg = neg_slope(act, alpha)
     coef = torch.zeros(5 * c, dtype=acc, device=x.device)
     if training:  # moments about each channel's first value (exact for |mean| >> std)
         shift = xc[(0, slice(None)) + (0,) * (x.dim() - 2)].to(acc)
@@ -165,16 +170,17 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
          alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     xc, m, c, inner = _layout(x)
     acc = acc_dtype(x)
-    neg = _neg(act, alpha)
+    neg = neg_slope(act, alpha)
     g = dy.to(xc.dtype)
     if g.stride() != xc.stride():  # dy walked with x's offsets: give it x's layout
         g = torch.empty_like(xc).copy_(g)
+    mean = mean.to(acc)
     invstd = 1.0 / torch.sqrt(var.to(acc) + eps)
     scale = weight.to(acc) * invstd
     coef = torch.zeros(5 * c, dtype=acc, device=x.device)
     coef[:c] = scale
-    coef[c:2 * c] = bias.to(acc) - mean.to(acc) * scale
-    coef[2 * c:3 * c] = mean.to(acc)
+    coef[c:2 * c] = bias.to(acc) - mean * scale
+    coef[2 * c:3 * c] = mean
     sum_g, sum_gx = _sums(xc, g, coef, m, c, inner, neg, True)
     if training:
         coef[3 * c:4 * c] = sum_g / m
@@ -184,9 +190,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
 
 
 def _out_like(x: torch.Tensor) -> torch.Tensor:
-    nhwc = is_nhwc(x)
-    return torch.empty_like(x, memory_format=torch.channels_last if nhwc
-                            else torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_format(x))
 
 
 def _fwd_fake(x, weight, bias, mean_in, var_in, training, eps, act, alpha):

@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from ..ops import output_format
 from ..reference.layers import check_pixel_norm_act_args
-from ._common import acc_dtype, check_device, is_nhwc, make_op, num_blocks
+from ._common import acc_dtype, channel_block, check_device, make_op, neg_slope, num_blocks
 
 __all__ = ["pixel_norm_act"]
 
@@ -75,7 +76,7 @@ def _pn_kernel(
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
     """(x in the walked layout, pixels, C, pixels per sample, pixel stride, channel stride)."""
-    nhwc = is_nhwc(x)
+    nhwc = output_format(x) is torch.channels_last
     xc = x if nhwc else x.contiguous()
     n, c = x.shape[0], x.shape[1]
     s = x.numel() // max(n * c, 1)
@@ -83,7 +84,7 @@ def _layout(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int, int]:
 
 
 def _blocks(c: int) -> tuple[int, int]:
-    block_c = min(64, triton.next_power_of_2(max(c, 1)))
+    block_c = channel_block(c)
     return max(16, 2048 // block_c), block_c
 
 
@@ -96,7 +97,7 @@ def _run(x: torch.Tensor, dy: torch.Tensor | None, eps: float, act: int, alpha: 
     g = xc if dy is None else dy.to(xc.dtype)
     if g.stride() != xc.stride():  # dy walked with x's offsets: give it x's layout
         g = torch.empty_like(xc).copy_(g)
-    neg = 1.0 if act == 0 else (0.0 if act == 1 else float(alpha))
+    neg = neg_slope(act, alpha)
     block_p, block_c = _blocks(c)
     wrap_triton(_pn_kernel)[(num_blocks(p, block_p),)](
         xc, g, out, p, c, s, ps, cs, float(eps), neg, FWD=dy is None,
@@ -113,9 +114,7 @@ def _bwd(dy: torch.Tensor, x: torch.Tensor, eps: float, act: int, alpha: float) 
 
 
 def _fake(x: torch.Tensor) -> torch.Tensor:
-    nhwc = is_nhwc(x)
-    return torch.empty_like(x, memory_format=torch.channels_last if nhwc
-                            else torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_format(x))
 
 
 pn_act_fwd = make_op("pn_act_fwd", _fwd, lambda x, eps, act, alpha: _fake(x), _pn_kernel)
