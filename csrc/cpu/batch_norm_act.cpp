@@ -69,11 +69,11 @@ Layout layout_of(const at::Tensor& x) {
 
 void check_channel_vec(const char* op, const std::optional<at::Tensor>& t, const char* name, int64_t C) {
   if (!t.has_value() || !t->defined()) return;
-  TORCH_CHECK(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
-              t->device());
+  TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
+                    t->device());
   check_float(op, *t, name);
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape [", C,
-              "] (one value per channel of x), got ", t->sizes());
+  TORCH_CHECK_VALUE(t->dim() == 1 && t->size(0) == C, op, ": ", name, " must have shape [", C,
+                    "] (one value per channel of x), got ", t->sizes());
 }
 
 // The per-channel vector `t` (or `fill` where absent) as acc_t values.
@@ -280,12 +280,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cpu(
   check_channel_vec(op, running_var, "running_var", C);
   const bool has_mean = running_mean.has_value() && running_mean->defined();
   const bool has_var = running_var.has_value() && running_var->defined();
-  TORCH_CHECK(has_mean == has_var, op, ": give both running_mean and running_var (eval) or neither (training)");
+  TORCH_CHECK_VALUE(has_mean == has_var, op, ": give both running_mean and running_var (eval) or neither (training)");
   const bool training = !has_mean;
   const Layout l = layout_of(x_in);
   const int64_t M = l.outer * l.inner;
-  TORCH_CHECK(!training || M > 1, op, ": training statistics need more than one value per channel, got x of shape ",
-              x_in.sizes());
+  TORCH_CHECK_VALUE(!training || M > 1, op, ": training statistics need more than one value per channel, got x of shape ",
+                    x_in.sizes());
   at::Tensor y = at::empty_like(l.x, l.x.options().memory_format(l.format));
   at::Tensor mean_out = at::empty({C}, x_in.options().dtype(stat_type(x_in)));
   at::Tensor var_out = at::empty({C}, x_in.options().dtype(stat_type(x_in)));
@@ -333,8 +333,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cpu(
   constexpr const char* op = "batch_norm_act backward";
   norm_act::check_input(op, x_in, "x", act, alpha, eps);
   norm_act::check_input(op, dy_in, "dy", act, alpha, eps);
-  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), op, ": dy has shape ", dy_in.sizes(), " but x has shape ",
-              x_in.sizes());
+  TORCH_CHECK_VALUE(dy_in.sizes() == x_in.sizes(), op, ": dy has shape ", dy_in.sizes(), " but x has shape ",
+                    x_in.sizes());
   const int64_t C = x_in.size(1);
   check_channel_vec(op, weight, "weight", C);
   check_channel_vec(op, bias, "bias", C);

@@ -43,25 +43,25 @@ const char* act_name(int64_t act) {
 }
 
 void check_common(const char* op, const at::Tensor& t, const char* name, int64_t act, double alpha) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
-              t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
+                    t.device());
   auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ",
-              name, " must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(act >= 0 && act <= 5, op, ": act must be 0..5 (linear, relu, lrelu, tanh, sigmoid, silu), got ",
-              act);
-  TORCH_CHECK(act != kLrelu || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ",
+                   name, " must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK_VALUE(act >= 0 && act <= 5, op, ": act must be 0..5 (linear, relu, lrelu, tanh, sigmoid, silu), got ",
+                    act);
+  TORCH_CHECK_VALUE(act != kLrelu || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
 }
 
 void check_bias(const char* op, const c10::optional<at::Tensor>& b, const at::Tensor& x, int64_t dim) {
   if (!b.has_value() || !b->defined()) return;
-  TORCH_CHECK(x.dim() > 0, op, ": x is 0-d, so it has no dimension to add the bias along");
-  TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": b has dtype ", b->scalar_type(),
-              " but x has dtype ", x.scalar_type(), "; they must match");
-  TORCH_CHECK(b->device() == x.device(), op, ": b is on ", b->device(), " but x is on ", x.device());
+  TORCH_CHECK_VALUE(x.dim() > 0, op, ": x is 0-d, so it has no dimension to add the bias along");
+  TORCH_CHECK_TYPE(b->scalar_type() == x.scalar_type(), op, ": b has dtype ", b->scalar_type(),
+                   " but x has dtype ", x.scalar_type(), "; they must match");
+  TORCH_CHECK_VALUE(b->device() == x.device(), op, ": b is on ", b->device(), " but x is on ", x.device());
   int64_t d = at::maybe_wrap_dim(dim, x.dim());
-  TORCH_CHECK(b->dim() == 1 && b->size(0) == x.size(d), op, ": b must have shape [x.size(dim)] = [", x.size(d),
-              "] (x of shape ", x.sizes(), ", dim=", dim, "), got b of shape ", b->sizes());
+  TORCH_CHECK_VALUE(b->dim() == 1 && b->size(0) == x.size(d), op, ": b must have shape [x.size(dim)] = [", x.size(d),
+                    "] (x of shape ", x.sizes(), ", dim=", dim, "), got b of shape ", b->sizes());
 }
 
 // `t` with exactly `like`'s sizes and strides (a copy when they differ), so both share one walk.
@@ -313,13 +313,13 @@ at::Tensor bias_act_grad_cpu(const at::Tensor& dy, const at::Tensor& x, const c1
   const bool need_x = uses_x(act), need_y = uses_y(act, clamp);
   for (auto [t, name, needed] : {std::make_tuple(&x, "x", need_x), std::make_tuple(&y, "y", need_y)}) {
     if (!needed && t->numel() == 0) continue;
-    TORCH_CHECK(t->sizes() == dy.sizes(), "bias_act_grad: act=", act_name(act), clamp >= 0 ? " with clamp" : "",
-                " needs ", name, " of dy's shape ", dy.sizes(), ", got ", t->sizes(),
-                needed ? "" : " (pass an empty tensor when it is not needed)");
-    TORCH_CHECK(t->scalar_type() == dy.scalar_type(), "bias_act_grad: ", name, " has dtype ",
-                t->scalar_type(), " but dy has dtype ", dy.scalar_type());
-    TORCH_CHECK(t->device() == dy.device(), "bias_act_grad: ", name, " is on ", t->device(), " but dy is on ",
-                dy.device());
+    TORCH_CHECK_VALUE(t->sizes() == dy.sizes(), "bias_act_grad: act=", act_name(act), clamp >= 0 ? " with clamp" : "",
+                      " needs ", name, " of dy's shape ", dy.sizes(), ", got ", t->sizes(),
+                      needed ? "" : " (pass an empty tensor when it is not needed)");
+    TORCH_CHECK_TYPE(t->scalar_type() == dy.scalar_type(), "bias_act_grad: ", name, " has dtype ",
+                     t->scalar_type(), " but dy has dtype ", dy.scalar_type());
+    TORCH_CHECK_VALUE(t->device() == dy.device(), "bias_act_grad: ", name, " is on ", t->device(), " but dy is on ",
+                      dy.device());
   }
   check_bias("bias_act_grad", b, dy, dim);
   const bool has_bias = need_x && b.has_value() && b->defined();

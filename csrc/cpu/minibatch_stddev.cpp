@@ -34,25 +34,25 @@ struct Dims {
 };
 
 Dims check_mbstd(const char* op, const at::Tensor& x, int64_t group_size, int64_t num_channels) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor for the cpp backend, got one on ", x.device());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": x must be a CPU tensor for the cpp backend, got one on ", x.device());
   auto st = x.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
-              ": x must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(x.dim() == 4, op, ": x must be [N, C, H, W], got shape ", x.sizes());
-  TORCH_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
-  TORCH_CHECK(num_channels >= 1, op, ": num_channels must be >= 1, got ", num_channels);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op,
+                   ": x must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, C, H, W], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  TORCH_CHECK_VALUE(num_channels >= 1, op, ": num_channels must be >= 1, got ", num_channels);
   Dims d;
   d.N = x.size(0);
   d.C = x.size(1);
   d.H = x.size(2);
   d.W = x.size(3);
-  TORCH_CHECK(d.N >= 1, op, ": x has an empty batch (shape ", x.sizes(), ")");
+  TORCH_CHECK_VALUE(d.N >= 1, op, ": x has an empty batch (shape ", x.sizes(), ")");
   d.G = std::min(group_size, d.N);
-  TORCH_CHECK(d.N % d.G == 0, op, ": the batch size N=", d.N, " of x (shape ", x.sizes(),
-              ") must be divisible by the group size G=min(group_size, N)=", d.G);
+  TORCH_CHECK_VALUE(d.N % d.G == 0, op, ": the batch size N=", d.N, " of x (shape ", x.sizes(),
+                    ") must be divisible by the group size G=min(group_size, N)=", d.G);
   d.F = num_channels;
-  TORCH_CHECK(d.C % d.F == 0, op, ": the channel count C=", d.C, " of x (shape ", x.sizes(),
-              ") must be divisible by num_channels=", d.F);
+  TORCH_CHECK_VALUE(d.C % d.F == 0, op, ": the channel count C=", d.C, " of x (shape ", x.sizes(),
+                    ") must be divisible by num_channels=", d.F);
   d.M = d.N / d.G;
   d.c = d.C / d.F;
   d.HW = d.H * d.W;
@@ -201,14 +201,14 @@ at::Tensor mbstd_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& x_in, 
                          int64_t num_channels) {
   const Dims d = check_mbstd("mbstd_bwd", x_in, group_size, num_channels);
   const int64_t ctot = d.C + d.F;
-  TORCH_CHECK(grad_out_in.dim() == 4 && grad_out_in.size(0) == d.N && grad_out_in.size(1) == ctot &&
-                  grad_out_in.size(2) == d.H && grad_out_in.size(3) == d.W,
-              "mbstd_bwd: grad_out must have shape [N, C + num_channels, H, W] = [", d.N, ", ", ctot, ", ", d.H,
-              ", ", d.W, "], got ", grad_out_in.sizes());
-  TORCH_CHECK(grad_out_in.scalar_type() == x_in.scalar_type(), "mbstd_bwd: grad_out has dtype ",
-              grad_out_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
-  TORCH_CHECK(grad_out_in.device() == x_in.device(), "mbstd_bwd: grad_out is on ", grad_out_in.device(),
-              " but x is on ", x_in.device());
+  TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == d.N && grad_out_in.size(1) == ctot &&
+                        grad_out_in.size(2) == d.H && grad_out_in.size(3) == d.W,
+                    "mbstd_bwd: grad_out must have shape [N, C + num_channels, H, W] = [", d.N, ", ", ctot, ", ", d.H,
+                    ", ", d.W, "], got ", grad_out_in.sizes());
+  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x_in.scalar_type(), "mbstd_bwd: grad_out has dtype ",
+                   grad_out_in.scalar_type(), " but x has dtype ", x_in.scalar_type());
+  TORCH_CHECK_VALUE(grad_out_in.device() == x_in.device(), "mbstd_bwd: grad_out is on ", grad_out_in.device(),
+                    " but x is on ", x_in.device());
   if (pixel_major(x_in, d)) return mbstd_bwd_nhwc(grad_out_in, x_in, d);
   at::Tensor x = x_in.contiguous();
   at::Tensor go = grad_out_in.contiguous();

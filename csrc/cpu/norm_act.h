@@ -17,20 +17,20 @@ enum Act : int64_t { kLinear = 0, kRelu = 1, kLrelu = 2 };
 
 inline void check_float(const char* op, const at::Tensor& t, const char* name) {
   auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+                   " must be float32, float64, bfloat16 or float16, got ", st);
 }
 
 // x (or dy): a float CPU tensor [N, C, ...]; act a known code, alpha >= 0 for lrelu, eps > 0.
 inline void check_input(const char* op, const at::Tensor& x, const char* name, int64_t act, double alpha,
                         double eps) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
-              x.device());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
+                    x.device());
   check_float(op, x, name);
-  TORCH_CHECK(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
-  TORCH_CHECK(act >= kLinear && act <= kLrelu, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
-  TORCH_CHECK(act != kLrelu || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
-  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  TORCH_CHECK_VALUE(x.dim() >= 2, op, ": ", name, " must be [N, C, ...], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(act >= kLinear && act <= kLrelu, op, ": act must be 0 (linear), 1 (relu) or 2 (lrelu), got ", act);
+  TORCH_CHECK_VALUE(act != kLrelu || alpha >= 0, op, ": alpha must be >= 0 for lrelu, got ", alpha);
+  TORCH_CHECK_VALUE(eps > 0, op, ": eps must be > 0, got ", eps);
 }
 
 // Whether x is channels-last (and not also NCHW-contiguous): walked as rows of C channels.

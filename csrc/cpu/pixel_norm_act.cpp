@@ -145,8 +145,8 @@ at::Tensor pn_act_fwd_cpu(const at::Tensor& x, double eps, int64_t act, double a
 at::Tensor pn_act_bwd_cpu(const at::Tensor& dy, const at::Tensor& x, double eps, int64_t act, double alpha) {
   norm_act::check_input("pixel_norm_act backward", x, "x", act, alpha, eps);
   norm_act::check_input("pixel_norm_act backward", dy, "dy", act, alpha, eps);
-  TORCH_CHECK(dy.sizes() == x.sizes(), "pixel_norm_act backward: dy has shape ", dy.sizes(), " but x has shape ",
-              x.sizes());
+  TORCH_CHECK_VALUE(dy.sizes() == x.sizes(), "pixel_norm_act backward: dy has shape ", dy.sizes(), " but x has shape ",
+                    x.sizes());
   return run<false>(x, &dy, eps, act, alpha);
 }
 

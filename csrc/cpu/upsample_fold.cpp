@@ -16,13 +16,13 @@ namespace mtcore {
 namespace {
 
 void check_fold(const char* op, const at::Tensor& t, const char* name, int64_t k) {
-  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
-              t.device());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor for the cpp backend, got one on ",
+                    t.device());
   auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
-              " must be float32, float64, bfloat16 or float16, got ", st);
-  TORCH_CHECK(t.dim() == 4 && t.size(2) == k && t.size(3) == k, op, ": ", name, " must be [*, *, ", k, ", ", k,
-              "], got shape ", t.sizes());
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+                   " must be float32, float64, bfloat16 or float16, got ", st);
+  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(2) == k && t.size(3) == k, op, ": ", name, " must be [*, *, ", k, ", ", k,
+                    "], got shape ", t.sizes());
 }
 
 // Per axis: the 3x3 tap(s) each of the 4 transposed taps sums (-1: none).

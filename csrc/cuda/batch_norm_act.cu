@@ -2,8 +2,11 @@
 // math. x is walked as [outer, C, inner] (channels-last: inner = 1; NCHW: inner = H*W); value j
 // of channel c (j < M = outer * inner) sits at ((j / inner) * C + c) * inner + j % inner.
 // Training statistics: per-channel moments about the channel's first value, in (channel, split)
-// blocks whose partials a second kernel adds in a fixed order (deterministic, no host sync).
-// The backward's sums take the same route; the elementwise passes are grid-stride loops.
+// partials that a second kernel adds in a fixed order (deterministic, no host sync). NCHW: a block
+// per (channel, split) walks the channel's planes. Channels-last (inner = 1, also [N, C]): a block
+// per (32-channel tile, split), neighbouring threads on neighbouring channels of a row, so every
+// warp reads contiguous memory. The backward's sums take the same route; the elementwise passes
+// are grid-stride loops.
 #include "common.cuh"
 
 namespace mtcore::cuda_impl {
@@ -48,6 +51,57 @@ __global__ void bn_partial_kernel(const scalar_t* __restrict__ x, const scalar_t
   if (threadIdx.x == 0) {
     pa[blockIdx.x] = sa;
     pb[blockIdx.x] = sb;
+  }
+}
+
+// Channels-last tile: kTileC channels x kTileRows row lanes per block of kThreads threads.
+constexpr int kTileC = 32;
+constexpr int kTileRows = kThreads / kTileC;
+
+// As bn_partial_kernel for inner == 1 (value j of channel c at j * C + c). Block b = tile *
+// splits + split; thread (row lane r, channel lane l) sums rows split * kTileRows + r, stepping
+// splits * kTileRows; the block's row lanes are then added in shared memory, in order.
+template <bool MOMENTS, typename scalar_t, typename acc_t>
+__global__ void bn_partial_nhwc_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ dy,
+                                       const acc_t* __restrict__ coef, BnShape s, int splits, acc_t neg,
+                                       acc_t* __restrict__ pa, acc_t* __restrict__ pb) {
+  __shared__ acc_t sha[kTileRows][kTileC];
+  __shared__ acc_t shb[kTileRows][kTileC];
+  const int lane = threadIdx.x % kTileC;
+  const int row = threadIdx.x / kTileC;
+  const int split = blockIdx.x % splits;
+  const int64_t c = (blockIdx.x / splits) * (int64_t)kTileC + lane;
+  const int64_t step = (int64_t)splits * kTileRows;
+  acc_t sa = 0, sb = 0;
+  if (c < s.C) {
+    if (MOMENTS) {
+      const acc_t shift = static_cast<acc_t>(x[c]);
+      for (int64_t j = (int64_t)split * kTileRows + row; j < s.M; j += step) {
+        const acc_t d = static_cast<acc_t>(x[j * s.C + c]) - shift;
+        sa += d;
+        sb += d * d;
+      }
+    } else {
+      const acc_t scale = coef[c], shift = coef[s.C + c], mean = coef[2 * s.C + c];
+      for (int64_t j = (int64_t)split * kTileRows + row; j < s.M; j += step) {
+        const int64_t o = j * s.C + c;
+        const acc_t xv = static_cast<acc_t>(x[o]);
+        const acc_t g = static_cast<acc_t>(dy[o]) * norm_act_slope(xv * scale + shift, neg);
+        sa += g;
+        sb += g * (xv - mean);
+      }
+    }
+  }
+  sha[row][lane] = sa;
+  shb[row][lane] = sb;
+  __syncthreads();
+  if (row == 0 && c < s.C) {
+    for (int r = 1; r < kTileRows; ++r) {
+      sa += sha[r][lane];
+      sb += shb[r][lane];
+    }
+    pa[c * splits + split] = sa;
+    pb[c * splits + split] = sb;
   }
 }
 
@@ -171,10 +225,36 @@ const T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// Blocks per channel (NCHW) or per channel tile (channels-last) so that the grid fills the device.
 int bn_splits(const BnShape& s) {
-  const int64_t want = std::max<int64_t>(1, max_blocks() / std::max<int64_t>(s.C, 1));
-  const int64_t useful = std::max<int64_t>(1, (s.M + kThreads - 1) / kThreads);
+  const bool tiled = s.inner == 1;
+  const int64_t units = tiled ? (s.C + kTileC - 1) / kTileC : s.C;
+  const int64_t per_block = tiled ? kTileRows : kThreads;
+  const int64_t want = std::max<int64_t>(1, max_blocks() / std::max<int64_t>(units, 1));
+  const int64_t useful = std::max<int64_t>(1, (s.M + per_block - 1) / per_block);
   return static_cast<int>(std::min<int64_t>(want, useful));
+}
+
+// Launches the partial sums (MOMENTS: the forward's; else the backward's) into pa, pb of
+// C * splits values each; returns splits.
+template <bool MOMENTS, typename scalar_t, typename acc_t>
+int bn_partials(const at::Tensor& x, const at::Tensor& dy, const at::Tensor& coef, const BnShape& s, acc_t neg,
+                at::Tensor& pa, at::Tensor& pb) {
+  const int splits = bn_splits(s);
+  pa = at::empty({s.C * splits}, acc_options<acc_t>(x));
+  pb = at::empty({s.C * splits}, acc_options<acc_t>(x));
+  const scalar_t* dyp = MOMENTS ? nullptr : dy.data_ptr<scalar_t>();
+  const acc_t* cp = MOMENTS ? nullptr : coef.data_ptr<acc_t>();
+  if (s.inner == 1) {
+    const auto grid = static_cast<unsigned int>((s.C + kTileC - 1) / kTileC * splits);
+    bn_partial_nhwc_kernel<MOMENTS, scalar_t, acc_t><<<grid, kThreads, 0, stream()>>>(
+        x.data_ptr<scalar_t>(), dyp, cp, s, splits, neg, pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>());
+  } else {
+    bn_partial_kernel<MOMENTS, scalar_t, acc_t><<<static_cast<unsigned int>(s.C * splits), kThreads, 0, stream()>>>(
+        x.data_ptr<scalar_t>(), dyp, cp, s, splits, neg, pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return splits;
 }
 
 at::ScalarType stat_dtype(const at::Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
@@ -208,14 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_fwd_cuda(
     at::Tensor coef = at::empty({3 * s.C}, acc_options<acc_t>(x));
     at::Tensor pa, pb;
     int splits = 1;
-    if (training) {
-      splits = bn_splits(s);
-      pa = at::empty({s.C * splits}, acc_options<acc_t>(x));
-      pb = at::empty({s.C * splits}, acc_options<acc_t>(x));
-      bn_partial_kernel<true, scalar_t, acc_t><<<static_cast<unsigned int>(s.C * splits), kThreads, 0, st>>>(
-          x.data_ptr<scalar_t>(), nullptr, nullptr, s, splits, neg, pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (training) splits = bn_partials<true, scalar_t, acc_t>(x, at::Tensor(), at::Tensor(), s, neg, pa, pb);
     bn_coef_kernel<scalar_t, acc_t, acc_t><<<num_blocks(s.C), kThreads, 0, st>>>(
         x.data_ptr<scalar_t>(), ptr_or_null<acc_t>(pa), ptr_or_null<acc_t>(pb), splits, ptr_or_null<acc_t>(rm),
         ptr_or_null<acc_t>(rv), ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), s, static_cast<acc_t>(eps),
@@ -266,13 +339,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_bwd_cuda(
           ptr_or_null<acc_t>(w), ptr_or_null<acc_t>(b), s, static_cast<acc_t>(eps), coef.data_ptr<acc_t>(),
           stat_m.data_ptr<acc_t>(), stat_v.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      const int splits = bn_splits(s);
-      at::Tensor pa = at::empty({s.C * splits}, acc_options<acc_t>(x));
-      at::Tensor pb = at::empty({s.C * splits}, acc_options<acc_t>(x));
-      bn_partial_kernel<false, scalar_t, acc_t><<<static_cast<unsigned int>(s.C * splits), kThreads, 0, st>>>(
-          x.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), coef.data_ptr<acc_t>(), s, splits, neg,
-          pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      at::Tensor pa, pb;
+      const int splits = bn_partials<false, scalar_t, acc_t>(x, dy, coef, s, neg, pa, pb);
       at::Tensor k = at::empty({2 * s.C}, acc_options<acc_t>(x));
       bn_bwd_coef_kernel<acc_t, acc_t><<<num_blocks(s.C), kThreads, 0, st>>>(
           pa.data_ptr<acc_t>(), pb.data_ptr<acc_t>(), splits, var.data_ptr<acc_t>(), s, static_cast<acc_t>(eps),

@@ -7,6 +7,9 @@
 // Backward: with d_g = x_g - mean_g x and s = sqrt(var + 1e-8),
 // dx_g = dout[:, :C] + (sum_{g, h, w} dout[gM+m, C+f]) / (K s) * d_g / G
 // (the mean's own term vanishes because sum_g d_g = 0).
+// A channels-last x with F = 1 keeps its layout (as on the CPU): k then runs over a sample's
+// values in memory order (pixel-major), which leaves the statistic's sum unchanged, and out and
+// grad_out are channels-last too (C + 1 values per pixel).
 #include "common.cuh"
 
 namespace mtcore::cuda_impl {
@@ -16,7 +19,16 @@ constexpr double kEps = 1e-8;
 
 struct MbstdShape {
   int64_t N, C, HW, G, M, F, K;
+  bool nhwc;  // channels-last x, out and grad_out (F == 1)
 };
+
+// Offset in out / grad_out ([N, C + F, H, W]) of value k (as x's k: k < K) of slot f of sample n.
+__host__ __device__ __forceinline__ int64_t mbstd_out_offset(const MbstdShape& s, int64_t n, int64_t f,
+                                                             int64_t k) {
+  const int64_t ctot = s.C + s.F;
+  if (s.nhwc) return (n * s.HW + k / s.C) * ctot + k % s.C;
+  return n * ctot * s.HW + f * s.K + k;
+}
 
 // Blocks b = mf * splits + split: partial sums over a slice of k of sqrt(var_g + eps).
 template <typename scalar_t, typename acc_t>
@@ -67,6 +79,12 @@ __global__ void mbstd_output_kernel(const scalar_t* __restrict__ x, const acc_t*
        i += (int64_t)gridDim.x * blockDim.x) {
     const int64_t n = i / per_sample;
     const int64_t r = i - n * per_sample;
+    if (s.nhwc) {  // pixel r / (C + 1), channel r % (C + 1); F == 1
+      const int64_t pix = r / (s.C + 1);
+      const int64_t ch = r - pix * (s.C + 1);
+      out[i] = ch < s.C ? x[(n * s.HW + pix) * s.C + ch] : static_cast<scalar_t>(stat[n % s.M]);
+      continue;
+    }
     const int64_t ch = r / s.HW;
     out[i] = ch < s.C ? x[n * s.C * s.HW + r]
                       : static_cast<scalar_t>(stat[(n % s.M) * s.F + (ch - s.C)]);
@@ -88,7 +106,8 @@ __global__ void mbstd_gstat_partial_kernel(const scalar_t* __restrict__ dout, Mb
     const int64_t g = j / s.HW;
     const int64_t hw = j - g * s.HW;
     const int64_t n = g * s.M + m;
-    local += static_cast<acc_t>(dout[(n * (s.C + s.F) + s.C + f) * s.HW + hw]);
+    const int64_t o = s.nhwc ? (n * s.HW + hw) * (s.C + 1) + s.C : (n * (s.C + s.F) + s.C + f) * s.HW + hw;
+    local += static_cast<acc_t>(dout[o]);
   }
   local = block_sum(local);
   if (threadIdx.x == 0) partials[blockIdx.x] = local;
@@ -110,7 +129,7 @@ __global__ void mbstd_dx_kernel(const scalar_t* __restrict__ x, const scalar_t* 
     const int64_t f = mf % s.F;
     const int64_t x_off = m * s.C * s.HW + f * s.K + k;
     const int64_t x_step = s.M * s.C * s.HW;
-    const int64_t o_off = m * (s.C + s.F) * s.HW + f * s.K + k;
+    const int64_t o_off = mbstd_out_offset(s, m, f, k);
     const int64_t o_step = s.M * (s.C + s.F) * s.HW;
     acc_t mean = 0;
     for (int64_t g = 0; g < s.G; ++g) mean += static_cast<acc_t>(x[x_off + g * x_step]);
@@ -131,7 +150,7 @@ __global__ void mbstd_dx_kernel(const scalar_t* __restrict__ x, const scalar_t* 
 }
 
 MbstdShape check_shape(const char* op, const at::Tensor& x, int64_t group_size,
-                       int64_t num_channels) {
+                       int64_t num_channels, bool nhwc) {
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be [N, C, H, W], got x of shape ", x.sizes());
   TORCH_CHECK_VALUE(group_size >= 1, op, ": group_size must be an int >= 1, got ", group_size);
   TORCH_CHECK_VALUE(num_channels >= 1, op, ": num_channels must be an int >= 1, got ",
@@ -145,10 +164,20 @@ MbstdShape check_shape(const char* op, const at::Tensor& x, int64_t group_size,
   TORCH_CHECK_VALUE(C % num_channels == 0, op, ": the channel count C=", C, " of x (shape ",
                     x.sizes(), ") must be divisible by num_channels=", num_channels);
   const int64_t HW = x.size(2) * x.size(3);
-  return MbstdShape{N, C, HW, G, N / G, num_channels, (C / num_channels) * HW};
+  return MbstdShape{N, C, HW, G, N / G, num_channels, (C / num_channels) * HW, nhwc};
 }
 
 // Splits of the k range per (m, f) so that the grid fills the device.
+// Whether x is kept channels-last: dense channels-last (and not also NCHW-contiguous), F == 1.
+bool keeps_nhwc(const at::Tensor& x, int64_t num_channels) {
+  return num_channels == 1 && x.dim() == 4 && !x.is_contiguous() &&
+         x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+at::MemoryFormat layout(bool nhwc) {
+  return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
 int splits_for(int64_t n_mf, int64_t work) {
   const int64_t want = std::max<int64_t>(1, max_blocks() / std::max<int64_t>(n_mf, 1));
   const int64_t useful = std::max<int64_t>(1, (work + kThreads - 1) / kThreads);
@@ -157,10 +186,13 @@ int splits_for(int64_t n_mf, int64_t work) {
 
 at::Tensor mbstd_fwd_cuda(const at::Tensor& x_in, int64_t group_size, int64_t num_channels) {
   constexpr const char* kOp = "mbstd_fwd";
-  const at::Tensor x = float_input(x_in, kOp, "x");
-  const MbstdShape s = check_shape(kOp, x, group_size, num_channels);
+  check_cuda(x_in, kOp, "x");
+  check_float(x_in, kOp, "x");
+  const bool nhwc = keeps_nhwc(x_in, num_channels);
+  const at::Tensor x = x_in.contiguous(layout(nhwc));
+  const MbstdShape s = check_shape(kOp, x, group_size, num_channels, nhwc);
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor out = at::empty({s.N, s.C + s.F, x.size(2), x.size(3)}, x.options());
+  at::Tensor out = at::empty({s.N, s.C + s.F, x.size(2), x.size(3)}, x.options().memory_format(layout(nhwc)));
   if (out.numel() == 0) return out;
   MTCORE_DISPATCH_FLOATS(x.scalar_type(), "mbstd_fwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -190,8 +222,11 @@ at::Tensor mbstd_fwd_cuda(const at::Tensor& x_in, int64_t group_size, int64_t nu
 at::Tensor mbstd_bwd_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                           int64_t group_size, int64_t num_channels) {
   constexpr const char* kOp = "mbstd_bwd";
-  const at::Tensor x = float_input(x_in, kOp, "x");
-  const MbstdShape s = check_shape(kOp, x, group_size, num_channels);
+  check_cuda(x_in, kOp, "x");
+  check_float(x_in, kOp, "x");
+  const bool nhwc = keeps_nhwc(x_in, num_channels);
+  const at::Tensor x = x_in.contiguous(layout(nhwc));
+  const MbstdShape s = check_shape(kOp, x, group_size, num_channels, nhwc);
   check_cuda(grad_out_in, kOp, "grad_out");
   check_same_device(grad_out_in, x, kOp, "grad_out", "x");
   TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == s.N &&
@@ -199,9 +234,9 @@ at::Tensor mbstd_bwd_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                         grad_out_in.size(3) == x.size(3),
                     kOp, ": grad_out must have shape [N, C + num_channels, H, W] = [", s.N, ", ",
                     s.C + s.F, ", ", x.size(2), ", ", x.size(3), "], got ", grad_out_in.sizes());
-  const at::Tensor dout = grad_out_in.to(x.scalar_type()).contiguous();
+  const at::Tensor dout = grad_out_in.to(x.scalar_type()).contiguous(layout(nhwc));
   const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout(nhwc)));
   if (x.numel() == 0) return dx;
   MTCORE_DISPATCH_FLOATS(x.scalar_type(), "mbstd_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -214,11 +214,11 @@ def test_bad_arguments(x, group, f, exc, msg):
 
 
 def test_kernel_checks_its_inputs(cpp):
-    with pytest.raises(RuntimeError, match="N=6 .*divisible by the group size G=min"):
+    with pytest.raises(ValueError, match="N=6 .*divisible by the group size G=min"):
         cpp.mbstd_fwd(torch.ones(6, 4, 2, 2), 4, 1)
     with pytest.raises(
-        RuntimeError, match=r"grad_out must have shape \[N, C \+ num_channels, H, W\]"
+        ValueError, match=r"grad_out must have shape \[N, C \+ num_channels, H, W\]"
     ):
         cpp.mbstd_bwd(torch.ones(4, 4, 2, 2), torch.ones(4, 4, 2, 2), 4, 1)
-    with pytest.raises(RuntimeError, match="x must be float32, float64, bfloat16 or float16"):
+    with pytest.raises(TypeError, match="x must be float32, float64, bfloat16 or float16"):
         cpp.mbstd_fwd(torch.ones(4, 4, 2, 2, dtype=torch.int64), 4, 1)

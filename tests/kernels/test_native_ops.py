@@ -157,6 +157,26 @@ def test_minibatch_stddev(on):
            [_rand(8, 6, 4, 3, seed=15)])
 
 
+@pytest.mark.parametrize("c", [6, 300])
+def test_minibatch_stddev_keeps_channels_last(on, c):
+    """With one std channel a channels-last x gives channels-last outputs and input gradients
+    (the next convolution copies nothing), the reference's values; the fakes say the same layout
+    (opcheck compares them with the real outputs)."""
+    device, backend = on
+    cl = torch.channels_last
+    x = _rand(8, c, 5, 3, seed=50).to(device).contiguous(memory_format=cl)
+    up = _rand(8, c + 1, 5, 3, seed=51).to(device).contiguous(memory_format=cl)
+    _check(on, lambda t, be: (K.minibatch_stddev(t, 4, 1, backend=be) * up.to(t.dtype)).sum(),
+           [x])
+    xg = x.detach().requires_grad_()
+    y = K.minibatch_stddev(xg, 4, 1, backend=backend)
+    (dx,) = torch.autograd.grad(y, xg, up)
+    assert y.is_contiguous(memory_format=cl) and dx.is_contiguous(memory_format=cl)
+    ops = torch.ops.mtcore
+    torch.library.opcheck(ops.mbstd_fwd.default, (x, 4, 1))
+    torch.library.opcheck(ops.mbstd_bwd.default, (up, x, 4, 1))
+
+
 def test_joint_loss(on):
     g = torch.Generator().manual_seed(16)
     seg_t = torch.randint(0, 5, (3, 9, 11), generator=g)

@@ -114,6 +114,7 @@ def _bn_case(shape, layout, act, training, affine, dtype, backend, seed=0, shift
 @pytest.mark.parametrize("shape,layout", [
     ((4, 5, 7, 3), "contiguous"), ((4, 5, 7, 3), "channels_last"), ((3, 6, 5, 9), "strided"),
     ((8, 3, 11), "contiguous"), ((9, 4), "contiguous"), ((32, 16, 8, 8), "channels_last"),
+    ((6, 40, 5, 3), "channels_last"),  # two channel tiles of the CUDA reduction, the second partial
 ])
 @pytest.mark.parametrize("act", ["linear", "relu", "lrelu"])
 @pytest.mark.parametrize("training", [True, False])
@@ -458,8 +459,26 @@ def test_native_fold_matches_the_matrix_fold_and_is_twice_differentiable(native)
     assert torch.autograd.gradcheck(ops.upsample_fold_backward, (g,))
     torch.library.opcheck(ops.upsample_fold.default, (w,))
     torch.library.opcheck(ops.upsample_fold_backward.default, (g,))
-    with pytest.raises((RuntimeError, ValueError), match=r"weight must be \[\*, \*, 3, 3\]"):
+    with pytest.raises(ValueError, match=r"weight must be \[\*, \*, 3, 3\]"):
         ops.upsample_fold(_rand(2, 2, 2, 2).to(device))
+
+
+def test_native_kernels_check_their_inputs(native):
+    """Called directly (past the Python wrappers' checks), the C++ and CUDA kernels raise the same
+    exception types: ValueError for shapes and arguments, TypeError for dtypes."""
+    device, _ = native
+    ops = torch.ops.mtcore
+    x = _rand(2, 3, 4, 4).to(device)
+    with pytest.raises(ValueError, match=r"weight must have shape \[3\]"):
+        ops.bn_act_fwd(x, torch.ones(4, device=device), None, None, None, 1e-5, 1, 0.0)
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        ops.bn_act_fwd(x, None, None, torch.zeros(3, device=device), None, 1e-5, 1, 0.0)
+    with pytest.raises(ValueError, match="act must be 0"):
+        ops.pn_act_fwd(x, 1e-8, 7, 0.2)
+    with pytest.raises(TypeError, match="x must be float32, float64, bfloat16 or float16"):
+        ops.pn_act_fwd(x.long(), 1e-8, 2, 0.2)
+    with pytest.raises(ValueError, match="dy has shape"):
+        ops.pn_act_bwd(x[:1], x, 1e-8, 2, 0.2)
 
 
 def test_triton_batch_norm_act_opcheck():

@@ -35,9 +35,9 @@ def minibatch_stddev(
 
 
 def _layout(x: torch.Tensor, num_channels: int) -> torch.memory_format:
-    """The memory format of the kernels' outputs: the C++ ones keep a channels-last x with one std
-    channel (csrc/cpu/minibatch_stddev.cpp), otherwise outputs are NCHW-contiguous."""
-    keep = (x.device.type == "cpu" and num_channels == 1 and not x.is_contiguous()
+    """The memory format of the C++ and CUDA kernels' outputs: they keep a channels-last x with one
+    std channel (csrc/cpu/minibatch_stddev.cpp), otherwise outputs are NCHW-contiguous."""
+    keep = (num_channels == 1 and x.dim() == 4 and not x.is_contiguous()
             and x.is_contiguous(memory_format=torch.channels_last))
     return torch.channels_last if keep else torch.contiguous_format
 
