@@ -2,13 +2,15 @@
 
 Names resolve only through the registries, never through import paths, so a config cannot run
 arbitrary code. A name provided by two plugins is an error when it is used (not when it is
-installed), and ``provider:name`` always resolves.
+installed), and ``provider:name`` always resolves; a built-in keeps its bare name (installing a
+plugin never changes what an existing config means), with a warning naming the other providers.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,8 +21,13 @@ from mtcore.errors import (
     MtcoreError,
     PluginError,
 )
-from mtcore.plugin_manager import PluginManager, Provided, default_manager
+from mtcore.plugin_manager import PluginManager, PluginWarning, Provided, default_manager
 from mtcore.specs import ComponentSpec, plural
+
+
+def _describe(p: Provided) -> str:
+    """'<distribution> <version> (plugin '<name>')' for messages."""
+    return f"{p.plugin.distribution or '?'} {p.plugin.version or ''} (plugin {p.plugin.name!r})".replace("  ", " ")
 
 
 def suggest(name: str, choices: list[str]) -> str:
@@ -69,11 +76,19 @@ class Registry:
                 f"unknown {kind} {name!r}{where}.{hint} Available {plural(kind)}: "
                 f"{', '.join(names) or '(none: is a plugin disabled or broken? see mtcore plugins)'}"
             )
-        who = " and ".join(
-            f"{p.plugin.distribution or '?'} {p.plugin.version or ''} (plugin {p.plugin.name!r})".replace("  ", " ")
-            for p in matches
-        )
+        who = " and ".join(_describe(p) for p in matches)
         picks = " or ".join(f"'{p.plugin.name}:{short}'" for p in matches)
+        builtins = [p for p in matches if p.plugin.builtin]
+        if not provider and len(builtins) == 1:
+            # the built-in keeps its bare name: installing a plugin must not change (or break)
+            # what an existing config, the default one included, means
+            others = [p for p in matches if not p.plugin.builtin]
+            warnings.warn(
+                f"{kind} {short!r}: using mtcore's built-in one; also provided by "
+                + " and ".join(_describe(p) for p in others) + ", which "
+                + " or ".join(f"'{p.plugin.name}:{short}'" for p in others) + " picks",
+                PluginWarning, stacklevel=4)
+            return builtins[0]
         raise ComponentClashError(
             f"{kind} {short!r} is provided by {who}; pick one with {picks}, or disable a plugin "
             "with MTCORE_DISABLE_PLUGINS / --disable-plugin"

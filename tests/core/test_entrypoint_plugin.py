@@ -46,6 +46,7 @@ class Half(LossBalancer):
 @hookimpl
 def mtcore_backbones():
     yield BackboneSpec("acme_stem", Stem, "One 3x3 conv.")
+    yield BackboneSpec("unet", Stem, "A name the built-ins use too.")
 
 
 @hookimpl
@@ -82,6 +83,17 @@ def test_installed_plugin_shows_up_and_works(tmp_path):
         data = json.loads(out)
         assert "acme_stem" not in {c["name"] for c in data["components"]["backbone"]}
         assert data["disabled"] == [{"name": "acme", "distribution": "mtcore-acme-test"}]
+        # its "unet" does not take the built-in's bare name (the default config keeps meaning
+        # the built-in U-Net, with a warning); "acme:unet" picks the plugin's
+        code = ("import sys; from mtcore.registry import Registry; "
+                "print(Registry().resolve('backbone', sys.argv[1]).plugin.name)")
+        for name, want in (("unet", "backbones"), ("acme:unet", "acme")):
+            r = subprocess.run([sys.executable, "-c", code, name], capture_output=True, text=True,
+                               timeout=300)
+            assert r.returncode == 0, r.stderr
+            assert r.stdout.split() == [want]
+            shadowed = "using mtcore's built-in one; also provided by mtcore-acme-test 0.3.1"
+            assert (shadowed in r.stderr) == (name == "unet"), r.stderr
     finally:
         r = _pip("uninstall", "-y", "-q", "mtcore-acme-test")
         assert r.returncode == 0, r.stderr

@@ -79,6 +79,25 @@ def test_clash_is_reported_on_use_naming_both_providers(pm):
     assert "pkg-a 1.0" in msg and "pkg-b 2.0" in msg and "'a:tiny'" in msg and "'b:tiny'" in msg
 
 
+def test_a_built_in_keeps_its_bare_name_with_a_warning(pm):
+    """Installing a plugin that reuses a built-in's name must not break (or silently change) a
+    config that names the built-in: the bare name stays the built-in's, with a warning that names
+    the other provider and the qualified name that picks it; between plugins it stays a clash."""
+    pm.register(make_plugin("core"), PluginInfo("core", "mtcore", "0.1", builtin=True))
+    pm.register(make_plugin("acme"), PluginInfo("acme", "acme-mt", "1.0"))
+    reg = Registry(pm)
+    with pytest.warns(PluginWarning, match=r"backbone 'tiny': using mtcore's built-in one; also "
+                      r"provided by acme-mt 1.0 \(plugin 'acme'\), which 'acme:tiny' picks"):
+        assert reg.resolve("backbone", "tiny").plugin.name == "core"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a qualified name is no clash: no warning
+        assert reg.resolve("backbone", "acme:tiny").plugin.name == "acme"
+        assert reg.resolve("backbone", "core:tiny").plugin.name == "core"
+    pm.register(make_plugin("b"), PluginInfo("b", "pkg-b", "2.0"))
+    with pytest.warns(PluginWarning, match="acme-mt 1.0 .* and pkg-b 2.0 .*'acme:tiny' or 'b:tiny'"):
+        assert reg.resolve("backbone", "tiny").plugin.name == "core"
+
+
 def test_qualified_name_always_resolves(pm):
     pm.register(make_plugin("a"), PluginInfo("a", "pkg-a", "1.0"))
     pm.register(make_plugin("b"), PluginInfo("b", "pkg-b", "2.0"))
