@@ -1,4 +1,4 @@
-"""The Python API: build an experiment, fit it, evaluate and sample from checkpoints.
+"""The Python API: build an experiment, fit it, evaluate, sample and predict from checkpoints.
 
     import mtcore
     exp = mtcore.build({"optim": {"epochs": 2}})
@@ -7,15 +7,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mtcore import checkpoint as ckpt_io
+from mtcore.checkpoint import saved_info
 from mtcore.errors import CheckpointError
 from mtcore.experiment import Experiment, build_experiment
+from mtcore.predict import Predictions, check_images, image_files, load_images, run_predictions
 from mtcore.registry import Registry
 from mtcore.trainer import Trainer
 
@@ -41,7 +43,9 @@ def load(checkpoint: str | Path, *, splits: tuple[str, ...] | None = None,
     from mtcore.config import resolve_config
 
     cfg = resolve_config(state["config"], list(overrides), base=state["config"])
-    exp = build_experiment(cfg, resolved=True, splits=splits, registry=registry, restoring=True)
+    info = saved_info(state) if splits == () else None
+    exp = build_experiment(cfg, resolved=True, splits=splits, registry=registry, restoring=True,
+                           info=info)
     trainer = Trainer(exp, None, progress=False)
     trainer.load_state(state, str(checkpoint))
     return trainer
@@ -83,3 +87,23 @@ def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: 
     trainer.model.eval()
     gen = torch.Generator().manual_seed(seed)
     return head.sample(n, labels=labels, generator=gen)
+
+
+def predict(checkpoint: str | Path, images: Sequence[str | Path] | torch.Tensor, *,
+            tasks: Collection[str] | None = None, batch_size: int = 64,
+            registry: Registry | None = None) -> Predictions:
+    """What a checkpoint's heads predict for new images: ``{task: {name: Prediction}}`` (e.g.
+    ``["seg"]["mask"].value``, class indices [N, H, W]; ``["cls"]["label"]``, the class index and
+    ``scores``), every tensor on the CPU. ``images``: image files or folders of them (converted
+    and resized to the model's input as the datasets do), or a float tensor [N, C, H, W] in
+    [0, 1] at the model's size. ``tasks``: only these (default: every task that predicts from an
+    image; a GAN does not)."""
+    trainer = load(checkpoint, splits=(), registry=registry)
+    info = trainer.exp.info
+    if torch.is_tensor(images):
+        check_images(images, info)
+    else:
+        images, _ = load_images(image_files(images), info)
+    return run_predictions(trainer.model, images, trainer.device, tasks=tasks,
+                           batch_size=batch_size)
+

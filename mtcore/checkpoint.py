@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mtcore.data import DatasetInfo
 from mtcore.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -116,3 +117,16 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], p
         raise CheckpointError(f"checkpoint {path!r} does not fit the model: " + " | ".join(parts))
     model.load_state_dict(state, strict=False)
     return sorted(set(state) & set(own))
+
+
+def saved_info(ckpt: dict[str, Any]) -> DatasetInfo | None:
+    """The dataset's facts a checkpoint keeps (None in one written before it kept them)."""
+    raw = ckpt.get("info")
+    if raw is None:
+        return None
+    try:
+        fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in raw.items()}
+        return DatasetInfo(**fields)
+    except (AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint's dataset info is malformed ({exc})") from None
+

@@ -103,13 +103,16 @@ def build_model(registry: Registry, cfg: Mapping[str, Any], info: DatasetInfo) -
 
 def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[str] = (), *,
                      registry: Registry | None = None, splits: tuple[str, ...] | None = None,
-                     resolved: bool = False, restoring: bool = False) -> Experiment:
+                     resolved: bool = False, restoring: bool = False,
+                     info: DatasetInfo | None = None) -> Experiment:
     """Build everything from a config dict (merged over the defaults unless ``resolved``).
 
     ``restoring``: the config is a run's saved one and its weights will come from that run's
     checkpoint (eval, sample, resume), so the transfer strategy's ``configure`` (already applied
     to the saved config) and ``setup`` (loading the source weights) are skipped: a transferred run
-    stays usable when its source checkpoint has moved or gone.
+    stays usable when its source checkpoint has moved or gone. ``info``: the dataset's facts (a
+    checkpoint keeps them), so that with no ``splits`` no dataset is built at all: a model
+    predicts and samples where its training data is not.
     """
     cfg = dict(config) if resolved and config is not None else resolve_config(config, list(overrides))
     registry = registry or Registry()
@@ -123,8 +126,10 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
     torch.manual_seed(cfg["seed"])
     splits = splits if splits is not None else ("train", cfg["data"]["val_split"])
     datasets = {s: build_dataset(registry, cfg, s) for s in splits}
-    info = next(iter(datasets.values())).info if datasets else build_dataset(
-        registry, cfg, cfg["data"]["val_split"]).info
+    if datasets:
+        info = next(iter(datasets.values())).info
+    elif info is None:
+        info = build_dataset(registry, cfg, cfg["data"]["val_split"]).info
     model = build_model(registry, cfg, info)
     bname, bparams = _component(cfg["balancer"])
     balancer = registry.build("balancer", bname, bparams, list(cfg["tasks"]), key="balancer")

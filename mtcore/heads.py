@@ -8,7 +8,8 @@ alternate with the main multi-task step; the trainer never knows which head is a
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import Any, ClassVar, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +23,22 @@ class Metric(Protocol):
 
     def update(self, outputs: Outputs, batch: Batch) -> None: ...
     def compute(self) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One per-image result of a head, for inference (``mtcore predict``), batch first.
+
+    ``kind`` says what ``value`` holds and how ``mtcore predict`` writes it: ``"mask"``, class
+    indices int64 [N, H, W] (an indexed PNG per image, at the image's own size); ``"label"``, a
+    class index int64 [N] (columns of ``predictions.csv``, with the winning class's ``scores``);
+    ``"image"``, floats in [0, 1] [N, C, H, W] (a PNG per image). ``names`` are the class names
+    (index order) and ``scores`` [N, K] the class probabilities of a label."""
+
+    kind: Literal["mask", "label", "image"]
+    value: torch.Tensor
+    names: tuple[str, ...] = ()
+    scores: torch.Tensor | None = None
 
 
 class TaskHead(nn.Module):
@@ -100,6 +117,11 @@ class TaskHead(nn.Module):
                            seed: int) -> dict[str, float]:
         """Metrics of generated samples against ``datasets[split]`` (e.g. FID; an evaluator may be
         trained on ``datasets["train"]``); {} if the head does not generate."""
+        return {}
+
+    def predictions(self, outputs: Outputs) -> dict[str, Prediction]:
+        """What the head predicts for each image (inference on new images: ``mtcore predict``),
+        by name; {} when it predicts nothing from an image (a GAN)."""
         return {}
 
     def visuals(self, outputs: Outputs, batch: Batch) -> dict[str, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import nn
@@ -27,13 +27,16 @@ class MultiTaskModel(nn.Module):
         self._order = _run_order({name: tuple(h.reads) for name, h in self.heads.items()})
         self._checked = False
 
-    def forward(self, batch: Batch) -> dict[str, Outputs]:
+    def forward(self, batch: Batch, tasks: Collection[str] | None = None) -> dict[str, Outputs]:
+        """Every head's outputs by task (config order); ``tasks``: only those, and the tasks
+        they read."""
+        order = self._order if tasks is None else self._needed(tasks)
         features = self.backbone(batch["image"])
         check = not self._checked and not torch.compiler.is_compiling()
         if check:
             self._check_features(features)
         out: dict[str, Outputs] = {}
-        for name in self._order:
+        for name in order:
             head = self.heads[name]
             if head.reads:
                 out[name] = head(features, batch, {k: out[k] for k in head.reads})
@@ -45,7 +48,21 @@ class MultiTaskModel(nn.Module):
                     f"tensors from forward, got {type(out[name]).__name__}")
         if check:  # the contract holds: checked once (eagerly), out of the hot path
             self._checked = True
-        return {name: out[name] for name in self.heads}  # config order
+        return {name: out[name] for name in self.heads if name in out}  # config order
+
+    def _needed(self, tasks: Collection[str]) -> list[str]:
+        """``tasks`` and the tasks they read, in run order."""
+        unknown = [t for t in tasks if t not in self.heads]
+        if unknown:
+            raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; the model's "
+                             f"tasks: {', '.join(self.heads)}")
+        need, todo = set(), list(tasks)
+        while todo:
+            name = todo.pop()
+            if name not in need:
+                need.add(name)
+                todo.extend(self.heads[name].reads)
+        return [name for name in self._order if name in need]
 
     def _check_features(self, features: object) -> None:
         """The backbone returns exactly the feature maps it declares, with their channels."""
@@ -81,9 +98,10 @@ class MultiTaskModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def predict(self, images: torch.Tensor) -> dict[str, Outputs]:
-        """Inference on images alone (no targets needed)."""
-        return self({"image": images})
+    def predict(self, images: torch.Tensor, tasks: Collection[str] | None = None
+                ) -> dict[str, Outputs]:
+        """Inference on images alone (no targets needed); ``tasks`` as in ``forward``."""
+        return self({"image": images}, tasks)
 
 
 def _run_order(reads: Mapping[str, tuple[str, ...]]) -> list[str]:

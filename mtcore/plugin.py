@@ -22,7 +22,8 @@ from mtcore.checkpoint import load as load_checkpoint
 from mtcore.checkpoint import load_model_weights
 from mtcore.data import SPLITS, DatasetInfo
 from mtcore.errors import DataError, IncompatibleComponentsError
-from mtcore.heads import TaskHead
+from mtcore.heads import Prediction, TaskHead
+from mtcore.predict import class_colours
 from mtcore.specs import (
     BackboneSpec,
     BalancerSpec,
@@ -52,12 +53,14 @@ __all__ = [
     "IncompatibleComponentsError",
     "LossBalancer",
     "LossSpec",
+    "Prediction",
     "SPLITS",
     "Stage",
     "TaskHead",
     "TransferSpec",
     "TransferStrategy",
     "active_rows",
+    "class_colours",
     "hookimpl",
     "load_checkpoint",
     "load_model_weights",

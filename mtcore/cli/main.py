@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "mtcore.cli.train_cmd",
     "eval": "mtcore.cli.eval_cmd",
     "sample": "mtcore.cli.sample_cmd",
+    "predict": "mtcore.cli.predict_cmd",
     "build-ext": "mtcore.cli.build_ext_cmd",
     "bench": "mtcore.cli.bench_cmd",
 }

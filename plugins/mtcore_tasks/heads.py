@@ -11,7 +11,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtcore import kernels
-from mtcore.plugin import DatasetInfo, FeatureInfo, IncompatibleComponentsError, TaskHead
+from mtcore.plugin import (
+    DatasetInfo,
+    FeatureInfo,
+    IncompatibleComponentsError,
+    Prediction,
+    TaskHead,
+    class_colours,
+)
 
 from . import metrics as M
 from .generators import Discriminator, ImageDecoder, ema_update, frozen_norm_stats
@@ -19,9 +26,7 @@ from .losses import AdversarialLoss, ClsCrossEntropy, SegCrossEntropy, VAELoss, 
 
 Batch = Mapping[str, torch.Tensor]
 
-PALETTE = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200],
-                        [245, 130, 48], [145, 30, 180], [70, 240, 240], [240, 50, 230],
-                        [210, 245, 60], [250, 190, 190], [0, 128, 128]], dtype=torch.float32) / 255
+PALETTE = class_colours(256).float() / 255  # the colours of `mtcore predict`'s mask PNGs
 
 
 def conv_block(cin: int, cout: int) -> nn.Sequential:
@@ -79,6 +84,7 @@ class SegmentationHead(TaskHead):
         super().__init__()
         _need(info, info.has_masks, "masks (num_seg_classes = 0): segmentation needs them")
         self.num_classes, self.ignore_index = info.num_seg_classes, info.ignore_index
+        self.class_names = tuple(info.seg_class_names)
         self.loss_fn = loss if loss is not None else SegCrossEntropy(ignore_index=info.ignore_index)
         if in_features is None:
             in_features = [f.name for f in features]
@@ -110,6 +116,9 @@ class SegmentationHead(TaskHead):
     def new_metric(self):
         return _MetricAdapter(M.SegmentationMetrics(self.num_classes, self.ignore_index),
                               lambda m, o, b: m.update(o["logits"].argmax(1), b["mask"]))
+
+    def predictions(self, outputs):
+        return {"mask": Prediction("mask", outputs["logits"].argmax(1), self.class_names)}
 
     def visuals(self, outputs, batch):
         pred = outputs["logits"].argmax(1).cpu()
@@ -158,6 +167,7 @@ class ClassificationHead(TaskHead):
             raise ValueError("classification head: pool='none' (no features of its own) needs "
                              "from_task, the segmentation task to read")
         self.num_labels, self.pool = info.num_labels, pool
+        self.label_names = tuple(info.label_names)
         if in_feature:
             f = _pick(features, in_feature, "classification head")
         elif pool == "area":
@@ -238,6 +248,10 @@ class ClassificationHead(TaskHead):
     def new_metric(self):
         return _MetricAdapter(M.ClassificationMetrics(self.num_labels),
                               lambda m, o, b: m.update(o["logits"].argmax(1), b["label"]))
+
+    def predictions(self, outputs):
+        probs = torch.softmax(outputs["logits"].float(), 1)
+        return {"label": Prediction("label", probs.argmax(1), self.label_names, probs)}
 
 
 def _generation_metrics(head: TaskHead, datasets: Mapping[str, Any], split: str,
@@ -333,6 +347,9 @@ class VAEHead(TaskHead):
 
     def generation_metrics(self, datasets, split, num_samples, seed):
         return _generation_metrics(self, datasets, split, num_samples, seed, conditional=False)
+
+    def predictions(self, outputs):
+        return {"reconstruction": Prediction("image", outputs["recon"])}
 
     def visuals(self, outputs, batch):
         return {"reconstruction": outputs["recon"]}

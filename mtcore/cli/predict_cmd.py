@@ -1,0 +1,49 @@
+"""``mtcore predict``: what a checkpoint's heads make of new images, written as files."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict", help="predict masks, labels and reconstructions for new images",
+        description="Run a checkpoint on image files (or folders of them), each converted and "
+        "resized to the model's input as its dataset was, and write into --out: "
+        "<stem>.<task>.mask.png (an indexed PNG at the image's size: pixel value = class index), "
+        "other images such as <stem>.<task>.reconstruction.png, predictions.csv (a row per image: "
+        "each label's class, index and probability) and classes.json (class names by index).")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--out", default="predictions", metavar="DIR",
+                   help="output folder (default: %(default)s)")
+    p.add_argument("--tasks", default=None, metavar="A,B",
+                   help="only these tasks (default: every task that predicts from an image)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass "
+                   "(default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from mtcore.api import load
+    from mtcore.predict import (
+        check_distinct_names,
+        image_files,
+        load_images,
+        run_predictions,
+        write_predictions,
+    )
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    files = image_files(args.inputs)
+    check_distinct_names(files)
+    trainer = load(args.checkpoint, splits=())
+    images, sizes = load_images(files, trainer.exp.info)
+    preds = run_predictions(trainer.model, images, trainer.device, tasks=tasks,
+                            batch_size=args.batch_size, progress=True)
+    written = write_predictions(preds, files, sizes, args.out)
+    what = ", ".join(f"{task}.{name} ({p.kind})" for task, by in preds.items()
+                     for name, p in by.items())
+    print(f"predicted {len(files)} image(s): {what}; wrote {written['masks']} mask(s), "
+          f"{written['images']} image(s), predictions.csv and classes.json to {args.out}")
+    return 0

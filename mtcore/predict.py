@@ -1,0 +1,209 @@
+"""Inference on new images (``mtcore predict``): load them as the datasets do, run the heads'
+:class:`~mtcore.heads.Prediction` s, and write masks, labels and images a person can open."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from mtcore.artifacts import to_uint8
+from mtcore.data import DatasetInfo
+from mtcore.errors import DataError
+from mtcore.heads import Prediction, TaskHead
+from mtcore.model import MultiTaskModel
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+# The first colours of class maps (background black, then well-separated hues); more classes get
+# colours from the bits of their index (as the PASCAL VOC colour map spreads them).
+_FIRST_COLOURS = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
+                  (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60),
+                  (250, 190, 190), (0, 128, 128))
+
+Predictions = dict[str, dict[str, Prediction]]  # task -> name -> prediction over all images
+
+
+def class_colours(n: int) -> torch.Tensor:
+    """uint8 [n, 3]: the colour of each class index in masks (and in the run's sample grids)."""
+    out = torch.zeros(n, 3, dtype=torch.uint8)
+    for i in range(n):
+        if i < len(_FIRST_COLOURS):
+            out[i] = torch.tensor(_FIRST_COLOURS[i], dtype=torch.uint8)
+            continue
+        c, v, shift = [0, 0, 0], i, 7
+        while v:  # bit k of the index goes to bit (7 - k // 3) of channel k % 3
+            for ch in range(3):
+                c[ch] |= ((v >> ch) & 1) << shift
+            v >>= 3
+            shift -= 1
+        out[i] = torch.tensor(c, dtype=torch.uint8)
+    return out
+
+
+def image_files(inputs: Sequence[str | Path]) -> list[Path]:
+    """The inputs as files: files as given, folders as their images (sorted, not recursive)."""
+    if not inputs:
+        raise DataError("no input images given")
+    files: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir()
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"{item}: a folder with no images ({', '.join(IMAGE_SUFFIXES)})")
+            files += found
+        elif item.is_file():
+            files.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    return files
+
+
+def check_distinct_names(files: Sequence[Path]) -> None:
+    """Outputs are named after their input's stem: two inputs must not share one."""
+    stems: dict[str, Path] = {}
+    for f in files:
+        if f.stem in stems:
+            raise DataError(f"two inputs share the name {f.stem!r} ({stems[f.stem]}, {f}); their "
+                            "outputs would overwrite each other: predict them into separate folders")
+        stems[f.stem] = f
+
+
+def load_images(files: Sequence[Path], info: DatasetInfo) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """Images as the model saw its data: [N, C, H, W] in [0, 1], each converted to RGB (or
+    grayscale for one channel) and resized bilinearly to the dataset's size, as ``image_folder``
+    does; with each file's own (width, height)."""
+    height, width = info.image_size
+    mode = {1: "L", 3: "RGB"}.get(info.channels)
+    if mode is None:
+        raise DataError(f"predicting from image files needs a 1- or 3-channel model; this one "
+                        f"takes {info.channels} channels: pass a tensor to mtcore.predict")
+    arrays, sizes = [], []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                sizes.append(img.size)
+                img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"unreadable image {path}: {err}") from err
+        arrays.append(np.asarray(img, dtype=np.uint8).reshape(height, width, info.channels))
+    images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+    return images, sizes
+
+
+def check_images(images: torch.Tensor, info: DatasetInfo) -> None:
+    """A tensor input must be what the model was trained on: float [N, C, H, W] in [0, 1]."""
+    want = (info.channels, *info.image_size)
+    if (not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4
+            or tuple(images.shape[1:]) != want):
+        got = (f"{images.dtype} of shape {tuple(images.shape)}" if torch.is_tensor(images)
+               else type(images).__name__)
+        raise DataError(f"images must be float [N, {want[0]}, {want[1]}, {want[2]}] in [0, 1] (the "
+                        f"model's input), got {got}; image files are resized for you")
+
+
+def predicting_heads(model: MultiTaskModel, tasks: Collection[str] | None = None) -> dict[str, TaskHead]:
+    """The heads that predict something from an image (``tasks``: only those, checked)."""
+    able = {k: h for k, h in model.heads.items() if type(h).predictions is not TaskHead.predictions}
+    if tasks is None:
+        if not able:
+            raise DataError("the model has no task that predicts from an image (its heads "
+                            f"{', '.join(model.heads)} only generate)")
+        return able
+    bad = [t for t in tasks if t not in able]
+    if bad:
+        raise DataError(f"task(s) {', '.join(map(repr, bad))}: the model's tasks that predict "
+                        f"from an image are {', '.join(able) or '(none)'}")
+    return {t: able[t] for t in tasks}
+
+
+@torch.no_grad()
+def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.device, *,
+                    tasks: Collection[str] | None = None, batch_size: int = 64,
+                    progress: bool = False) -> Predictions:
+    """Every predicting head's :class:`Prediction` s for ``images``, batched, on the CPU."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    heads = predicting_heads(model, tasks)
+    model.eval()
+    parts: dict[str, dict[str, list[Prediction]]] = {t: {} for t in heads}
+    starts = range(0, images.shape[0], batch_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)  # a head that draws noise in eval predicts the same each call
+        for i in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
+            outputs = model.predict(images[i:i + batch_size].to(device), heads)
+            for task, head in heads.items():
+                for name, pred in head.predictions(outputs[task]).items():
+                    parts[task].setdefault(name, []).append(pred)
+    return {task: {name: _concat(chunks) for name, chunks in by_name.items()}
+            for task, by_name in parts.items()}
+
+
+def _concat(chunks: list[Prediction]) -> Prediction:
+    first = chunks[0]
+    scores = None if first.scores is None else torch.cat([c.scores.detach().cpu() for c in chunks])
+    return Prediction(first.kind, torch.cat([c.value.detach().cpu() for c in chunks]), first.names,
+                      scores)
+
+
+def write_predictions(preds: Predictions, files: Sequence[Path], sizes: Sequence[tuple[int, int]],
+                      out_dir: str | Path) -> dict[str, int]:
+    """Into ``out_dir``: ``<stem>.<task>.<name>.png`` per image for masks (indexed PNGs at the
+    image's own size, nearest-neighbour, pixel value = class index) and images;
+    ``predictions.csv`` (a row per image: its file, then each label's class name, index and
+    probability); ``classes.json`` (the class names of each mask and label, by index). Returns
+    how many files of each kind it wrote."""
+    check_distinct_names(files)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {"masks": 0, "images": 0}
+    columns: list[tuple[str, Prediction]] = []
+    classes: dict[str, list[str]] = {}
+    for task, by_name in preds.items():
+        for name, pred in by_name.items():
+            key = f"{task}.{name}"
+            if pred.kind == "label":
+                columns.append((key, pred))
+            if pred.names:
+                classes[key] = list(pred.names)
+            for i, f in enumerate(files):
+                path = out / f"{f.stem}.{key}.png"
+                if pred.kind == "mask":
+                    _mask_image(pred.value[i], len(pred.names)).resize(
+                        sizes[i], Image.Resampling.NEAREST).save(path)
+                    written["masks"] += 1
+                elif pred.kind == "image":
+                    Image.fromarray(to_uint8(pred.value[i:i + 1])[0]).save(path)
+                    written["images"] += 1
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file"] + [c for key, _ in columns for c in (key, f"{key}.index", f"{key}.score")])
+        for i, f in enumerate(files):
+            row: list[object] = [str(f)]
+            for _, pred in columns:
+                k = int(pred.value[i])
+                name = pred.names[k] if k < len(pred.names) else str(k)
+                score = "" if pred.scores is None else f"{float(pred.scores[i, k]):.4f}"
+                row += [name, k, score]
+            w.writerow(row)
+    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    return written
+
+
+def _mask_image(mask: torch.Tensor, num_classes: int) -> Image.Image:
+    """Class indices [H, W] as an indexed PNG (palette = :func:`class_colours`), or a 16-bit
+    grayscale one beyond 256 classes."""
+    values = mask.numpy()
+    if max(num_classes, int(values.max(initial=0)) + 1) > 256:
+        return Image.fromarray(values.astype(np.uint16))
+    img = Image.frombytes("P", (values.shape[1], values.shape[0]), values.astype(np.uint8).tobytes())
+    img.putpalette(class_colours(256).flatten().tolist())
+    return img

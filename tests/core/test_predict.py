@@ -1,0 +1,193 @@
+"""Inference on new images (mtcore.predict, ``mtcore predict``): the files' predictions against the
+model run by hand on the same pixels, the files written, task selection and input errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import mtcore
+from mtcore.cli.main import main
+from mtcore.errors import DataError
+from mtcore.predict import class_colours
+
+TINY = [
+    "data.dataset.params.size=16", "data.dataset.params.num_samples=48", "data.batch_size=16",
+    "data.eval_batch_size=48", "model.backbone.params.width=8", "tasks.vae.head.params.width=8",
+    "tasks.gan.head.params.width=8", "tasks.gan.head.params.d_width=8", "train.progress=false",
+    "optim.epochs=1", "kernels=\"reference\"", 'train.gen_metrics="none"', "train.samples_every=0",
+]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    mtcore.fit(mtcore.build(None, TINY), out)
+    return out / "checkpoints" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Three RGB PNGs: two at the model's 16x16, one at 32x32 (resized on the way in) whose
+    masks come back at 32x32."""
+    d = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i, size in enumerate((16, 32, 16)):
+        arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+        if size == 32:  # 2x2 blocks: the bilinear 16x16 resize is their mean
+            arr = arr[::2, ::2].repeat(2, 0).repeat(2, 1)
+        Image.fromarray(arr).save(d / f"img{i}.png")
+        paths.append(d / f"img{i}.png")
+    return paths
+
+
+def _by_hand(ckpt, paths):
+    """The checkpoint's model on the files' pixels, loaded and resized without mtcore.predict."""
+    trainer = mtcore.load(ckpt, splits=())
+    x = torch.stack([torch.from_numpy(np.array(
+        Image.open(p).convert("RGB").resize((16, 16), Image.Resampling.BILINEAR))).permute(2, 0, 1)
+        for p in paths]).float() / 255
+    trainer.model.eval()
+    with torch.no_grad():
+        out = trainer.model({"image": x})
+    return x, out, trainer.exp.info
+
+
+def test_predict_from_files_is_the_model_on_those_pixels(ckpt, files):
+    x, out, info = _by_hand(ckpt, files)
+    preds = mtcore.predict(ckpt, files)
+    assert sorted(preds) == ["cls", "seg", "vae"]  # the GAN predicts nothing from an image
+    mask = preds["seg"]["mask"]
+    assert mask.kind == "mask" and mask.names == info.seg_class_names
+    assert torch.equal(mask.value, out["seg"]["logits"].argmax(1))
+    label = preds["cls"]["label"]
+    probs = torch.softmax(out["cls"]["logits"].float(), 1)
+    assert label.kind == "label" and label.names == info.label_names
+    assert torch.equal(label.value, probs.argmax(1))
+    torch.testing.assert_close(label.scores, probs)
+    recon = preds["vae"]["reconstruction"]
+    assert recon.kind == "image"
+    torch.testing.assert_close(recon.value, out["vae"]["recon"])
+    # the same from a tensor; a folder gives its images in name order
+    again = mtcore.predict(ckpt, x)
+    assert torch.equal(again["seg"]["mask"].value, mask.value)
+    folder = mtcore.predict(ckpt, [files[0].parent], tasks=["seg"])
+    assert list(folder) == ["seg"] and torch.equal(folder["seg"]["mask"].value, mask.value)
+
+
+def test_cli_writes_masks_at_the_image_size_labels_and_images(ckpt, files, tmp_path, capsys):
+    _, out, info = _by_hand(ckpt, files)
+    dest = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--out", str(dest), *map(str, files)]) == 0
+    assert "predicted 3 image(s)" in capsys.readouterr().out
+    want = out["seg"]["logits"].argmax(1)
+    for i, p in enumerate(files):
+        png = Image.open(dest / f"{p.stem}.seg.mask.png")
+        assert png.mode == "P"
+        got = torch.from_numpy(np.array(png).astype(np.int64))
+        expect = want[i] if i != 1 else want[i].repeat_interleave(2, 0).repeat_interleave(2, 1)
+        assert torch.equal(got, expect)  # pixel value = class index, at the file's own size
+        palette = np.array(png.getpalette()[:12]).reshape(4, 3)
+        assert palette.tolist() == [[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25]]
+        rec = np.array(Image.open(dest / f"{p.stem}.vae.reconstruction.png"))
+        expect_rec = (out["vae"]["recon"][i].permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+        assert rec.shape == (16, 16, 3) and np.array_equal(rec, expect_rec.numpy())
+    with open(dest / "predictions.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    probs = torch.softmax(out["cls"]["logits"].float(), 1)
+    assert [r["file"] for r in rows] == [str(p) for p in files]
+    for r, pr in zip(rows, probs, strict=True):
+        k = int(pr.argmax())
+        assert (r["cls.label"], int(r["cls.label.index"])) == (info.label_names[k], k)
+        assert float(r["cls.label.score"]) == pytest.approx(float(pr[k]), abs=1e-4)
+    assert json.loads((dest / "classes.json").read_text()) == {
+        "seg.mask": list(info.seg_class_names), "cls.label": list(info.label_names)}
+
+
+def test_bad_inputs_are_clear_errors(ckpt, files, tmp_path, capsys):
+    with pytest.raises(DataError, match="no such file or folder"):
+        mtcore.predict(ckpt, [tmp_path / "nope.png"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="a folder with no images"):
+        mtcore.predict(ckpt, [tmp_path / "empty"])
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match=r"unreadable image .*bad\.png"):
+        mtcore.predict(ckpt, [tmp_path / "bad.png"])
+    with pytest.raises(DataError, match=r"float \[N, 3, 16, 16\].*got torch.float32 of shape "
+                                        r"\(2, 3, 8, 8\)"):
+        mtcore.predict(ckpt, torch.rand(2, 3, 8, 8))
+    with pytest.raises(DataError, match="'gan'.*predict from an image are seg, cls, vae"):
+        mtcore.predict(ckpt, files, tasks=["gan"])
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.open(files[0]).save(other / files[0].name)
+    assert main(["predict", "--checkpoint", str(ckpt), str(files[0]), str(other / files[0].name),
+                 "--out", str(tmp_path / "o")]) == 2
+    assert "two inputs share the name 'img0'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_forward_of_some_tasks_runs_what_they_read(ckpt):
+    trainer = mtcore.load(ckpt, splits=())
+    trainer.model.eval()
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert list(trainer.model({"image": x}, ["cls"])) == ["seg", "cls"]  # the cascade's input
+        assert list(trainer.model({"image": x}, ["vae"])) == ["vae"]
+        with pytest.raises(ValueError, match="unknown task.*'nope'"):
+            trainer.model({"image": x}, ["nope"])
+
+
+def test_class_colours_are_distinct():
+    colours = class_colours(256)
+    assert colours.dtype == torch.uint8 and colours.shape == (256, 3)
+    assert len({tuple(c) for c in colours.tolist()}) == 256
+    assert colours[1].tolist() == [230, 25, 75]
+
+
+def test_a_checkpoint_predicts_without_its_training_data(tmp_path, files):
+    """The checkpoint keeps the dataset's facts (size, channels, class names), so a model
+    trained on an image folder predicts after that folder is gone."""
+    import shutil
+
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    g = torch.Generator().manual_seed(1)
+    rows = ["filename,label"]
+    for i in range(8):
+        img = (torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(img).save(root / "images" / f"a{i}.png")
+        mask = np.zeros((16, 16), dtype=np.uint8)
+        mask[:, 8:] = 1 + i % 2
+        Image.fromarray(mask).save(root / "masks" / f"a{i}.png")
+        rows.append(f"a{i}.png,{'odd' if i % 2 else 'even'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    data = {"dataset": {"name": "image_folder", "params": {
+        "root": str(root), "size": 16, "label_names": ["even", "odd"]}}}
+    sets = [*TINY[4:], "data.batch_size=4", "data.eval_batch_size=8",
+            "tasks.vae.enabled=false", "tasks.gan.enabled=false",
+            "tasks.cls.head.params.fixed_map=false"]  # its labels are no segmentation classes
+    out = tmp_path / "run"
+    mtcore.fit(mtcore.build({"data": data}, sets), out)
+    ckpt = out / "checkpoints" / "last.pt"
+    before = mtcore.predict(ckpt, files)
+    shutil.rmtree(root)
+    after = mtcore.predict(ckpt, files)
+    assert torch.equal(after["seg"]["mask"].value, before["seg"]["mask"].value)
+    assert after["cls"]["label"].names == ("even", "odd")
+    assert after["seg"]["mask"].names == ("class_0", "class_1", "class_2")
+
+
+def test_a_checkpoint_from_before_it_kept_the_dataset_facts_still_loads(ckpt, files, tmp_path):
+    state = torch.load(ckpt, weights_only=True)
+    del state["info"]  # as written before: the dataset is built again for its facts
+    torch.save(state, tmp_path / "old.pt")
+    old = mtcore.predict(tmp_path / "old.pt", files)
+    assert torch.equal(old["seg"]["mask"].value, mtcore.predict(ckpt, files)["seg"]["mask"].value)
