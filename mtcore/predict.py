@@ -127,8 +127,7 @@ def predicting_heads(model: MultiTaskModel, tasks: Collection[str] | None = None
 
 @torch.no_grad()
 def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.device, *,
-                    tasks: Collection[str] | None = None, batch_size: int = 64,
-                    progress: bool = False) -> Predictions:
+                    tasks: Collection[str] | None = None, batch_size: int = 64) -> Predictions:
     """Every predicting head's :class:`Prediction` s for ``images``, batched, on the CPU."""
     if batch_size < 1:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,7 +137,7 @@ def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.d
     starts = range(0, images.shape[0], batch_size)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(0)  # a head that draws noise in eval predicts the same each call
-        for i in tqdm(starts, desc="predict", unit="batch", disable=not progress or len(starts) < 2):
+        for i in starts:
             outputs = model.predict(images[i:i + batch_size].to(device), heads)
             for task, head in heads.items():
                 for name, pred in head.predictions(outputs[task]).items():
@@ -154,28 +153,59 @@ def _concat(chunks: list[Prediction]) -> Prediction:
                       scores)
 
 
-def write_predictions(preds: Predictions, files: Sequence[Path], sizes: Sequence[tuple[int, int]],
-                      out_dir: str | Path) -> dict[str, int]:
-    """Into ``out_dir``: ``<stem>.<task>.<name>.png`` per image for masks (indexed PNGs at the
+def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device,
+                  files: Sequence[Path], out_dir: str | Path, *,
+                  tasks: Collection[str] | None = None, batch_size: int = 64,
+                  progress: bool = False) -> tuple[Predictions, dict[str, int]]:
+    """Predict ``files`` ``batch_size`` at a time (memory stays one batch's, however many) and
+    write into ``out_dir``: ``<stem>.<task>.<name>.png`` per image for masks (indexed PNGs at the
     image's own size, nearest-neighbour, pixel value = class index) and images;
     ``predictions.csv`` (a row per image: its file, then each label's class name, index and
     probability); ``classes.json`` (the class names of each mask and label, by index). Returns
-    how many files of each kind it wrote."""
+    the first batch's predictions (what was predicted, for a summary) and how many files of each
+    kind it wrote."""
     check_distinct_names(files)
+    predicting_heads(model, tasks)  # an unknown task fails before anything is written
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = {"masks": 0, "images": 0}
-    columns: list[tuple[str, Prediction]] = []
-    classes: dict[str, list[str]] = {}
+    first: Predictions = {}
+    starts = range(0, len(files), batch_size)
+    with open(out / "predictions.csv", "w", newline="") as fh:
+        rows = csv.writer(fh)
+        for start in tqdm(starts, desc="predict", unit="batch",
+                          disable=not progress or len(starts) < 2):
+            chunk = files[start:start + batch_size]
+            images, sizes = load_images(chunk, info)
+            preds = run_predictions(model, images, device, tasks=tasks, batch_size=batch_size)
+            labels = [(f"{task}.{name}", p) for task, by in preds.items()
+                      for name, p in by.items() if p.kind == "label"]
+            if not first:
+                first = preds
+                rows.writerow(["file"] + [c for key, _ in labels
+                                          for c in (key, f"{key}.index", f"{key}.score")])
+            _write_files(preds, chunk, sizes, out, written)
+            for i, f in enumerate(chunk):
+                row: list[object] = [str(f)]
+                for _, pred in labels:
+                    k = int(pred.value[i])
+                    name = pred.names[k] if k < len(pred.names) else str(k)
+                    score = "" if pred.scores is None else f"{float(pred.scores[i, k]):.4f}"
+                    row += [name, k, score]
+                rows.writerow(row)
+    classes = {f"{task}.{name}": list(p.names) for task, by in first.items()
+               for name, p in by.items() if p.names}
+    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
+    return first, written
+
+
+def _write_files(preds: Predictions, files: Sequence[Path], sizes: Sequence[tuple[int, int]],
+                 out: Path, written: dict[str, int]) -> None:
+    """The PNGs of one batch: masks at each image's own size, images at the model's."""
     for task, by_name in preds.items():
         for name, pred in by_name.items():
-            key = f"{task}.{name}"
-            if pred.kind == "label":
-                columns.append((key, pred))
-            if pred.names:
-                classes[key] = list(pred.names)
             for i, f in enumerate(files):
-                path = out / f"{f.stem}.{key}.png"
+                path = out / f"{f.stem}.{task}.{name}.png"
                 if pred.kind == "mask":
                     _mask_image(pred.value[i], len(pred.names)).resize(
                         sizes[i], Image.Resampling.NEAREST).save(path)
@@ -183,19 +213,6 @@ def write_predictions(preds: Predictions, files: Sequence[Path], sizes: Sequence
                 elif pred.kind == "image":
                     Image.fromarray(to_uint8(pred.value[i:i + 1])[0]).save(path)
                     written["images"] += 1
-    with open(out / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file"] + [c for key, _ in columns for c in (key, f"{key}.index", f"{key}.score")])
-        for i, f in enumerate(files):
-            row: list[object] = [str(f)]
-            for _, pred in columns:
-                k = int(pred.value[i])
-                name = pred.names[k] if k < len(pred.names) else str(k)
-                score = "" if pred.scores is None else f"{float(pred.scores[i, k]):.4f}"
-                row += [name, k, score]
-            w.writerow(row)
-    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
-    return written
 
 
 def _mask_image(mask: torch.Tensor, num_classes: int) -> Image.Image:

@@ -26,22 +26,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mtcore.api import load
-    from mtcore.predict import (
-        check_distinct_names,
-        image_files,
-        load_images,
-        run_predictions,
-        write_predictions,
-    )
+    from mtcore.errors import ConfigError
+    from mtcore.predict import check_distinct_names, image_files, predict_files
 
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     files = image_files(args.inputs)
     check_distinct_names(files)
     trainer = load(args.checkpoint, splits=())
-    images, sizes = load_images(files, trainer.exp.info)
-    preds = run_predictions(trainer.model, images, trainer.device, tasks=tasks,
-                            batch_size=args.batch_size, progress=True)
-    written = write_predictions(preds, files, sizes, args.out)
+    preds, written = predict_files(trainer.model, trainer.exp.info, trainer.device, files,
+                                   args.out, tasks=tasks, batch_size=args.batch_size,
+                                   progress=True)
     what = ", ".join(f"{task}.{name} ({p.kind})" for task, by in preds.items()
                      for name, p in by.items())
     print(f"predicted {len(files)} image(s): {what}; wrote {written['masks']} mask(s), "

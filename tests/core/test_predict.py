@@ -84,7 +84,9 @@ def test_predict_from_files_is_the_model_on_those_pixels(ckpt, files):
 def test_cli_writes_masks_at_the_image_size_labels_and_images(ckpt, files, tmp_path, capsys):
     _, out, info = _by_hand(ckpt, files)
     dest = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(ckpt), "--out", str(dest), *map(str, files)]) == 0
+    # two files a batch: the second batch streams into the same CSV
+    assert main(["predict", "--checkpoint", str(ckpt), "--out", str(dest), "--batch-size", "2",
+                 *map(str, files)]) == 0
     assert "predicted 3 image(s)" in capsys.readouterr().out
     want = out["seg"]["logits"].argmax(1)
     for i, p in enumerate(files):
@@ -130,6 +132,8 @@ def test_bad_inputs_are_clear_errors(ckpt, files, tmp_path, capsys):
     assert main(["predict", "--checkpoint", str(ckpt), str(files[0]), str(other / files[0].name),
                  "--out", str(tmp_path / "o")]) == 2
     assert "two inputs share the name 'img0'" in capsys.readouterr().err
+    assert main(["predict", "--checkpoint", str(ckpt), str(files[0]), "--batch-size", "0"]) == 2
+    assert "--batch-size: expected a positive number, got 0" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
