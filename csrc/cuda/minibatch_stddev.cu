@@ -167,7 +167,6 @@ MbstdShape check_shape(const char* op, const at::Tensor& x, int64_t group_size,
   return MbstdShape{N, C, HW, G, N / G, num_channels, (C / num_channels) * HW, nhwc};
 }
 
-// Splits of the k range per (m, f) so that the grid fills the device.
 // Whether x is kept channels-last: dense channels-last (and not also NCHW-contiguous), F == 1.
 bool keeps_nhwc(const at::Tensor& x, int64_t num_channels) {
   return num_channels == 1 && x.dim() == 4 && !x.is_contiguous() &&
@@ -178,6 +177,7 @@ at::MemoryFormat layout(bool nhwc) {
   return nhwc ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
 }
 
+// Splits of the k range per (m, f) so that the grid fills the device.
 int splits_for(int64_t n_mf, int64_t work) {
   const int64_t want = std::max<int64_t>(1, max_blocks() / std::max<int64_t>(n_mf, 1));
   const int64_t useful = std::max<int64_t>(1, (work + kThreads - 1) / kThreads);
@@ -229,12 +229,14 @@ at::Tensor mbstd_bwd_cuda(const at::Tensor& grad_out_in, const at::Tensor& x_in,
   const MbstdShape s = check_shape(kOp, x, group_size, num_channels, nhwc);
   check_cuda(grad_out_in, kOp, "grad_out");
   check_same_device(grad_out_in, x, kOp, "grad_out", "x");
+  TORCH_CHECK_TYPE(grad_out_in.scalar_type() == x.scalar_type(), kOp, ": grad_out has dtype ",
+                   grad_out_in.scalar_type(), " but x has dtype ", x.scalar_type());
   TORCH_CHECK_VALUE(grad_out_in.dim() == 4 && grad_out_in.size(0) == s.N &&
                         grad_out_in.size(1) == s.C + s.F && grad_out_in.size(2) == x.size(2) &&
                         grad_out_in.size(3) == x.size(3),
                     kOp, ": grad_out must have shape [N, C + num_channels, H, W] = [", s.N, ", ",
                     s.C + s.F, ", ", x.size(2), ", ", x.size(3), "], got ", grad_out_in.sizes());
-  const at::Tensor dout = grad_out_in.to(x.scalar_type()).contiguous(layout(nhwc));
+  const at::Tensor dout = grad_out_in.contiguous(layout(nhwc));
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout(nhwc)));
   if (x.numel() == 0) return dx;

@@ -177,6 +177,18 @@ def test_minibatch_stddev_keeps_channels_last(on, c):
     torch.library.opcheck(ops.mbstd_bwd.default, (up, x, 4, 1))
 
 
+def test_minibatch_stddev_kernels_check_their_inputs(on):
+    """Called directly, the C++ and CUDA kernels raise the same types: TypeError for a dtype,
+    ValueError for a shape."""
+    device, backend = on
+    K.minibatch_stddev(_rand(4, 2, 3, 3).to(device), 2, 1, backend=backend)  # registers the ops
+    x = _rand(4, 2, 3, 3).to(device)
+    with pytest.raises(TypeError, match="grad_out has dtype Double but x has dtype Float"):
+        torch.ops.mtcore.mbstd_bwd(_rand(4, 3, 3, 3, dtype=torch.float64).to(device), x, 2, 1)
+    with pytest.raises(ValueError, match="N=4 .*divisible by the group size G=min"):
+        torch.ops.mtcore.mbstd_fwd(x, 3, 1)
+
+
 def test_joint_loss(on):
     g = torch.Generator().manual_seed(16)
     seg_t = torch.randint(0, 5, (3, 9, 11), generator=g)
