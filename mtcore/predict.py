@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -222,5 +223,11 @@ def _mask_image(mask: torch.Tensor, num_classes: int) -> Image.Image:
     if max(num_classes, int(values.max(initial=0)) + 1) > 256:
         return Image.fromarray(values.astype(np.uint16))
     img = Image.frombytes("P", (values.shape[1], values.shape[0]), values.astype(np.uint8).tobytes())
-    img.putpalette(class_colours(256).flatten().tolist())
+    img.putpalette(_png_palette())
     return img
+
+
+@functools.cache
+def _png_palette() -> list[int]:
+    return class_colours(256).flatten().tolist()
+
