@@ -40,6 +40,12 @@ def test_file_tasks_replace_default_tasks_and_set_can_disable():
     assert list(cfg["tasks"]) == ["only"]
     cfg = resolve_config(None, ["tasks.gan.enabled=false"])
     assert "gan" not in cfg["tasks"]
+    # --set of the whole table replaces the task set as a file's [tasks] does; a later
+    # --set tasks.NAME... adds or changes a task on top
+    cfg = resolve_config(None, ['tasks={only={head={name="classification"}}}',
+                                'tasks.seg={head={name="segmentation"}}'])
+    assert list(cfg["tasks"]) == ["only", "seg"]
+    assert cfg["tasks"]["only"]["head"]["name"] == "classification"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
