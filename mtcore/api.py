@@ -89,19 +89,20 @@ def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: 
     return head.sample(n, labels=labels, generator=gen)
 
 
-def predict(checkpoint: str | Path, images: Sequence[str | Path] | torch.Tensor, *,
-            tasks: Collection[str] | None = None, batch_size: int = 64,
+def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path] | torch.Tensor, *,
+            tasks: str | Collection[str] | None = None, batch_size: int = 64,
             registry: Registry | None = None) -> Predictions:
     """What a checkpoint's heads predict for new images: ``{task: {name: Prediction}}`` (e.g.
     ``["seg"]["mask"].value``, class indices [N, H, W]; ``["cls"]["label"]``, the class index and
-    ``scores``), every tensor on the CPU. ``images``: image files or folders of them (converted
-    and resized to the model's input as the datasets do), or a float tensor [N, C, H, W] in
-    [0, 1] at the model's size. ``tasks``: only these (default: every task that predicts from an
-    image; a GAN does not)."""
+    ``scores``), every tensor on the CPU and at the model's size. ``images``: an image file or
+    folder, or a list of them (converted and resized to the model's input as the datasets do;
+    all are held in memory: for many, ``mtcore predict`` streams), or a float tensor
+    [N, C, H, W] in [0, 1] at the model's size. ``tasks``: only these (default: every task that
+    predicts from an image; a GAN does not)."""
     trainer = load(checkpoint, splits=(), registry=registry)
     info = trainer.exp.info
     if torch.is_tensor(images):
-        check_images(images, info)
+        images = check_images(images, info)
     else:
         images, _ = load_images(image_files(images), info)
     return run_predictions(trainer.model, images, trainer.device, tasks=tasks,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import tempfile
@@ -119,14 +120,30 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], p
     return sorted(set(state) & set(own))
 
 
-def saved_info(ckpt: dict[str, Any]) -> DatasetInfo | None:
-    """The dataset's facts a checkpoint keeps (None in one written before it kept them)."""
-    raw = ckpt.get("info")
-    if raw is None:
+def info_state(info: DatasetInfo) -> dict[str, Any] | None:
+    """The dataset's facts as plain values for a checkpoint (``weights_only`` loads only those),
+    or None for a plugin's ``DatasetInfo`` subclass, whose extra fields only its dataset knows
+    (loading then builds the dataset, as before checkpoints kept them)."""
+    if type(info) is not DatasetInfo:
         return None
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return tuple(plain(x) for x in v)
+        return v.item() if isinstance(v, np.generic) else v
+
+    return {f.name: plain(getattr(info, f.name)) for f in dataclasses.fields(DatasetInfo)}
+
+
+def saved_info(ckpt: dict[str, Any]) -> DatasetInfo | None:
+    """The dataset's facts a checkpoint keeps (None in one written without them)."""
+    raw = ckpt.get("info")
+    if not isinstance(raw, dict):
+        return None
+    known = {f.name for f in dataclasses.fields(DatasetInfo)}
     try:
-        fields = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in raw.items()}
-        return DatasetInfo(**fields)
-    except (AttributeError, TypeError) as exc:
+        return DatasetInfo(**{k: tuple(v) if isinstance(v, list | tuple) else v
+                              for k, v in raw.items() if k in known})
+    except TypeError as exc:
         raise CheckpointError(f"checkpoint's dataset info is malformed ({exc})") from None
 

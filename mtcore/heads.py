@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal, Protocol
 import torch
 from torch import nn
 
+from mtcore.errors import ContractError
+
 Batch = Mapping[str, torch.Tensor]
 Outputs = dict[str, torch.Tensor]
 
@@ -39,6 +41,23 @@ class Prediction:
     value: torch.Tensor
     names: tuple[str, ...] = ()
     scores: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        dims = {"mask": 3, "label": 1, "image": 4}
+        if self.kind not in dims:
+            raise ContractError(f"Prediction: kind must be 'mask', 'label' or 'image', got "
+                                f"{self.kind!r}")
+        v = self.value
+        integer = self.kind != "image"
+        if (not torch.is_tensor(v) or v.dim() != dims[self.kind]
+                or v.is_floating_point() == integer or v.is_complex()):
+            want = {"mask": "integer [N, H, W]", "label": "integer [N]",
+                    "image": "float [N, C, H, W]"}[self.kind]
+            got = f"{v.dtype} {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
+            raise ContractError(f"Prediction of kind {self.kind!r}: value must be {want}, got {got}")
+        if self.scores is not None and (self.kind != "label" or not torch.is_tensor(self.scores)
+                                        or self.scores.dim() != 2):
+            raise ContractError("Prediction: scores are a label's class probabilities [N, K]")
 
 
 class TaskHead(nn.Module):

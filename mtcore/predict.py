@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm.auto import tqdm
 
 from mtcore.artifacts import to_uint8
 from mtcore.data import DatasetInfo
-from mtcore.errors import DataError
+from mtcore.errors import ContractError, DataError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.model import MultiTaskModel
 
@@ -48,8 +49,11 @@ def class_colours(n: int) -> torch.Tensor:
     return out
 
 
-def image_files(inputs: Sequence[str | Path]) -> list[Path]:
-    """The inputs as files: files as given, folders as their images (sorted, not recursive)."""
+def image_files(inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """The inputs as files: files as given, folders as their images (sorted, not recursive);
+    one path may be given alone."""
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
     if not inputs:
         raise DataError("no input images given")
     files: list[Path] = []
@@ -77,6 +81,30 @@ def check_distinct_names(files: Sequence[Path]) -> None:
         stems[f.stem] = f
 
 
+def check_readable(files: Sequence[Path]) -> None:
+    """Every file opens as an image (its header: cheap), so that a bad file stops a run before
+    it has written anything."""
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except (OSError, UnidentifiedImageError) as err:
+            raise DataError(f"unreadable image {path}: {err}") from err
+
+
+def check_out_dir(out_dir: str | Path, files: Sequence[Path]) -> Path:
+    """``out_dir`` can take the outputs: not a file, and no input folder (its outputs would be
+    read back as inputs the next time)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file; give a folder for the predictions")
+    folders = {f.parent.resolve() for f in files}
+    if out.resolve() in folders:
+        raise DataError(f"--out {out}: is a folder of input images; its outputs would be read as "
+                        "inputs next time: write them to another folder")
+    return out
+
+
 def load_images(files: Sequence[Path], info: DatasetInfo) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Images as the model saw its data: [N, C, H, W] in [0, 1], each converted to RGB (or
     grayscale for one channel) and resized bilinearly to the dataset's size, as ``image_folder``
@@ -100,20 +128,27 @@ def load_images(files: Sequence[Path], info: DatasetInfo) -> tuple[torch.Tensor,
     return images, sizes
 
 
-def check_images(images: torch.Tensor, info: DatasetInfo) -> None:
-    """A tensor input must be what the model was trained on: float [N, C, H, W] in [0, 1]."""
+def check_images(images: torch.Tensor, info: DatasetInfo) -> torch.Tensor:
+    """A tensor input must be what the model was trained on, float [N, C, H, W] in [0, 1] with
+    N >= 1; returned as float32 (the model's dtype)."""
     want = (info.channels, *info.image_size)
     if (not torch.is_tensor(images) or not images.is_floating_point() or images.dim() != 4
-            or tuple(images.shape[1:]) != want):
+            or tuple(images.shape[1:]) != want or images.shape[0] == 0):
         got = (f"{images.dtype} of shape {tuple(images.shape)}" if torch.is_tensor(images)
                else type(images).__name__)
         raise DataError(f"images must be float [N, {want[0]}, {want[1]}, {want[2]}] in [0, 1] (the "
                         f"model's input), got {got}; image files are resized for you")
+    return images.float()
 
 
 def predicting_heads(model: MultiTaskModel, tasks: Collection[str] | None = None) -> dict[str, TaskHead]:
     """The heads that predict something from an image (``tasks``: only those, checked)."""
     able = {k: h for k, h in model.heads.items() if type(h).predictions is not TaskHead.predictions}
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    if tasks is not None and not tasks:
+        raise DataError("no tasks given; leave them out for every task that predicts from an image "
+                        f"({', '.join(able) or 'none'})")
     if tasks is None:
         if not able:
             raise DataError("the model has no task that predicts from an image (its heads "
@@ -140,11 +175,23 @@ def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.d
         torch.manual_seed(0)  # a head that draws noise in eval predicts the same each call
         for i in starts:
             outputs = model.predict(images[i:i + batch_size].to(device), heads)
+            n = min(batch_size, images.shape[0] - i)
             for task, head in heads.items():
                 for name, pred in head.predictions(outputs[task]).items():
+                    _check_batch(pred, task, name, n)
                     parts[task].setdefault(name, []).append(pred)
     return {task: {name: _concat(chunks) for name, chunks in by_name.items()}
             for task, by_name in parts.items()}
+
+
+def _check_batch(pred: object, task: str, name: str, n: int) -> None:
+    """A head's prediction holds one entry per image of the batch."""
+    where = f"task {task!r}: predictions()[{name!r}]"
+    if not isinstance(pred, Prediction):
+        raise ContractError(f"{where} must be an mtcore.plugin.Prediction, got "
+                            f"{type(pred).__name__}")
+    if pred.value.shape[0] != n or (pred.scores is not None and pred.scores.shape[0] != n):
+        raise ContractError(f"{where} has {pred.value.shape[0]} entries for a batch of {n} images")
 
 
 def _concat(chunks: list[Prediction]) -> Prediction:
@@ -165,14 +212,17 @@ def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device
     probability); ``classes.json`` (the class names of each mask and label, by index). Returns
     the first batch's predictions (what was predicted, for a summary) and how many files of each
     kind it wrote."""
+    # what would fail later fails before anything is written
     check_distinct_names(files)
-    predicting_heads(model, tasks)  # an unknown task fails before anything is written
-    out = Path(out_dir)
+    out = check_out_dir(out_dir, files)
+    predicting_heads(model, tasks)
+    check_readable(files)
     out.mkdir(parents=True, exist_ok=True)
     written = {"masks": 0, "images": 0}
     first: Predictions = {}
     starts = range(0, len(files), batch_size)
-    with open(out / "predictions.csv", "w", newline="") as fh:
+    partial = out / "predictions.csv.partial"  # renamed when complete: no half table left
+    with open(partial, "w", newline="") as fh:
         rows = csv.writer(fh)
         for start in tqdm(starts, desc="predict", unit="batch",
                           disable=not progress or len(starts) < 2):
@@ -194,6 +244,7 @@ def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device
                     score = "" if pred.scores is None else f"{float(pred.scores[i, k]):.4f}"
                     row += [name, k, score]
                 rows.writerow(row)
+    os.replace(partial, out / "predictions.csv")
     classes = {f"{task}.{name}": list(p.names) for task, by in first.items()
                for name, p in by.items() if p.names}
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")

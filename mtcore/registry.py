@@ -41,6 +41,7 @@ class Registry:
 
     def __init__(self, manager: PluginManager | None = None) -> None:
         self.manager = manager if manager is not None else default_manager()
+        self._shadow_warned: set[tuple[str, str]] = set()  # (kind, name): warned once
 
     def available(self, kind: str) -> list[Provided]:
         return self.manager.provided(kind)
@@ -83,6 +84,9 @@ class Registry:
             # the built-in keeps its bare name: installing a plugin must not change (or break)
             # what an existing config, the default one included, means
             others = [p for p in matches if not p.plugin.builtin]
+            if (kind, short) in self._shadow_warned:
+                return builtins[0]
+            self._shadow_warned.add((kind, short))
             warnings.warn(
                 f"{kind} {short!r}: using mtcore's built-in one; also provided by "
                 + " and ".join(_describe(p) for p in others) + ", which "

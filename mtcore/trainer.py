@@ -4,7 +4,6 @@ joint loss, evaluation every epoch, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -462,7 +461,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         return {
             "format": "mtcore", "version": ckpt_io.FORMAT_VERSION,
-            "config": self.cfg, "info": dataclasses.asdict(self.exp.info),
+            "config": self.cfg, "info": ckpt_io.info_state(self.exp.info),
             "epoch": self.epoch, "global_step": self.global_step,
             "model": self.model.state_dict(), "balancer": self.balancer.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),

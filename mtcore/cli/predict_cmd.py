@@ -27,13 +27,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mtcore.api import load
     from mtcore.errors import ConfigError
-    from mtcore.predict import check_distinct_names, image_files, predict_files
+    from mtcore.predict import check_distinct_names, check_out_dir, image_files, predict_files
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     files = image_files(args.inputs)
     check_distinct_names(files)
+    check_out_dir(args.out, files)
     trainer = load(args.checkpoint, splits=())
     preds, written = predict_files(trainer.model, trainer.exp.info, trainer.device, files,
                                    args.out, tasks=tasks, batch_size=args.batch_size,

@@ -195,3 +195,88 @@ def test_a_checkpoint_from_before_it_kept_the_dataset_facts_still_loads(ckpt, fi
     torch.save(state, tmp_path / "old.pt")
     old = mtcore.predict(tmp_path / "old.pt", files)
     assert torch.equal(old["seg"]["mask"].value, mtcore.predict(ckpt, files)["seg"]["mask"].value)
+
+
+def test_one_path_alone_and_one_task_by_name(ckpt, files):
+    one = mtcore.predict(ckpt, str(files[0]), tasks="seg")
+    assert list(one) == ["seg"] and one["seg"]["mask"].value.shape == (1, 16, 16)
+    both = mtcore.predict(ckpt, files, tasks=["seg"])
+    assert torch.equal(one["seg"]["mask"].value[0], both["seg"]["mask"].value[0])
+    x, _, _ = _by_hand(ckpt, files)
+    as_f64 = mtcore.predict(ckpt, x.double(), tasks=["seg"])  # any float dtype: run in float32
+    assert torch.equal(as_f64["seg"]["mask"].value, both["seg"]["mask"].value)
+    with pytest.raises(DataError, match="no tasks given"):
+        mtcore.predict(ckpt, files, tasks=[])
+    with pytest.raises(DataError, match=r"got torch.float32 of shape \(0, 3, 16, 16\)"):
+        mtcore.predict(ckpt, torch.rand(0, 3, 16, 16))
+
+
+def test_cli_refuses_before_writing(ckpt, files, tmp_path, capsys):
+    """A bad file in a later batch, an --out that is a file or an input folder, an empty task
+    list: each is an error before any output exists."""
+    d = tmp_path / "in"
+    d.mkdir()
+    for f in files[:2]:
+        Image.open(f).save(d / f.name)
+    (d / "z.png").write_bytes(b"junk")
+    argv = ["predict", "--checkpoint", str(ckpt), "--batch-size", "1", str(d)]
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+    assert "unreadable image" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (d / "z.png").unlink()
+    assert main([*argv, "--out", str(d)]) == 2
+    assert "is a folder of input images" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main([*argv, "--out", str(tmp_path / "file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+    assert main([*argv, "--out", str(tmp_path / "o"), "--tasks", ","]) == 2
+    assert "no tasks given" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    assert main([*argv, "--out", str(tmp_path / "o")]) == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir())[:2] == ["classes.json",
+                                                                    "img0.seg.mask.png"]
+    assert not (tmp_path / "o" / "predictions.csv.partial").exists()
+
+
+def test_a_plugins_prediction_is_checked():
+    from mtcore.errors import ContractError
+    from mtcore.heads import Prediction
+
+    with pytest.raises(ContractError, match="kind must be 'mask', 'label' or 'image', got 'labels'"):
+        Prediction("labels", torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ContractError, match=r"value must be integer \[N, H, W\], got torch.float32"):
+        Prediction("mask", torch.zeros(2, 4, 4))
+    with pytest.raises(ContractError, match=r"value must be float \[N, C, H, W\]"):
+        Prediction("image", torch.zeros(2, 4, 4))
+    with pytest.raises(ContractError, match="scores are a label's"):
+        Prediction("mask", torch.zeros(2, 4, 4, dtype=torch.long), scores=torch.zeros(2, 3))
+
+
+def test_a_head_whose_prediction_misses_images_is_named(ckpt, monkeypatch):
+    from mtcore.errors import ContractError
+    from mtcore.heads import Prediction
+
+    trainer = mtcore.load(ckpt, splits=())
+    head = trainer.model.heads["seg"]
+    monkeypatch.setattr(head, "predictions", lambda out: {
+        "mask": Prediction("mask", out["logits"].argmax(1)[:1])})
+    from mtcore.predict import run_predictions
+    with pytest.raises(ContractError, match=r"task 'seg': predictions\(\)\['mask'\] has 1 entries "
+                                            "for a batch of 3 images"):
+        run_predictions(trainer.model, torch.rand(3, 3, 16, 16), trainer.device, tasks=["seg"])
+
+
+def test_the_saved_dataset_facts_are_plain_values(tmp_path):
+    from mtcore.checkpoint import info_state, saved_info
+    from mtcore.data import DatasetInfo
+
+    info = DatasetInfo("x", np.int64(3), (np.int64(8), 8), num_seg_classes=np.int64(2),
+                       seg_class_names=["a", "b"])
+    torch.save({"info": info_state(info)}, tmp_path / "c.pt")
+    back = saved_info(torch.load(tmp_path / "c.pt", weights_only=True))
+    assert back == DatasetInfo("x", 3, (8, 8), num_seg_classes=2, seg_class_names=("a", "b"))
+    assert type(back.channels) is int
+
+    class Richer(DatasetInfo):  # a plugin's subclass: only its dataset knows the extra fields
+        pass
+    assert info_state(Richer("x", 3, (8, 8))) is None
+    assert saved_info({"info": None}) is None
+    assert saved_info({"info": {**info_state(back), "added_later": 1}}) == back
