@@ -14,13 +14,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "other images such as <stem>.<task>.reconstruction.png, predictions.csv (a row per image: "
         "each label's class, index and probability) and classes.json (class names by index).")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
-    p.add_argument("--checkpoint", required=True, metavar="CKPT")
+    p.add_argument("--checkpoint", required=True, metavar="CKPT",
+                   help="a run's checkpoints/best.pt or last.pt")
     p.add_argument("--out", default="predictions", metavar="DIR",
                    help="output folder (default: %(default)s)")
     p.add_argument("--tasks", default=None, metavar="A,B",
                    help="only these tasks (default: every task that predicts from an image)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass "
-                   "(default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N",
+                   help="images loaded and predicted at a time (default: %(default)s)")
     p.set_defaults(func=run)
 
 
