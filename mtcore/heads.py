@@ -34,24 +34,25 @@ class Prediction:
     ``kind`` says what ``value`` holds and how ``mtcore predict`` writes it: ``"mask"``, class
     indices int64 [N, H, W] (an indexed PNG per image, at the image's own size); ``"label"``, a
     class index int64 [N] (columns of ``predictions.csv``, with the winning class's ``scores``);
+    ``"value"``, one number per image, float [N] (a column of ``predictions.csv``: a regression);
     ``"image"``, floats in [0, 1] [N, C, H, W] (a PNG per image). ``names`` are the class names
     (index order) and ``scores`` [N, K] the class probabilities of a label."""
 
-    kind: Literal["mask", "label", "image"]
+    kind: Literal["mask", "label", "value", "image"]
     value: torch.Tensor
     names: tuple[str, ...] = ()
     scores: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        dims = {"mask": 3, "label": 1, "image": 4}
+        dims = {"mask": 3, "label": 1, "value": 1, "image": 4}
         if self.kind not in dims:
-            raise ContractError(f"Prediction: kind must be 'mask', 'label' or 'image', got "
-                                f"{self.kind!r}")
+            raise ContractError(f"Prediction: kind must be 'mask', 'label', 'value' or 'image', "
+                                f"got {self.kind!r}")
         v = self.value
-        integer = self.kind != "image"
+        integer = self.kind in ("mask", "label")
         if (not torch.is_tensor(v) or v.dim() != dims[self.kind]
                 or v.is_floating_point() == integer or v.is_complex()):
-            want = {"mask": "integer [N, H, W]", "label": "integer [N]",
+            want = {"mask": "integer [N, H, W]", "label": "integer [N]", "value": "float [N]",
                     "image": "float [N, C, H, W]"}[self.kind]
             got = f"{v.dtype} {tuple(v.shape)}" if torch.is_tensor(v) else type(v).__name__
             raise ContractError(f"Prediction of kind {self.kind!r}: value must be {want}, got {got}")

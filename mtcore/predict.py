@@ -209,7 +209,7 @@ def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device
     write into ``out_dir``: ``<stem>.<task>.<name>.png`` per image for masks (indexed PNGs at the
     image's own size, nearest-neighbour, pixel value = class index) and images;
     ``predictions.csv`` (a row per image: its file, then each label's class name, index and
-    probability); ``classes.json`` (the class names of each mask and label, by index). Returns
+    probability, and each value); ``classes.json`` (the class names of each mask and label, by index). Returns
     the first batch's predictions (what was predicted, for a summary) and how many files of each
     kind it wrote."""
     # what would fail later fails before anything is written
@@ -229,16 +229,19 @@ def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device
             chunk = files[start:start + batch_size]
             images, sizes = load_images(chunk, info)
             preds = run_predictions(model, images, device, tasks=tasks, batch_size=batch_size)
-            labels = [(f"{task}.{name}", p) for task, by in preds.items()
-                      for name, p in by.items() if p.kind == "label"]
+            columns = [(f"{task}.{name}", p) for task, by in preds.items()
+                       for name, p in by.items() if p.kind in ("label", "value")]
             if not first:
                 first = preds
-                rows.writerow(["file"] + [c for key, _ in labels
-                                          for c in (key, f"{key}.index", f"{key}.score")])
+                rows.writerow(["file"] + [c for key, p in columns for c in (
+                    (key, f"{key}.index", f"{key}.score") if p.kind == "label" else (key,))])
             _write_files(preds, chunk, sizes, out, written)
             for i, f in enumerate(chunk):
                 row: list[object] = [str(f)]
-                for _, pred in labels:
+                for _, pred in columns:
+                    if pred.kind == "value":
+                        row.append(f"{float(pred.value[i]):.6g}")
+                        continue
                     k = int(pred.value[i])
                     name = pred.names[k] if k < len(pred.names) else str(k)
                     score = "" if pred.scores is None else f"{float(pred.scores[i, k]):.4f}"

@@ -12,7 +12,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "resized to the model's input as its dataset was, and write into --out: "
         "<stem>.<task>.mask.png (an indexed PNG at the image's size: pixel value = class index), "
         "other images such as <stem>.<task>.reconstruction.png, predictions.csv (a row per image: "
-        "each label's class, index and probability) and classes.json (class names by index).")
+        "each label's class, index and probability, and each per-image value) and classes.json "
+        "(class names by index).")
     p.add_argument("inputs", nargs="+", metavar="IMAGE", help="image files or folders of images")
     p.add_argument("--checkpoint", required=True, metavar="CKPT",
                    help="a run's checkpoints/best.pt or last.pt")

@@ -48,6 +48,24 @@ def test_the_complete_plugin_example_trains(tmp_path):
     result = Trainer(exp, tmp_path, progress=False, log=lines.append).fit()
     assert 0.0 <= result["metrics"]["cov.mae"] <= 1.0
     assert any("cov.mae=" in line for line in lines if line.startswith("epoch 1/1"))
+    # its predictions: the head's own output, one number per image, as a CSV column
+    import csv
+
+    import torch
+    from PIL import Image
+
+    from mtcore.predict import predict_files
+    image = tmp_path / "in" / "one.png"
+    image.parent.mkdir()
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(image)
+    preds, _ = predict_files(exp.model, exp.info, exp.device, [image], tmp_path / "pred")
+    cov = preds["cov"]["coverage"]
+    with torch.no_grad():
+        x = (torch.tensor([200.0, 30.0, 30.0]) / 255).view(1, 3, 1, 1).expand(1, 3, 16, 16)
+        assert torch.equal(cov.value, exp.model({"image": x}, ["cov"])["cov"]["coverage"])
+    with open(tmp_path / "pred" / "predictions.csv") as fh:
+        (row,) = csv.DictReader(fh)
+    assert float(row["cov.coverage"]) == pytest.approx(float(cov.value[0]), rel=1e-5)
 
 
 def test_every_built_in_balancer_has_a_row_in_docs_balancers():

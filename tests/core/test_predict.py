@@ -240,12 +240,14 @@ def test_a_plugins_prediction_is_checked():
     from mtcore.errors import ContractError
     from mtcore.heads import Prediction
 
-    with pytest.raises(ContractError, match="kind must be 'mask', 'label' or 'image', got 'labels'"):
+    with pytest.raises(ContractError, match="kind must be 'mask', 'label', 'value' or 'image', got 'labels'"):
         Prediction("labels", torch.zeros(2, dtype=torch.long))
     with pytest.raises(ContractError, match=r"value must be integer \[N, H, W\], got torch.float32"):
         Prediction("mask", torch.zeros(2, 4, 4))
     with pytest.raises(ContractError, match=r"value must be float \[N, C, H, W\]"):
         Prediction("image", torch.zeros(2, 4, 4))
+    with pytest.raises(ContractError, match=r"value must be float \[N\], got torch.int64"):
+        Prediction("value", torch.zeros(2, dtype=torch.long))
     with pytest.raises(ContractError, match="scores are a label's"):
         Prediction("mask", torch.zeros(2, 4, 4, dtype=torch.long), scores=torch.zeros(2, 3))
 
