@@ -9,7 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+from PIL import Image
+
 SPLITS = ("train", "val", "test")
+
+
+def image_pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
+    """A picture as a model of ``channels`` (1 or 3) at ``size`` (height, width) sees it:
+    converted to grayscale or RGB and resized bilinearly; uint8 [H, W, C]. One function for the
+    datasets that read files and for ``mtcore predict``, so training and inference prepare
+    images alike."""
+    height, width = size
+    image = image.convert("RGB" if channels == 3 else "L")
+    image = image.resize((width, height), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from mtcore.balancer import (
 )
 from mtcore.checkpoint import load as load_checkpoint
 from mtcore.checkpoint import load_model_weights
-from mtcore.data import SPLITS, DatasetInfo
+from mtcore.data import SPLITS, DatasetInfo, image_pixels
 from mtcore.errors import DataError, IncompatibleComponentsError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.predict import class_colours
@@ -61,6 +61,7 @@ __all__ = [
     "TransferStrategy",
     "active_rows",
     "class_colours",
+    "image_pixels",
     "hookimpl",
     "load_checkpoint",
     "load_model_weights",

@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from mtcore.artifacts import to_uint8
-from mtcore.data import DatasetInfo
+from mtcore.data import DatasetInfo, image_pixels
 from mtcore.errors import ContractError, DataError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.model import MultiTaskModel
@@ -106,12 +106,9 @@ def check_out_dir(out_dir: str | Path, files: Sequence[Path]) -> Path:
 
 
 def load_images(files: Sequence[Path], info: DatasetInfo) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Images as the model saw its data: [N, C, H, W] in [0, 1], each converted to RGB (or
-    grayscale for one channel) and resized bilinearly to the dataset's size, as ``image_folder``
-    does; with each file's own (width, height)."""
-    height, width = info.image_size
-    mode = {1: "L", 3: "RGB"}.get(info.channels)
-    if mode is None:
+    """Images as the model saw its data: [N, C, H, W] in [0, 1], each prepared as the datasets
+    prepare theirs (:func:`mtcore.data.image_pixels`); with each file's own (width, height)."""
+    if info.channels not in (1, 3):
         raise DataError(f"predicting from image files needs a 1- or 3-channel model; this one "
                         f"takes {info.channels} channels: pass a tensor to mtcore.predict")
     arrays, sizes = [], []
@@ -120,10 +117,9 @@ def load_images(files: Sequence[Path], info: DatasetInfo) -> tuple[torch.Tensor,
             with Image.open(path) as img:
                 img.load()
                 sizes.append(img.size)
-                img = img.convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+                arrays.append(image_pixels(img, info.channels, info.image_size))
         except (OSError, UnidentifiedImageError) as err:
             raise DataError(f"unreadable image {path}: {err}") from err
-        arrays.append(np.asarray(img, dtype=np.uint8).reshape(height, width, info.channels))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
     return images, sizes
 

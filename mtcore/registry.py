@@ -77,8 +77,6 @@ class Registry:
                 f"unknown {kind} {name!r}{where}.{hint} Available {plural(kind)}: "
                 f"{', '.join(names) or '(none: is a plugin disabled or broken? see mtcore plugins)'}"
             )
-        who = " and ".join(_describe(p) for p in matches)
-        picks = " or ".join(f"'{p.plugin.name}:{short}'" for p in matches)
         builtins = [p for p in matches if p.plugin.builtin]
         if not provider and len(builtins) == 1:
             # the built-in keeps its bare name: installing a plugin must not change (or break)
@@ -93,6 +91,8 @@ class Registry:
                 + " or ".join(f"'{p.plugin.name}:{short}'" for p in others) + " picks",
                 PluginWarning, stacklevel=4)
             return builtins[0]
+        who = " and ".join(_describe(p) for p in matches)
+        picks = " or ".join(f"'{p.plugin.name}:{short}'" for p in matches)
         raise ComponentClashError(
             f"{kind} {short!r} is provided by {who}; pick one with {picks}, or disable a plugin "
             "with MTCORE_DISABLE_PLUGINS / --disable-plugin"

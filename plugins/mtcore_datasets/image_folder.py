@@ -22,7 +22,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from mtcore.plugin import SPLITS, DatasetInfo
+from mtcore.plugin import SPLITS, DatasetInfo, image_pixels
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 IGNORE_INDEX = 255
@@ -305,9 +305,7 @@ class ImageFolderDataset(Dataset):
                 small = Image.fromarray(values.astype(np.uint8))
                 small = small.resize((width, height), Image.Resampling.NEAREST)
                 masks.append(torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()))
-            image = image.convert("RGB" if channels == 3 else "L")
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8).reshape(height, width, channels)
+            array = image_pixels(image, channels, (height, width))
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
 
         self.split = split
