@@ -17,7 +17,7 @@ from mtcore import checkpoint as ckpt_io
 from mtcore.checkpoint import saved_info
 from mtcore.errors import CheckpointError
 from mtcore.experiment import Experiment, build_experiment
-from mtcore.predict import Predictions, check_images, image_files, load_images, run_predictions
+from mtcore.predict import Predictions, check_images, image_files, predict_images, run_predictions
 from mtcore.registry import Registry
 from mtcore.trainer import Trainer
 
@@ -96,15 +96,14 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path] | 
     ``["seg"]["mask"].value``, class indices [N, H, W]; ``["cls"]["label"]``, the class index and
     ``scores``), every tensor on the CPU and at the model's size. ``images``: an image file or
     folder, or a list of them (converted and resized to the model's input as the datasets do;
-    all are held in memory: for many, ``mtcore predict`` streams), or a float tensor
+    read a batch at a time; only the predictions are held for all), or a float tensor
     [N, C, H, W] in [0, 1] at the model's size. ``tasks``: only these (default: every task that
     predicts from an image; a GAN does not)."""
     trainer = load(checkpoint, splits=(), registry=registry)
     info = trainer.exp.info
-    if torch.is_tensor(images):
-        images = check_images(images, info)
-    else:
-        images, _ = load_images(image_files(images), info)
-    return run_predictions(trainer.model, images, trainer.device, tasks=tasks,
-                           batch_size=batch_size)
+    if not torch.is_tensor(images):
+        return predict_images(trainer.model, info, trainer.device, image_files(images),
+                              tasks=tasks, batch_size=batch_size)
+    return run_predictions(trainer.model, check_images(images, info), trainer.device,
+                           tasks=tasks, batch_size=batch_size)
 

@@ -137,6 +137,13 @@ def active_rows(grads: torch.Tensor) -> torch.Tensor:
     return (grads != 0).any(dim=1)
 
 
+def solve_dtype(device: torch.device | str) -> torch.dtype:
+    """The dtype for a gradient method's products of task gradients (Gram matrices, norms) on
+    ``device``: float64, so near-parallel gradients keep their differences, except on Apple's
+    MPS, which has no float64 (float32 there; the small solves still run in float64 on the CPU)."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 class GradientCombiner(LossBalancer):
     """Base of methods that combine per-task gradients of the shared parameters.
 

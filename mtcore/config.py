@@ -135,6 +135,9 @@ SCHEMA: dict[str, Any] = {
         "gen_metrics": _choice("none", "final", "every"),
         "gen_metric_samples": _num(16, integer=True),
         "deterministic": BOOL,
+        "monitor": STR,
+        "monitor_mode": _choice("auto", "max", "min"),
+        "patience": _num(0, integer=True),
     },
 }
 

@@ -8,11 +8,30 @@ pixel equal to ``DatasetInfo.ignore_index`` is not scored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mtcore.errors import DataError
 
 SPLITS = ("train", "val", "test")
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """A picture file read into memory upright: turned as its EXIF orientation says (as photo
+    viewers and labelling tools show it, so a mask drawn over it lines up). One function for
+    the datasets that read files and for ``mtcore predict``; an unreadable file is a
+    :class:`~mtcore.errors.DataError` naming it."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            try:
+                return ImageOps.exif_transpose(image)  # a new image, turned or not
+            except (SyntaxError, ValueError, KeyError):  # malformed EXIF: the pixels as stored
+                return image.copy()
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"unreadable image {path}: {err}") from err
 
 
 def image_pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:

@@ -17,10 +17,11 @@ from mtcore.balancer import (
     GradientWeighting,
     LossBalancer,
     active_rows,
+    solve_dtype,
 )
 from mtcore.checkpoint import load as load_checkpoint
 from mtcore.checkpoint import load_model_weights
-from mtcore.data import SPLITS, DatasetInfo, image_pixels
+from mtcore.data import SPLITS, DatasetInfo, image_pixels, open_image
 from mtcore.errors import DataError, IncompatibleComponentsError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.predict import class_colours
@@ -61,8 +62,10 @@ __all__ = [
     "TransferStrategy",
     "active_rows",
     "class_colours",
-    "image_pixels",
     "hookimpl",
+    "image_pixels",
     "load_checkpoint",
     "load_model_weights",
+    "open_image",
+    "solve_dtype",
 ]

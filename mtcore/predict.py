@@ -16,7 +16,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from mtcore.artifacts import to_uint8
-from mtcore.data import DatasetInfo, image_pixels
+from mtcore.data import DatasetInfo, image_pixels, open_image
 from mtcore.errors import ContractError, DataError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.model import MultiTaskModel
@@ -106,20 +106,17 @@ def check_out_dir(out_dir: str | Path, files: Sequence[Path]) -> Path:
 
 
 def load_images(files: Sequence[Path], info: DatasetInfo) -> tuple[torch.Tensor, list[tuple[int, int]]]:
-    """Images as the model saw its data: [N, C, H, W] in [0, 1], each prepared as the datasets
-    prepare theirs (:func:`mtcore.data.image_pixels`); with each file's own (width, height)."""
+    """Images as the model saw its data: [N, C, H, W] in [0, 1], each read upright and prepared
+    as the datasets prepare theirs (:func:`mtcore.data.open_image`, :func:`~mtcore.data.image_pixels`);
+    with each upright image's own (width, height)."""
     if info.channels not in (1, 3):
         raise DataError(f"predicting from image files needs a 1- or 3-channel model; this one "
                         f"takes {info.channels} channels: pass a tensor to mtcore.predict")
     arrays, sizes = [], []
     for path in files:
-        try:
-            with Image.open(path) as img:
-                img.load()
-                sizes.append(img.size)
-                arrays.append(image_pixels(img, info.channels, info.image_size))
-        except (OSError, UnidentifiedImageError) as err:
-            raise DataError(f"unreadable image {path}: {err}") from err
+        image = open_image(path)  # upright, as its EXIF orientation says
+        sizes.append(image.size)
+        arrays.append(image_pixels(image, info.channels, info.image_size))
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
     return images, sizes
 
@@ -157,12 +154,17 @@ def predicting_heads(model: MultiTaskModel, tasks: Collection[str] | None = None
     return {t: able[t] for t in tasks}
 
 
+def check_batch_size(batch_size: int) -> None:
+    """Images go through the model at least one at a time."""
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+
+
 @torch.no_grad()
 def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.device, *,
                     tasks: Collection[str] | None = None, batch_size: int = 64) -> Predictions:
     """Every predicting head's :class:`Prediction` s for ``images``, batched, on the CPU."""
-    if batch_size < 1:
-        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    check_batch_size(batch_size)
     heads = predicting_heads(model, tasks)
     model.eval()
     parts: dict[str, dict[str, list[Prediction]]] = {t: {} for t in heads}
@@ -178,6 +180,21 @@ def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.d
                     parts[task].setdefault(name, []).append(pred)
     return {task: {name: _concat(chunks) for name, chunks in by_name.items()}
             for task, by_name in parts.items()}
+
+
+def predict_images(model: MultiTaskModel, info: DatasetInfo, device: torch.device,
+                   files: Sequence[Path], *, tasks: Collection[str] | None = None,
+                   batch_size: int = 64) -> Predictions:
+    """:func:`run_predictions` for image files, read ``batch_size`` at a time (only the
+    predictions are kept for all of them); every file is checked before the first batch."""
+    check_batch_size(batch_size)
+    predicting_heads(model, tasks)
+    check_readable(files)
+    parts = [run_predictions(model, load_images(files[i:i + batch_size], info)[0], device,
+                             tasks=tasks, batch_size=batch_size)
+             for i in range(0, len(files), batch_size)]
+    return {task: {name: _concat([p[task][name] for p in parts]) for name in by_name}
+            for task, by_name in parts[0].items()}
 
 
 def _check_batch(pred: object, task: str, name: str, n: int) -> None:
@@ -209,6 +226,7 @@ def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device
     the first batch's predictions (what was predicted, for a summary) and how many files of each
     kind it wrote."""
     # what would fail later fails before anything is written
+    check_batch_size(batch_size)
     check_distinct_names(files)
     out = check_out_dir(out_dir, files)
     predicting_heads(model, tasks)

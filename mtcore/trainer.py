@@ -23,6 +23,7 @@ from mtcore.config import dumps
 from mtcore.errors import CheckpointError, ConfigError, ContractError
 from mtcore.experiment import Experiment
 from mtcore.heads import TaskHead
+from mtcore.monitor import Monitor
 from mtcore.optim import clip, make_optimizer, make_schedule
 from mtcore.registry import suggest
 from mtcore.transfer import Stage
@@ -95,7 +96,8 @@ class Trainer:
         self.global_step = 0
         self.stage = Stage("train")  # what trains; _apply_stage sets each epoch's
         self.in_stage = self.updated = list(self.heads)
-        self.best: float | None = None
+        self.monitor = Monitor.from_config(tcfg, self.heads)  # picks best.pt; train.patience
+        self.best: float | None = None  # the monitor's best score so far (higher is better)
         self.history: list[dict[str, Any]] = []
 
     # -- setup --------------------------------------------------------------------------------
@@ -350,8 +352,9 @@ class Trainer:
         return out
 
     @torch.no_grad()
-    def evaluate(self, split: str | None = None, dataset=None) -> dict[str, float]:
-        """Every head's metrics and mean loss on a split."""
+    def evaluate(self, split: str | None = None, dataset=None,
+                 max_batches: int | None = None) -> dict[str, float]:
+        """Every head's metrics and mean loss on a split (its first ``max_batches`` batches)."""
         dataset = dataset if dataset is not None else (
             self.val_set if split in (None, self.val_split) else self.exp.datasets[split])
         self.model.eval()
@@ -361,7 +364,9 @@ class Trainer:
         # Evaluation draws noise (VAE samples, GAN z); keep the training RNG stream untouched.
         with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(self.cfg["seed"] + 1)
-            for batch in self._loader(dataset, train=False):
+            for i, batch in enumerate(self._loader(dataset, train=False)):
+                if max_batches is not None and i >= max_batches:
+                    break
                 batch = to_device(batch, self.device)
                 outputs, losses = self._losses(batch)
                 bs = batch["image"].shape[0]
@@ -412,14 +417,20 @@ class Trainer:
             # a fresh run: none of an earlier run's records or sample grids stay behind
             for stale in [self.out / "metrics.jsonl", *(self.out / "samples").glob("epoch_*.png")]:
                 stale.unlink(missing_ok=True)
+        if tcfg.get("monitor") and self.val_set is not None:
+            # a misspelt metric fails now, not after the first epoch (one batch says the names)
+            later = self.model.generative_heads() if tcfg["gen_metrics"] == "every" else ()
+            self.monitor.check(self.evaluate(max_batches=1), generated_later=later)
         if self.out is not None:
             (self.out / "config.toml").write_text(dumps(self.cfg))
+        patience = tcfg.get("patience", 0)
+        stopped = patience > 0 and self._patience_spent(patience, epochs, already=True)
         if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():
             init = self.generation_metrics()
             self._record({"epoch": 0, "split": "init", **init})
             self.log("untrained generator: " + _fmt(init))
         t0 = time.perf_counter()
-        while self.epoch < min(epochs, stop_after or epochs):
+        while not stopped and self.epoch < min(epochs, stop_after or epochs):
             e = self.epoch
             tr = self.train_epoch(e)
             self._record({"epoch": e + 1, "split": "train", **tr})
@@ -439,11 +450,16 @@ class Trainer:
             self.log(f"epoch {e + 1}/{epochs} [{tr['stage']}] {time.perf_counter() - t0:.0f}s "
                      f"train: {_fmt({k: v for k, v in tr.items() if k.endswith('.loss')})} | "
                      f"{self.val_split}: {_fmt(_headline(val, self.heads))}")
+            if val and patience > 0:
+                stopped = self._patience_spent(patience, epochs)
         final = self.history[-1] if self.history else {}
         final = {k: v for k, v in final.items() if k not in ("epoch", "split")}
         init = next((h for h in self.history if h["split"] == "init"), None)
+        best, best_epoch, _ = self.monitor.best(self.history, self.val_split)
         result = {"epochs": self.epoch, "split": self.val_split, "metrics": final,
-                  "train_seconds": round(time.perf_counter() - t0, 1)}
+                  "best": {"metric": self.monitor.name, "value": self.monitor.value(best),
+                           "epoch": best_epoch},
+                  "stopped_early": stopped, "train_seconds": round(time.perf_counter() - t0, 1)}
         if init:
             result["untrained"] = {k: v for k, v in init.items() if k not in ("epoch", "split")}
         if self.out is not None:
@@ -473,7 +489,7 @@ class Trainer:
 
     def _checkpoint(self, val: dict[str, Any]) -> None:
         """``last.pt`` every epoch; ``best.pt`` when the score improved (both atomic)."""
-        score = self._score(val)
+        score = self.monitor.score(val)
         improved = score is not None and (self.best is None or score > self.best)
         if improved:
             self.best = score
@@ -482,16 +498,18 @@ class Trainer:
         if improved:
             ckpt_io.save_atomic(state, self.out / "checkpoints" / "best.pt")
 
-    def _score(self, val: dict[str, Any]) -> float | None:
-        """Higher is better: the first head's primary metric, else minus the mean val loss."""
-        if not val:
-            return None
-        for name, head in self.heads.items():
-            if head.primary_metric and f"{name}.{head.primary_metric[0]}" in val:
-                v = val[f"{name}.{head.primary_metric[0]}"]
-                return v if head.primary_metric[1] else -v
-        losses = [v for k, v in val.items() if k.endswith(".loss")]
-        return -sum(losses) / len(losses) if losses else None
+    def _patience_spent(self, patience: int, epochs: int, already: bool = False) -> bool:
+        """Whether the last ``patience`` evaluations all failed to beat the best (logged: early
+        stopping); ``already``: a resumed run that had stopped."""
+        best, best_epoch, since = self.monitor.best(self.history, self.val_split)
+        if best is None or since < patience or self.epoch >= epochs:
+            return False
+        how = "had stopped" if already else "stopping"
+        self.log(f"early stopping: {self.monitor.name} has not improved in {since} evaluation(s) "
+                 f"(train.patience={patience}); best {self.monitor.value(best):.4g} at epoch "
+                 f"{best_epoch}, in checkpoints/best.pt; {how} at epoch {self.epoch}/{epochs}"
+                 + (" (raise train.patience to go on)" if already else ""))
+        return True
 
     def _resume(self) -> None:
         path = self.out / "checkpoints" / "last.pt" if self.out else None
@@ -532,7 +550,14 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.global_step = state["epoch"], state["global_step"]
-        self.best, self.history = state["best"], list(state["history"])
+        self.history = list(state["history"])
+        # the best so far by this run's monitor (its own history: a changed train.monitor too)
+        self.best = self.monitor.best(self.history, self.val_split)[0]
+        if _monitored(saved) != _monitored(self.cfg):
+            warnings.warn(f"{path}: train.monitor changed ({_monitored(saved)} -> "
+                          f"{_monitored(self.cfg)}); checkpoints/best.pt holds the old choice "
+                          "until the new metric beats its best so far", RuntimeWarning,
+                          stacklevel=2)
         ckpt_io.set_rng_state(state["rng"])
         if self.out is not None:  # metrics.jsonl continues from the checkpoint's history
             with open(self.out / "metrics.jsonl", "w") as f:
@@ -555,6 +580,11 @@ def _scalar_loss(task: str, head: TaskHead, loss: Any, what: str = "compute_loss
             f"task {task!r}: {type(head).__name__}.{what} must return a scalar tensor (reduce it, "
             f"e.g. .mean()), got {got}")
     return loss.reshape(()).float()  # a one-element [1] loss is a scalar too
+
+
+def _monitored(cfg: Mapping[str, Any]) -> tuple[str, str]:
+    train = cfg.get("train", {})
+    return train.get("monitor", ""), train.get("monitor_mode", "auto")
 
 
 def _is_optim_key(key: str) -> bool:

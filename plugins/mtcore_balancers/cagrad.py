@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from mtcore.plugin import GradientCombiner, active_rows
+from mtcore.plugin import GradientCombiner, active_rows, solve_dtype
 
 __all__ = ["RESCALES", "CAGrad", "cagrad_coefficients", "cagrad_direction", "cagrad_weights",
            "project_to_simplex"]
@@ -84,10 +84,10 @@ def cagrad_coefficients(gram: torch.Tensor, c: float, rescale: int = 1) -> torch
     ``lambda = c ||g_0|| / ||g_w||`` (both norms read off the Gram matrix)."""
     if rescale not in RESCALES:
         raise ValueError(f"cagrad_direction: rescale must be one of {list(RESCALES)}, got {rescale!r}")
-    a = gram.double()
+    a = gram.detach().to("cpu", torch.float64)  # [K, K]: solved on the CPU, whatever the device
     k = a.shape[0]
-    w = torch.from_numpy(cagrad_weights(a, c)).to(a.device)
-    b = torch.full((k,), 1.0 / k, dtype=torch.float64, device=a.device)
+    w = torch.from_numpy(cagrad_weights(a, c))
+    b = torch.full((k,), 1.0 / k, dtype=torch.float64)
     gw_norm = (w @ a @ w).clamp_min(0).sqrt()
     lam = c * (b @ a @ b).clamp_min(0).sqrt() / gw_norm if gw_norm > 0 else 0.0
     return (b + lam * w) / {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
@@ -99,8 +99,8 @@ def cagrad_direction(grads: torch.Tensor, c: float, rescale: int = 1) -> torch.T
     and ``rescale = 0`` this is ``g_0``."""
     if grads.dim() != 2:
         raise ValueError(f"cagrad_direction: grads must be [K, P], got shape {tuple(grads.shape)}")
-    g = grads.double()
-    return (cagrad_coefficients(g @ g.T, c, rescale) @ g).to(grads.dtype)
+    g = grads.to(solve_dtype(grads.device))
+    return (cagrad_coefficients(g @ g.T, c, rescale).to(g) @ g).to(grads.dtype)
 
 
 class CAGrad(GradientCombiner):
@@ -122,9 +122,10 @@ class CAGrad(GradientCombiner):
     def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         active = active_rows(grads)
-        coef = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        coef = torch.zeros(grads.shape[0], dtype=torch.float64)  # CPU
         if active.any():  # K times the update, to match the plain sum the heads get
-            sub = grads[active].double()
-            coef[active] = sub.shape[0] * cagrad_coefficients(sub @ sub.T, self.c, self.rescale)
-        combined = coef.to(grads.dtype) @ grads
+            sub = grads[active].to(solve_dtype(grads.device))
+            coef[active.cpu()] = sub.shape[0] * cagrad_coefficients(sub @ sub.T, self.c,
+                                                                    self.rescale)
+        combined = coef.to(grads) @ grads
         return combined, {k: float(v) for k, v in zip(self.task_names, coef, strict=True)}

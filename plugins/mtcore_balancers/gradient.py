@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from mtcore.plugin import GradientCombiner, active_rows
+from mtcore.plugin import GradientCombiner, active_rows, solve_dtype
 
 __all__ = ["MGDA", "NORMALIZATIONS", "PCGrad", "min_norm_weights", "pcgrad_combine",
            "two_task_min_norm"]
@@ -144,20 +144,23 @@ class MGDA(GradientCombiner):
     def normalizers(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The ``[K]`` divisors of the task gradients before the min-norm solve."""
         eps = 1e-12
+        dtype = solve_dtype(grads.device)
         if self.normalization == "l2":
-            return grads.double().norm(dim=1).clamp_min(eps)
+            return grads.to(dtype).norm(dim=1).clamp_min(eps)
         if self.normalization == "loss":
-            vals = torch.stack([losses[k].double().to(grads.device) for k in self.task_names])
+            vals = torch.stack([losses[k].detach().to(grads.device, dtype)
+                                for k in self.task_names])
             return vals.abs().clamp_min(eps)
-        return torch.ones(grads.shape[0], dtype=torch.float64, device=grads.device)
+        return torch.ones(grads.shape[0], dtype=dtype, device=grads.device)
 
     def combine(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         # with a zero row in the solve the min-norm point is 0 and the backbone never trains
         active = active_rows(grads)
-        alpha = torch.zeros(grads.shape[0], dtype=torch.float64, device=grads.device)
+        alpha = torch.zeros(grads.shape[0], dtype=torch.float64)  # CPU
         if active.any():
-            sub = grads[active].double() / self.normalizers(grads, losses)[active, None]
-            alpha[active] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol).to(alpha.device)
-        combined = alpha.to(device=grads.device, dtype=grads.dtype) @ grads
+            sub = (grads[active].to(solve_dtype(grads.device))
+                   / self.normalizers(grads, losses)[active, None])
+            alpha[active.cpu()] = min_norm_weights(sub @ sub.T, self.max_iter, self.tol)
+        combined = alpha.to(grads) @ grads
         return combined, {k: float(a) for k, a in zip(self.task_names, alpha, strict=True)}

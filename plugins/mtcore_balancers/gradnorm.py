@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from mtcore.plugin import GradientWeighting, active_rows
+from mtcore.plugin import GradientWeighting, active_rows, solve_dtype
 
 __all__ = ["GradNorm", "gradnorm_weight_gradient"]
 
@@ -89,7 +89,7 @@ class GradNorm(GradientWeighting):
                 "GradNorm: the training rates L_k / L_k(0) need positive first-step losses; got "
                 + ", ".join(f"{k} = {v:g}" for k, v in bad)
                 + " (shift the loss, or use another balancer)")
-        norms = grads.double().norm(dim=1).cpu()
+        norms = grads.to(solve_dtype(grads.device)).norm(dim=1).cpu().double()
         if not torch.isfinite(norms[active]).all():
             return w  # a non-finite gradient would make the weights NaN for good: skip the update
         gw = torch.zeros_like(w)

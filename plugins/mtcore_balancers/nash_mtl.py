@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 import torch
 
-from mtcore.plugin import GradientWeighting, active_rows
+from mtcore.plugin import GradientWeighting, active_rows, solve_dtype
 
 __all__ = ["NashMTL", "nash_mtl_weights"]
 
@@ -95,7 +95,7 @@ class NashMTL(GradientWeighting):
         active = active_rows(grads).cpu()
         alpha = torch.ones(grads.shape[0], dtype=torch.float64)
         if active.any():
-            sub = grads[active.to(grads.device)].double()
+            sub = grads[active.to(grads.device)].to(solve_dtype(grads.device))
             alpha[active] = torch.from_numpy(nash_mtl_weights(sub @ sub.T, self.max_iter))
         self.alpha.copy_(alpha)
         self.solved.fill_(True)

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
-from mtcore.plugin import SPLITS, DatasetInfo, image_pixels
+from mtcore.plugin import SPLITS, DatasetInfo, image_pixels, open_image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 IGNORE_INDEX = 255
@@ -121,18 +121,9 @@ def _read_labels(folder: _Folder, label_names: Sequence[str] | None) -> dict[str
     return labels
 
 
-def _open_image(path: Path) -> Image.Image:
-    try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as err:
-        raise ValueError(f"unreadable image {path}: {err}") from err
-    return image
-
-
 def _mask_indices(path: Path, palette: np.ndarray | None) -> tuple[np.ndarray, tuple[int, int]]:
     """Read a mask PNG as class indices [H, W] (int64) and return them with the PIL size."""
-    mask = _open_image(path)
+    mask = open_image(path)
     if mask.mode in _INDEX_MODES:
         return np.asarray(mask, dtype=np.int64), mask.size
     if mask.mode in ("RGB", "RGBA"):
@@ -286,14 +277,17 @@ class ImageFolderDataset(Dataset):
         images, masks = [], []
         for stem in stems:
             image_path = folder.images[stem]
-            image = _open_image(image_path)
+            image = open_image(image_path)  # upright, as its EXIF orientation says
             if folder.masks_dir is not None:
                 mask_path = folder.masks_dir / f"{stem}.png"
                 values, mask_size = _mask_indices(mask_path, pal)
                 if mask_size != image.size:
+                    turned = (" (turned a quarter: images are read upright, as their EXIF "
+                              "orientation says and viewers show them; draw the mask on the "
+                              "upright image)" if mask_size == image.size[::-1] else "")
                     raise ValueError(
                         f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image "
-                        f"{image_path} is {image.size[0]}x{image.size[1]}"
+                        f"{image_path} is {image.size[0]}x{image.size[1]}{turned}"
                     )
                 bad = ((values >= num_seg_classes) & (values != IGNORE_INDEX)) | (values < 0)
                 if bad.any():

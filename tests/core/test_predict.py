@@ -79,6 +79,13 @@ def test_predict_from_files_is_the_model_on_those_pixels(ckpt, files):
     assert torch.equal(again["seg"]["mask"].value, mask.value)
     folder = mtcore.predict(ckpt, [files[0].parent], tasks=["seg"])
     assert list(folder) == ["seg"] and torch.equal(folder["seg"]["mask"].value, mask.value)
+    # files read two at a time: the same predictions, joined in order
+    pairs = mtcore.predict(ckpt, files, batch_size=2)
+    for task, by_name in preds.items():
+        for name, pred in by_name.items():
+            torch.testing.assert_close(pairs[task][name].value, pred.value)
+    with pytest.raises(DataError, match="batch_size must be >= 1, got 0"):
+        mtcore.predict(ckpt, files, batch_size=0)
 
 
 def test_cli_writes_masks_at_the_image_size_labels_and_images(ckpt, files, tmp_path, capsys):
@@ -209,6 +216,28 @@ def test_one_path_alone_and_one_task_by_name(ckpt, files):
         mtcore.predict(ckpt, files, tasks=[])
     with pytest.raises(DataError, match=r"got torch.float32 of shape \(0, 3, 16, 16\)"):
         mtcore.predict(ckpt, torch.rand(0, 3, 16, 16))
+
+
+def test_a_photo_is_predicted_upright_with_its_mask_at_the_upright_size(ckpt, tmp_path):
+    """A phone photo stores its pixels sideways and says so in EXIF (orientation 6: turn a
+    quarter clockwise to view): it is predicted as a viewer shows it, and its mask fits that."""
+    stored = (torch.rand(16, 32, 3, generator=torch.Generator().manual_seed(1)) * 255)
+    stored = stored.to(torch.uint8).numpy()[::2, ::2].repeat(2, 0).repeat(2, 1)  # 2x2 blocks
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    upright = np.ascontiguousarray(np.rot90(stored, k=-1))  # 16 wide, 32 high
+    Image.fromarray(upright).save(tmp_path / "plain.png")
+    _, out, _ = _by_hand(ckpt, [tmp_path / "plain.png"])
+    want = out["seg"]["logits"].argmax(1)[0]
+    assert torch.equal(mtcore.predict(ckpt, tmp_path / "photo.png")["seg"]["mask"].value[0], want)
+    dest = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(ckpt), "--out", str(dest), "--tasks", "seg",
+                 str(tmp_path / "photo.png")]) == 0
+    png = Image.open(dest / "photo.seg.mask.png")
+    assert png.size == (16, 32)  # (width, height) of the upright photo
+    assert torch.equal(torch.from_numpy(np.array(png).astype(np.int64)),
+                       want.repeat_interleave(2, 0))
 
 
 def test_cli_refuses_before_writing(ckpt, files, tmp_path, capsys):

@@ -436,3 +436,59 @@ def test_new_balancers_train_the_default_tasks(name):
         w = trainer.balancer.loss_weights.detach()
         assert float(w[0] + w[2]) == pytest.approx(2.0)
         assert float(w[1]) == float(w[3]) == 1.0 and float(w[0]) != 1.0
+
+
+# -- devices without float64 (Apple MPS) ----------------------------------------------------------
+def test_solve_dtype_is_float64_except_on_mps():
+    from mtcore.plugin import solve_dtype
+
+    assert solve_dtype("cpu") is torch.float64
+    assert solve_dtype(torch.device("cuda", 1)) is torch.float64
+    assert solve_dtype(torch.device("mps")) is torch.float32
+
+
+class _NoBigFloat64(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every op that makes a float64 tensor of ``size`` elements or more: on a device
+    without float64 only the small [K, K] solves (on the CPU) may be float64."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.seen = size, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() >= self.size:
+                self.seen.append(str(func))
+        return out
+
+
+@pytest.mark.parametrize("name", ["cagrad", "nash_mtl", "gradnorm", "mgda"])
+def test_on_a_device_without_float64_the_task_gradients_stay_float32(name, monkeypatch):
+    """With ``solve_dtype`` saying float32 (as on MPS) no gradient-sized tensor becomes float64,
+    and the step is the float64 one to float32 precision."""
+    from mtcore_balancers import cagrad, gradient, gradnorm, nash_mtl
+    from mtcore_balancers.gradient import MGDA
+
+    def float32_toy():
+        model = Toy()
+        model.float()
+        model.x = model.x.float()
+        model.y = {k: v.float() for k, v in model.y.items()}
+        return model, MGDA(TASKS) if name == "mgda" else make(name)
+
+    def step(model, bal):
+        res = bal.backward(model.losses(), model.shared_params())
+        return res, [p.grad.clone() for p in model.parameters()]
+
+    res64, grads64 = step(*float32_toy())
+    for module in (cagrad, gradient, gradnorm, nash_mtl):
+        monkeypatch.setattr(module, "solve_dtype", lambda device: torch.float32)
+    model, bal = float32_toy()
+    size = sum(p.numel() for p in model.shared_params())  # 16 > K * K = 9
+    with _NoBigFloat64(size) as mode:
+        res32, grads32 = step(model, bal)
+    assert mode.seen == []
+    assert res32.weights == pytest.approx(res64.weights, rel=1e-4)
+    for a, b in zip(grads32, grads64, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

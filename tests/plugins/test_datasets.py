@@ -403,6 +403,58 @@ def test_image_folder_errors_name_the_file(tmp_path):
     _expect(tmp_path / "nothing_here", r"is not a directory")
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
+def _photo(path: Path, pixels: np.ndarray, orientation: int) -> None:
+    """Save uint8 [H, W, 3] ``pixels`` as stored data, with an EXIF orientation tag."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[ORIENTATION] = orientation
+    Image.fromarray(pixels).save(path, exif=exif)
+
+
+@pytest.mark.parametrize("orientation,turns", [(1, 0), (3, 2), (6, -1), (8, 1)])
+def test_open_image_turns_a_picture_upright(tmp_path, orientation, turns):
+    from mtcore.plugin import open_image
+
+    stored = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)  # every pixel distinct
+    _photo(tmp_path / "p.png", stored, orientation)
+    # EXIF 3: turned 180 degrees; 6: a quarter clockwise to view; 8: a quarter anticlockwise
+    want = np.rot90(stored, k=turns)
+    got = np.asarray(open_image(tmp_path / "p.png").convert("RGB"))
+    assert got.shape == want.shape and np.array_equal(got, want)
+
+
+def test_open_image_names_an_unreadable_file(tmp_path):
+    from mtcore.plugin import DataError, open_image
+
+    (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    with pytest.raises(DataError, match=r"unreadable image .*bad\.jpg"):
+        open_image(tmp_path / "bad.jpg")
+
+
+def test_image_folder_reads_photos_upright_so_masks_drawn_on_them_line_up(tmp_path):
+    # stored 8 wide x 4 high: left half red, right half blue; EXIF 6 shows it a quarter turned
+    # clockwise, 4 wide x 8 high, red on top; the mask was drawn on that view: 1 on top, 2 below
+    stored = np.zeros((4, 8, 3), dtype=np.uint8)
+    stored[:, :4] = (255, 0, 0)
+    stored[:, 4:] = (0, 0, 255)
+    _photo(tmp_path / "images/photo.png", stored, 6)
+    upright_mask = np.ones((8, 4), dtype=np.int64)
+    upright_mask[4:] = 2
+    _mask(tmp_path / "masks/photo.png", upright_mask)
+    item = ImageFolderDataset(tmp_path, "train", size=(8, 4), val_fraction=0.0)[0]  # no resize
+    red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
+    assert torch.equal(item["image"][:, :4], red.view(3, 1, 1).expand(3, 4, 4))
+    assert torch.equal(item["image"][:, 4:], blue.view(3, 1, 1).expand(3, 4, 4))
+    assert torch.equal(item["mask"], torch.from_numpy(upright_mask))
+    # a mask saved in the stored orientation is named, with why
+    _mask(tmp_path / "masks/photo.png", np.ones((4, 8)))
+    _expect(tmp_path, r"mask .*photo\.png is 8x4 \(WxH\) but its image .*photo\.png is 4x8 "
+            r"\(turned a quarter: images are read upright")
+
+
 def test_image_folder_bad_arguments(tmp_path):
     root = _folder(tmp_path, n=2)
     _expect(root, "split must be one of", split="dev")
