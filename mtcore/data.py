@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from mtcore.errors import DataError
 
 SPLITS = ("train", "val", "test")
+ORIENTATION = 0x0112  # the EXIF tag that says how a stored picture turns upright
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -32,6 +33,21 @@ def open_image(path: str | Path) -> Image.Image:
                 return image.copy()
     except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"unreadable image {path}: {err}") from err
+
+
+def upright_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of a picture file as :func:`open_image` reads it (upright), from its
+    header: cheap, for checks over many files; an unreadable file is a DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            try:
+                turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+            except (SyntaxError, ValueError, KeyError):  # malformed EXIF: open_image keeps it
+                turned = False
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"unreadable image {path}: {err}") from err
+    return (height, width) if turned else (width, height)
 
 
 def image_pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:

@@ -21,7 +21,7 @@ from mtcore.balancer import (
 )
 from mtcore.checkpoint import load as load_checkpoint
 from mtcore.checkpoint import load_model_weights
-from mtcore.data import SPLITS, DatasetInfo, image_pixels, open_image
+from mtcore.data import SPLITS, DatasetInfo, image_pixels, open_image, upright_size
 from mtcore.errors import DataError, IncompatibleComponentsError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.predict import class_colours
@@ -68,4 +68,5 @@ __all__ = [
     "load_model_weights",
     "open_image",
     "solve_dtype",
+    "upright_size",
 ]

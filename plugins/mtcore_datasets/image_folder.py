@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import inspect
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +24,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mtcore.plugin import SPLITS, DatasetInfo, image_pixels, open_image
+from mtcore.plugin import SPLITS, DatasetInfo, image_pixels, open_image, upright_size
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 IGNORE_INDEX = 255
+# preload="auto" keeps a split's pixels in memory up to this many bytes (uint8 images and masks)
+PRELOAD_LIMIT = 1 << 30
 _INDEX_MODES = ("1", "L", "P", "I", "I;16")
 
 
@@ -175,16 +179,22 @@ def _max_mask_value(paths: Sequence[Path], palette: np.ndarray | None) -> int:
 
 
 class ImageFolderDataset(Dataset):
-    """A user's images (and optional masks/labels) from ``root``, loaded eagerly into tensors.
+    """A user's images (and optional masks/labels) from ``root``.
 
     If ``root/train/`` exists, each split reads ``root/<split>/``; otherwise the files under
     ``root`` are split into train/val by a seeded shuffle (``val_fraction``; no test split).
     ``num_seg_classes``, when not given, is ``len(palette)`` with a palette, else the largest
     mask value (255 = ignore excluded) + 1 over all splits' masks; labels without
-    ``label_names`` are ints and count max + 1 over all splits. Images are resized bilinear and
-    masks nearest to ``size`` (an int or (height, width)). Everything is loaded at construction,
-    which suits the small sets this is for; past ~5000 images, expect high memory use (a lazy
-    loader is not implemented yet).
+    ``label_names`` are ints and count max + 1 over all splits. Images are read upright (EXIF
+    orientation), resized bilinear and masks nearest to ``size`` (an int or (height, width)).
+
+    ``preload``: True decodes every file at construction (in threads) and keeps the resized
+    pixels in memory as uint8; False reads each item's files when it is asked for (for sets too
+    large for memory; ``data.num_workers`` then decodes in parallel); "auto" (default) preloads
+    when the split's resized pixels take at most ``PRELOAD_LIMIT`` bytes (1 GiB). Either way
+    the files' sizes, the masks' pairing and the labels are checked at construction; a mask value
+    out of range is found then when preloading or inferring ``num_seg_classes``, else when the
+    item is read (the error names the file either way).
     """
 
     def __init__(
@@ -198,7 +208,10 @@ class ImageFolderDataset(Dataset):
         seed: int = 0,
         channels: int = 3,
         palette: Sequence[Sequence[int]] | None = None,
+        preload: bool | str = "auto",
     ) -> None:
+        if preload not in (True, False, "auto"):
+            raise ValueError(f"preload must be true, false or \"auto\", got {preload!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         pair = (size, size) if isinstance(size, int) else size
@@ -274,39 +287,30 @@ class ImageFolderDataset(Dataset):
                 else max(v for labels in labels_all for v in labels.values()) + 1
             )
 
-        images, masks = [], []
-        for stem in stems:
-            image_path = folder.images[stem]
-            image = open_image(image_path)  # upright, as its EXIF orientation says
-            if folder.masks_dir is not None:
-                mask_path = folder.masks_dir / f"{stem}.png"
-                values, mask_size = _mask_indices(mask_path, pal)
-                if mask_size != image.size:
-                    turned = (" (turned a quarter: images are read upright, as their EXIF "
-                              "orientation says and viewers show them; draw the mask on the "
-                              "upright image)" if mask_size == image.size[::-1] else "")
-                    raise ValueError(
-                        f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image "
-                        f"{image_path} is {image.size[0]}x{image.size[1]}{turned}"
-                    )
-                bad = ((values >= num_seg_classes) & (values != IGNORE_INDEX)) | (values < 0)
-                if bad.any():
-                    raise ValueError(
-                        f"mask {mask_path} has value {int(values[bad][0])}, outside 0.."
-                        f"{num_seg_classes - 1} (num_seg_classes={num_seg_classes}) and not the "
-                        f"ignore value {IGNORE_INDEX}"
-                    )
-                small = Image.fromarray(values.astype(np.uint8))
-                small = small.resize((width, height), Image.Resampling.NEAREST)
-                masks.append(torch.from_numpy(np.asarray(small, dtype=np.uint8).copy()))
-            array = image_pixels(image, channels, (height, width))
-            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-
         self.split = split
         self.root = root
+        self.size = (height, width)
+        self.channels = channels
+        self.num_seg_classes = num_seg_classes or 0
+        self._palette = pal
         self.files: list[Path] = [folder.images[s] for s in stems]
-        self.images: torch.Tensor = torch.stack(images).float().div_(255.0)  # [N, C, H, W]
-        self.masks: torch.Tensor | None = torch.stack(masks) if masks else None  # uint8 [N, H, W]
+        self.mask_files: list[Path] | None = (
+            [folder.masks_dir / f"{s}.png" for s in stems] if folder.masks_dir is not None else None)
+        if self.mask_files is not None:  # sizes from the headers: cheap, and before any decoding
+            for image_path, mask_path in zip(self.files, self.mask_files, strict=True):
+                _check_sizes(image_path, upright_size(image_path), mask_path,
+                             upright_size(mask_path))
+        pixels = len(stems) * height * width * (channels + (self.mask_files is not None))
+        self.preloaded = preload is True or (preload == "auto" and pixels <= PRELOAD_LIMIT)
+        self._images: torch.Tensor | None = None  # uint8 [N, C, H, W] when preloaded
+        self._masks: torch.Tensor | None = None  # uint8 [N, H, W] when preloaded, with masks
+        if self.preloaded:
+            workers = min(8, os.cpu_count() or 1, max(len(stems), 1))
+            with ThreadPoolExecutor(workers) as pool:  # PIL decodes and resizes without the GIL
+                read = list(pool.map(self._read, range(len(stems))))
+            self._images = torch.stack([image for image, _ in read])
+            if self.mask_files is not None:
+                self._masks = torch.stack([mask for _, mask in read])
         self.labels: torch.Tensor | None = None
         if labels_all is not None:
             labels = labels_all[folders.index(folder)]
@@ -341,16 +345,57 @@ class ImageFolderDataset(Dataset):
         chosen = order[:n_val] if split == "val" else order[n_val:]
         return [stems[i] for i in sorted(chosen)]
 
+    def _read(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Item ``index``'s files: the image uint8 [C, H, W] and its mask uint8 [H, W] (or None),
+        checked and resized."""
+        height, width = self.size
+        image_path = self.files[index]
+        image = open_image(image_path)  # upright, as its EXIF orientation says
+        pixels = torch.from_numpy(image_pixels(image, self.channels, self.size).copy())
+        if self.mask_files is None:
+            return pixels.permute(2, 0, 1), None
+        mask_path = self.mask_files[index]
+        values, mask_size = _mask_indices(mask_path, self._palette)
+        _check_sizes(image_path, image.size, mask_path, mask_size)
+        bad = ((values >= self.num_seg_classes) & (values != IGNORE_INDEX)) | (values < 0)
+        if bad.any():
+            raise ValueError(
+                f"mask {mask_path} has value {int(values[bad][0])}, outside 0.."
+                f"{self.num_seg_classes - 1} (num_seg_classes={self.num_seg_classes}) and not "
+                f"the ignore value {IGNORE_INDEX}"
+            )
+        small = Image.fromarray(values.astype(np.uint8))
+        small = small.resize((width, height), Image.Resampling.NEAREST)
+        return pixels.permute(2, 0, 1), torch.from_numpy(np.asarray(small, dtype=np.uint8).copy())
+
     def __len__(self) -> int:
-        return self.images.shape[0]
+        return len(self.files)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        item = {"image": self.images[index]}
-        if self.masks is not None:
-            item["mask"] = self.masks[index].long()
+        if self.preloaded:
+            image = self._images[index]
+            mask = self._masks[index] if self._masks is not None else None
+        else:
+            image, mask = self._read(index)
+        item = {"image": image.float().div_(255.0)}  # [C, H, W] in [0, 1]
+        if mask is not None:
+            item["mask"] = mask.long()
         if self.labels is not None:
             item["label"] = self.labels[index]
         return item
+
+
+def _check_sizes(image_path: Path, image_size: tuple[int, int], mask_path: Path,
+                 mask_size: tuple[int, int]) -> None:
+    """A mask has its (upright) image's size."""
+    if mask_size != image_size:
+        turned = (" (turned a quarter: images are read upright, as their EXIF orientation says "
+                  "and viewers show them; draw the mask on the upright image)"
+                  if mask_size == image_size[::-1] else "")
+        raise ValueError(
+            f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image "
+            f"{image_path} is {image_size[0]}x{image_size[1]}{turned}"
+        )
 
 
 def image_folder(split: str, root: str | Path, **params) -> ImageFolderDataset:

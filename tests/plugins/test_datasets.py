@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mtcore.data import DatasetInfo
+from mtcore.data import DatasetInfo, image_pixels
 from mtcore_datasets.digits import MASK_THRESHOLD, DigitsDataset
 from mtcore_datasets.image_folder import ImageFolderDataset
 from mtcore_datasets.shapes import ShapesDataset
@@ -434,7 +434,8 @@ def test_open_image_names_an_unreadable_file(tmp_path):
         open_image(tmp_path / "bad.jpg")
 
 
-def test_image_folder_reads_photos_upright_so_masks_drawn_on_them_line_up(tmp_path):
+@pytest.mark.parametrize("preload", [True, False])
+def test_image_folder_reads_photos_upright_so_masks_drawn_on_them_line_up(tmp_path, preload):
     # stored 8 wide x 4 high: left half red, right half blue; EXIF 6 shows it a quarter turned
     # clockwise, 4 wide x 8 high, red on top; the mask was drawn on that view: 1 on top, 2 below
     stored = np.zeros((4, 8, 3), dtype=np.uint8)
@@ -444,7 +445,8 @@ def test_image_folder_reads_photos_upright_so_masks_drawn_on_them_line_up(tmp_pa
     upright_mask = np.ones((8, 4), dtype=np.int64)
     upright_mask[4:] = 2
     _mask(tmp_path / "masks/photo.png", upright_mask)
-    item = ImageFolderDataset(tmp_path, "train", size=(8, 4), val_fraction=0.0)[0]  # no resize
+    item = ImageFolderDataset(tmp_path, "train", size=(8, 4), val_fraction=0.0,
+                              preload=preload)[0]  # no resize
     red, blue = torch.tensor([1.0, 0, 0]), torch.tensor([0, 0, 1.0])
     assert torch.equal(item["image"][:, :4], red.view(3, 1, 1).expand(3, 4, 4))
     assert torch.equal(item["image"][:, 4:], blue.view(3, 1, 1).expand(3, 4, 4))
@@ -452,7 +454,61 @@ def test_image_folder_reads_photos_upright_so_masks_drawn_on_them_line_up(tmp_pa
     # a mask saved in the stored orientation is named, with why
     _mask(tmp_path / "masks/photo.png", np.ones((4, 8)))
     _expect(tmp_path, r"mask .*photo\.png is 8x4 \(WxH\) but its image .*photo\.png is 4x8 "
-            r"\(turned a quarter: images are read upright")
+            r"\(turned a quarter: images are read upright", preload=preload)
+
+
+def test_upright_size_reads_the_header_as_open_image_turns_the_picture(tmp_path):
+    from mtcore.plugin import open_image, upright_size
+
+    stored = np.zeros((4, 6, 3), dtype=np.uint8)
+    for orientation in range(1, 9):
+        _photo(tmp_path / f"p{orientation}.jpg", stored, orientation)
+        want = open_image(tmp_path / f"p{orientation}.jpg").size
+        assert upright_size(tmp_path / f"p{orientation}.jpg") == want
+        assert want == ((4, 6) if orientation >= 5 else (6, 4))
+
+
+def test_image_folder_reads_files_on_demand_exactly_as_it_preloads_them(tmp_path, monkeypatch):
+    import mtcore_datasets.image_folder as image_folder
+
+    root = _folder(tmp_path, n=6)
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):  # textured pictures of two sizes, so resizing matters
+        size = (12, 9) if i % 2 else (8, 6)
+        pixels = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / "images" / f"img{i}.png")
+        _mask(root / "masks" / f"img{i}.png", _halves(i % 3 + 1, size=size))
+    eager = ImageFolderDataset(root, "train", size=5, val_fraction=0.0, preload=True)
+    lazy = ImageFolderDataset(root, "train", size=5, val_fraction=0.0, preload=False)
+    auto = ImageFolderDataset(root, "train", size=5, val_fraction=0.0)
+    assert eager.preloaded and not lazy.preloaded and auto.preloaded  # 6 small items fit
+    monkeypatch.setattr(image_folder, "PRELOAD_LIMIT", 6 * 5 * 5 * 4 - 1)  # one byte short
+    assert not ImageFolderDataset(root, "train", size=5, val_fraction=0.0).preloaded
+    assert len(lazy) == len(eager) == 6 and lazy.info == eager.info
+    for i in range(6):
+        a, b = eager[i], lazy[i]
+        assert a.keys() == b.keys() == {"image", "mask", "label"}
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (i, key)
+        # the preloaded pixels are the file's, resized as image_pixels does
+        want = image_pixels(Image.open(eager.files[i]), 3, (5, 5))
+        assert torch.equal(a["image"], torch.from_numpy(want.copy()).permute(2, 0, 1) / 255)
+    loader = torch.utils.data.DataLoader(lazy, batch_size=3, num_workers=2)  # decoded in workers
+    batches = list(loader)
+    assert torch.equal(torch.cat([b["image"] for b in batches]),
+                       torch.stack([eager[i]["image"] for i in range(6)]))
+
+
+def test_image_folder_on_demand_names_a_bad_mask_when_it_is_read(tmp_path):
+    root = _folder(tmp_path, n=3)  # mask values 1..3
+    lazy = ImageFolderDataset(root, "train", val_fraction=0.0, num_seg_classes=3, preload=False)
+    assert [int(lazy[i]["mask"].max()) for i in (0, 1)] == [1, 2]  # these fit
+    with pytest.raises(ValueError, match=r"mask .*img2\.png has value 3, outside 0\.\.2"):
+        lazy[2]
+    # sizes are checked from the headers at construction, preloading or not
+    _mask(root / "masks/img1.png", np.zeros((5, 8)))
+    _expect(root, r"mask .*img1\.png is 8x5 \(WxH\) but its image", preload=False)
+    _expect(root, r"preload must be true, false or \"auto\", got 'yes'", preload="yes")
 
 
 def test_image_folder_bad_arguments(tmp_path):
