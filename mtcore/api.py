@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ import torch
 
 from mtcore import checkpoint as ckpt_io
 from mtcore.checkpoint import saved_info
+from mtcore.config import load_toml
 from mtcore.errors import CheckpointError
 from mtcore.experiment import Experiment, build_experiment
 from mtcore.predict import Predictions, check_images, image_files, predict_images, run_predictions
@@ -22,9 +24,14 @@ from mtcore.registry import Registry
 from mtcore.trainer import Trainer
 
 
-def build(config: Mapping[str, Any] | None = None, overrides: list[str] = (),
-          **kwargs: Any) -> Experiment:
-    """Build an experiment from a config dict merged over the defaults (see ``mtcore config``)."""
+def build(config: Mapping[str, Any] | str | os.PathLike | None = None,
+          overrides: Sequence[str] = (), **kwargs: Any) -> Experiment:
+    """Build an experiment from a config (a dict, or a TOML file's path) merged over the
+    defaults, then ``overrides`` (``"key=value"``, as ``--set``); see ``mtcore config``."""
+    if isinstance(config, str | os.PathLike):
+        config = load_toml(config)
+    if isinstance(overrides, str):
+        overrides = [overrides]
     return build_experiment(config, list(overrides), **kwargs)
 
 

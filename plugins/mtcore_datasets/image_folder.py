@@ -183,8 +183,9 @@ class ImageFolderDataset(Dataset):
 
     If ``root/train/`` exists, each split reads ``root/<split>/``; otherwise the files under
     ``root`` are split into train/val by a seeded shuffle (``val_fraction``; no test split).
-    ``num_seg_classes``, when not given, is ``len(palette)`` with a palette, else the largest
-    mask value (255 = ignore excluded) + 1 over all splits' masks; labels without
+    ``num_seg_classes``, when not given, is ``len(class_names)`` or ``len(palette)``, else the
+    largest mask value (255 = ignore excluded) + 1 over all splits' masks; ``class_names`` name
+    the segmentation classes by mask value (default ``class_0``, ``class_1``, ...); labels without
     ``label_names`` are ints and count max + 1 over all splits. Images are read upright (EXIF
     orientation), resized bilinear and masks nearest to ``size`` (an int or (height, width)).
 
@@ -209,6 +210,7 @@ class ImageFolderDataset(Dataset):
         channels: int = 3,
         palette: Sequence[Sequence[int]] | None = None,
         preload: bool | str = "auto",
+        class_names: Sequence[str] | None = None,
     ) -> None:
         if preload not in (True, False, "auto"):
             raise ValueError(f"preload must be true, false or \"auto\", got {preload!r}")
@@ -222,16 +224,23 @@ class ImageFolderDataset(Dataset):
         ):
             raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
         height, width = pair
-        if num_seg_classes is not None and not 1 <= num_seg_classes <= IGNORE_INDEX:
-            raise ValueError(f"num_seg_classes must be in 1..{IGNORE_INDEX}, got {num_seg_classes}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-        if label_names is not None and (
-            isinstance(label_names, str) or len(set(label_names)) != len(label_names)
-        ):
-            raise ValueError(f"label_names must be a list of distinct names, got {label_names!r}")
+        for key, names in (("label_names", label_names), ("class_names", class_names)):
+            if names is not None and (isinstance(names, str) or len(set(names)) != len(names)):
+                raise ValueError(f"{key} must be a list of distinct names, got {names!r}")
+        if class_names is not None:
+            counts = {"num_seg_classes": num_seg_classes,
+                      "the palette's colours": None if palette is None else len(palette)}
+            for what, n in counts.items():
+                if n is not None and n != len(class_names):
+                    raise ValueError(f"class_names has {len(class_names)} names but {what} "
+                                     f"gives {n} classes")
+            num_seg_classes = len(class_names)
+        if num_seg_classes is not None and not 1 <= num_seg_classes <= IGNORE_INDEX:
+            raise ValueError(f"num_seg_classes must be in 1..{IGNORE_INDEX}, got {num_seg_classes}")
         pal = _check_palette(palette)
         root = Path(root)
         if not root.is_dir():
@@ -260,7 +269,7 @@ class ImageFolderDataset(Dataset):
                 raise ValueError(f"{what} exists in some split folders of {root} but not all")
         if not has_masks[0] and (num_seg_classes is not None or palette is not None):
             raise ValueError(
-                f"num_seg_classes/palette given but {folder.root}/masks does not exist"
+                f"num_seg_classes/palette/class_names given but {folder.root}/masks does not exist"
             )
         if not has_labels[0] and label_names is not None:
             raise ValueError(f"label_names given but {folder.root}/labels.csv does not exist")
@@ -322,7 +331,8 @@ class ImageFolderDataset(Dataset):
             image_size=(height, width),
             num_seg_classes=num_seg_classes or 0,
             num_labels=num_labels,
-            seg_class_names=tuple(f"class_{i}" for i in range(num_seg_classes or 0)),
+            seg_class_names=(tuple(map(str, class_names)) if class_names is not None
+                             else tuple(f"class_{i}" for i in range(num_seg_classes or 0))),
             label_names=names,
             ignore_index=IGNORE_INDEX,
         )

@@ -320,6 +320,13 @@ def data_fingerprint(dataset: Any, n: int, k: int = 16) -> str:
     return h.hexdigest()[:16]
 
 
+def cache_key_for(info: DatasetInfo) -> str:
+    """The evaluator cache name of a dataset: its name (made file-name safe: ``image_folder:my
+    photos`` -> ``image_folder-my-photos``), image size and channels."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", info.name).strip("-._") or "data"
+    return f"{name}-{info.image_size[0]}x{info.image_size[1]}-c{info.channels}"
+
+
 def _cache_name(cache_key: str, info: DatasetInfo, n: int, config: TrainConfig,
                 data: str) -> str:
     spec = {

@@ -200,7 +200,9 @@ class ClassificationHead(TaskHead):
                     raise IncompatibleComponentsError(
                         "classification head: fixed_map needs labels that are the segmentation "
                         f"classes after background; labels {info.label_names}, segmentation "
-                        f"classes {info.seg_class_names}")
+                        f"classes {info.seg_class_names}. Name the classes so (a dataset's "
+                        "class_names / label_names), learn the map (fixed_map = false) or give "
+                        "the head features of its own (pool = \"avgmax\", from_task = \"\")")
                 # keep the rule (a buffer: nothing trains it); learn only its sharpness
                 self.register_buffer("seg_rule", rule)
                 self.rule_log_scale = nn.Parameter(torch.zeros(()))
@@ -257,14 +259,14 @@ class ClassificationHead(TaskHead):
 def _generation_metrics(head: TaskHead, datasets: Mapping[str, Any], split: str,
                         num_samples: int, seed: int, conditional: bool) -> dict[str, float]:
     """FID / precision / recall (+ class consistency) in the cached evaluator's feature space."""
-    from .evaluator import get_evaluator
+    from .evaluator import cache_key_for, get_evaluator
     from .generation_metrics import class_consistency, frechet_distance, precision_recall
 
     train, ref = datasets.get("train"), datasets[split]
     info = ref.info
-    key = f"{info.name}-{info.image_size[0]}x{info.image_size[1]}-c{info.channels}"
     device = next(head.parameters()).device
-    ev = get_evaluator(train if train is not None else ref, key, seed=0, device=device)
+    ev = get_evaluator(train if train is not None else ref, cache_key_for(info), seed=0,
+                       device=device)
     n = min(num_samples, len(ref))
     real = torch.stack([ref[i]["image"] for i in range(n)]).to(device)
     gen = torch.Generator().manual_seed(seed + 7)

@@ -76,3 +76,50 @@ def test_every_built_in_balancer_has_a_row_in_docs_balancers():
     assert {"equal", "pcgrad", "cagrad", "nash_mtl", "gradnorm", "dwa"} <= set(names)
     missing = [n for n in names if f"\n| `{n}` |" not in table]
     assert not missing, f"docs/balancers.md has no table row for {missing}"
+
+
+def test_the_readmes_own_images_config_builds_as_it_says(tmp_path):
+    """README "Train on your own images": its config on a folder of that layout builds the
+    default four tasks; with other labels the default cascade is refused, naming the fix the
+    README gives, and that fix builds; without masks, so does training without segmentation."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    import mtcore
+    from mtcore.config import load_toml
+    from mtcore.errors import IncompatibleComponentsError
+
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Train on your own images", 1)[1].split("\n## ", 1)[0]
+    toml = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    root = tmp_path / "photos"
+    for d in ("images", "masks"):
+        (root / d).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / "images" / f"{i}.png")
+        Image.fromarray(np.full((8, 8), i % 3, np.uint8)).save(root / "masks" / f"{i}.png")
+    labels = root / "labels.csv"
+    labels.write_text("filename,label\n" + "".join(f"{i}.png,{'cat' if i % 2 else 'dog'}\n"
+                                                   for i in range(4)))
+    config = tmp_path / "photos.toml"
+    config.write_text(toml.replace('root = "photos"', f'root = "{root.as_posix()}"'))
+    assert load_toml(config)["data"]["dataset"]["name"] == "image_folder"
+    exp = mtcore.build(config)
+    assert list(exp.model.heads) == ["seg", "cls", "vae", "gan"]
+    assert exp.info.seg_class_names == ("background", "cat", "dog")
+
+    labels.write_text("filename,label\n" + "".join(f"{i}.png,{i % 2}\n" for i in range(4)))
+    config.write_text(config.read_text().replace(', label_names = ["cat", "dog"]', ""))
+    with pytest.raises(IncompatibleComponentsError, match=r'pool = "avgmax", from_task = ""'):
+        mtcore.build(config)
+    own = re.search(r"--set '(tasks\.cls\.head\.params=\{.*?\})'", section).group(1)
+    assert list(mtcore.build(config, [own]).model.heads) == ["seg", "cls", "vae", "gan"]
+    for f in (root / "masks").iterdir():
+        f.unlink()
+    (root / "masks").rmdir()
+    config.write_text(config.read_text().replace(
+        ', class_names = ["background", "cat", "dog"]', ""))
+    exp = mtcore.build(config, [own, "tasks.seg.enabled=false"])
+    assert list(exp.model.heads) == ["cls", "vae", "gan"]

@@ -360,3 +360,36 @@ def test_default_steps_with_cpp_kernels_match_the_reference(cpp_built):
             assert got[f"{task}.loss"] == pytest.approx(want[f"{task}.loss"], rel=tol), task
     fused = [m for m in trainers["cpp"].model.modules() if isinstance(m, kernels.FusedSequential)]
     assert len(fused) >= 8  # the U-Net's blocks, the segmentation head's, both image decoders
+
+
+def test_every_default_task_trains_on_a_users_image_folder(tmp_path):
+    """The default four tasks on a folder of photos (sizes differ, JPEG), masks and labels:
+    the run reaches its generation metrics, whose evaluator cache is named after a dataset
+    name that holds a ':' (``image_folder:photos``; it used to be refused as a file name)."""
+    from mtcore_tasks.evaluator import cache_key_for
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    g = torch.Generator().manual_seed(0)
+    rows = ["filename,label"]
+    for i in range(40):
+        w, h = 20 + i % 5, 18
+        img = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8)
+        mask = torch.zeros(h, w, dtype=torch.uint8)
+        mask[4:12, 5:15] = 1 + i % 2
+        img[mask > 0] = torch.tensor([230, 20, 20] if i % 2 else [20, 20, 230], dtype=torch.uint8)
+        Image.fromarray(img.numpy()).save(root / "images" / f"p{i}.jpg")
+        Image.fromarray(mask.numpy()).save(root / "masks" / f"p{i}.png")
+        rows.append(f"p{i}.jpg,{'red' if i % 2 else 'blue'}")
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    sets = [*TINY, "optim.epochs=1", "train.samples_every=0", "train.gen_metric_samples=16",
+            f'data.dataset={{name = "image_folder", params = {{root = "{root.as_posix()}", '
+            'size = 16, class_names = ["background", "blue", "red"], label_names = ["blue", '
+            '"red"], val_fraction = 0.5}}']
+    exp = mtcore.build(None, sets)
+    assert exp.info.name == "image_folder:photos"
+    assert cache_key_for(exp.info) == "image_folder-photos-16x16-c3"
+    result = mtcore.fit(exp, tmp_path / "run")
+    for key in ("seg.miou", "cls.accuracy", "vae.psnr", "gan.fid", "gan.class_consistency"):
+        assert key in result["metrics"], key

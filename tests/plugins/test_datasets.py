@@ -511,6 +511,25 @@ def test_image_folder_on_demand_names_a_bad_mask_when_it_is_read(tmp_path):
     _expect(root, r"preload must be true, false or \"auto\", got 'yes'", preload="yes")
 
 
+def test_image_folder_class_names_name_the_segmentation_classes(tmp_path):
+    root = _folder(tmp_path, n=3)  # mask values 0..3
+    names = ["sky", "road", "car", "person"]
+    ds = ImageFolderDataset(root, "train", val_fraction=0.0, class_names=names)
+    assert ds.info.seg_class_names == tuple(names) and ds.info.num_seg_classes == 4
+    plain = ImageFolderDataset(root, "train", val_fraction=0.0)
+    assert plain.info.seg_class_names == ("class_0", "class_1", "class_2", "class_3")
+    _expect(root, r"class_names has 4 names but num_seg_classes gives 5 classes",
+            class_names=names, num_seg_classes=5)
+    _expect(root, r"class_names has 2 names but the palette's colours gives 3 classes",
+            class_names=["a", "b"], palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0]])
+    _expect(root, r"class_names must be a list of distinct names", class_names=["a", "a"])
+    # too few names for the masks' values: the value is named with the class count
+    _expect(root, r"has value 3, outside 0\.\.2 \(num_seg_classes=3\)", class_names=names[:3])
+    bare = _folder(tmp_path / "bare", n=2, masks=False)
+    _expect(bare, r"num_seg_classes/palette/class_names given but .* does not exist",
+            class_names=names)
+
+
 def test_image_folder_bad_arguments(tmp_path):
     root = _folder(tmp_path, n=2)
     _expect(root, "split must be one of", split="dev")
