@@ -17,6 +17,7 @@ from mtcore.errors import DataError
 
 SPLITS = ("train", "val", "test")
 ORIENTATION = 0x0112  # the EXIF tag that says how a stored picture turns upright
+WIDE_GREY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 0..65535 grey levels
 
 
 def open_image(path: str | Path) -> Image.Image:
@@ -37,12 +38,15 @@ def open_image(path: str | Path) -> Image.Image:
 
 def upright_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of a picture file as :func:`open_image` reads it (upright), from its
-    header: cheap, for checks over many files; an unreadable file is a DataError naming it."""
+    header without decoding it: cheap, for checks over many files (a PNG's EXIF after its
+    pixel data, which the PNG spec advises against, is not seen here). An unreadable file is a
+    DataError naming it."""
     try:
         with Image.open(path) as image:
             width, height = image.size
-            try:
-                turned = image.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+            try:  # the base class reads what the header gave (PNG's own would decode the file)
+                exif = Image.Image.getexif(image)
+                turned = exif.get(ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
             except (SyntaxError, ValueError, KeyError):  # malformed EXIF: open_image keeps it
                 turned = False
     except (OSError, UnidentifiedImageError) as err:
@@ -52,10 +56,13 @@ def upright_size(path: str | Path) -> tuple[int, int]:
 
 def image_pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:
     """A picture as a model of ``channels`` (1 or 3) at ``size`` (height, width) sees it:
-    converted to grayscale or RGB and resized bilinearly; uint8 [H, W, C]. One function for the
-    datasets that read files and for ``mtcore predict``, so training and inference prepare
-    images alike."""
+    converted to grayscale or RGB (16-bit grey scaled to 8 bits) and resized bilinearly;
+    uint8 [H, W, C]. One function for the datasets that read files and for ``mtcore predict``,
+    so training and inference prepare images alike."""
     height, width = size
+    if image.mode in WIDE_GREY_MODES:  # 16-bit grey (PNG, TIFF): convert() would clip at 255
+        wide = np.asarray(image, dtype=np.int64).clip(0, 65535)
+        image = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
     image = image.convert("RGB" if channels == 3 else "L")
     image = image.resize((width, height), Image.Resampling.BILINEAR)
     return np.asarray(image, dtype=np.uint8).reshape(height, width, channels)

@@ -71,7 +71,8 @@ class TaskHead(nn.Module):
     task_type: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ()
     #: the name of the metric (as returned by ``compute``) that says how good the head is, and
-    #: whether higher is better; the trainer's "best" checkpoint uses the first head's.
+    #: whether higher is better; ``train.monitor`` (which picks the "best" checkpoint) defaults
+    #: to the first head's.
     primary_metric: ClassVar[tuple[str, bool] | None] = None
     #: whether ``sample(n, labels=...)`` follows the labels (a class-conditional generator)
     conditional: bool = False

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,8 +20,8 @@ LOWER_IS_BETTER = ("loss", "fid", "kid", "mse", "nll")
 @dataclass(frozen=True)
 class Monitor:
     """A validation metric ``key`` (e.g. ``"seg.miou"``) and whether higher is better (None:
-    not known, an error once the metric is known to exist); ``key`` None: minus the mean of the
-    tasks' validation losses (a run whose heads have no metric)."""
+    not known, an error once the metric is known to exist); ``key`` None: the mean of the tasks'
+    validation losses, lower is better (a run whose heads have no metric)."""
 
     key: str | None
     higher_is_better: bool | None = True
@@ -36,7 +37,7 @@ class Monitor:
                 if head.primary_metric:
                     metric, higher = head.primary_metric
                     return cls(f"{name}.{metric}", higher if mode == "auto" else mode == "max")
-            return cls(None, True)
+            return cls(None, False)
         task, _, metric = key.partition(".")
         if task not in heads or not metric:
             raise ConfigError(f"train.monitor: {key!r} is not TASK.METRIC of this run's tasks "
@@ -55,25 +56,29 @@ class Monitor:
         return self.key or "mean validation loss"
 
     def score(self, val: Mapping[str, Any]) -> float | None:
-        """Higher is better: the metric, negated when lower is better; None without a value."""
-        if not val:
-            return None
+        """Higher is better: the metric, negated when lower is better; None without a finite
+        value (a NaN never counts as the best)."""
         if self.key is None:
             losses = [v for k, v in val.items() if k.endswith(".loss")]
-            return -sum(losses) / len(losses) if losses else None
-        if self.key not in val:
+            value = sum(losses) / len(losses) if losses else None
+        else:
+            value = val.get(self.key)
+            if value is not None:
+                self._check_direction()
+        if value is None or not math.isfinite(value):
             return None
-        self._check_direction()
-        return float(val[self.key]) if self.higher_is_better else -float(val[self.key])
+        return float(value) if self.higher_is_better else -float(value)
 
-    def check(self, val: Mapping[str, Any], generated_later: Iterable[str] = ()) -> None:
-        """Refuse a monitored metric that a validation result ``val`` lacks; ``generated_later``:
-        tasks whose generation metrics (FID, ...) are not in ``val`` but come every evaluation."""
+    def check(self, val: Mapping[str, Any], hint: str = "") -> None:
+        """Refuse a monitored metric that a validation result ``val`` lacks (``hint`` says why
+        it may be missing), or whose direction is not known."""
         if self.key is None:
             return
-        if self.key not in val and self.key.split(".")[0] not in generated_later:
-            raise ConfigError(f"train.monitor: the validation metrics have no {self.key!r}."
-                              f"{suggest(self.key, list(val))} They are {', '.join(sorted(val))}")
+        if self.key not in val:
+            same = [k for k in val if k.lower() == self.key.lower()]  # only the case differs
+            close = f" Did you mean {same[0]!r}?" if same else suggest(self.key, list(val))
+            raise ConfigError(f"train.monitor: the validation metrics have no {self.key!r}"
+                              f"{hint}.{close} They are {', '.join(sorted(val))}")
         self._check_direction()
 
     def _check_direction(self) -> None:
@@ -85,13 +90,17 @@ class Monitor:
     def best(self, history: Iterable[Mapping[str, Any]], split: str
              ) -> tuple[float | None, int | None, int]:
         """Over the ``split`` rows of a run's history: the best score, the epoch it came at, and
-        how many evaluations came after it without beating it (what ``train.patience`` counts)."""
+        how many evaluations came after it without beating it (what ``train.patience`` counts;
+        one that measured a NaN counts too)."""
         best, epoch, since = None, None, 0
         for row in history:
             if row.get("split") != split:
                 continue
-            s = self.score({k: v for k, v in row.items() if k not in ("epoch", "split")})
+            val = {k: v for k, v in row.items() if k not in ("epoch", "split")}
+            s = self.score(val)
             if s is None:
+                measured = self.key in val if self.key else any(k.endswith(".loss") for k in val)
+                since += best is not None and measured
                 continue
             if best is None or s > best:
                 best, epoch, since = s, row.get("epoch"), 0
@@ -100,7 +109,8 @@ class Monitor:
         return best, epoch, since
 
     def value(self, score: float | None) -> float | None:
-        """The metric's own value for a score (undoing the sign for lower-is-better)."""
+        """The metric's own value for a score (undoing the sign for lower-is-better; the mean
+        validation loss for ``key`` None)."""
         if score is None:
             return None
         return score if self.higher_is_better else -score

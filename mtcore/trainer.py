@@ -4,6 +4,7 @@ joint loss, evaluation every epoch, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
@@ -364,9 +365,7 @@ class Trainer:
         # Evaluation draws noise (VAE samples, GAN z); keep the training RNG stream untouched.
         with torch.random.fork_rng(devices=self._rng_devices()):
             torch.manual_seed(self.cfg["seed"] + 1)
-            for i, batch in enumerate(self._loader(dataset, train=False)):
-                if max_batches is not None and i >= max_batches:
-                    break
+            for batch in itertools.islice(self._loader(dataset, train=False), max_batches):
                 batch = to_device(batch, self.device)
                 outputs, losses = self._losses(batch)
                 bs = batch["image"].shape[0]
@@ -403,32 +402,38 @@ class Trainer:
         """
         from mtcore import artifacts
 
-        if self.train_set is None:
-            raise ConfigError("fit() needs a 'train' dataset in the experiment")
+        if self.train_set is None or self.val_set is None:
+            missing = "train" if self.train_set is None else self.val_split
+            raise ConfigError(f"fit() needs the {missing!r} dataset in the experiment (built "
+                              f"with splits={tuple(self.exp.datasets)}; data.val_split = "
+                              f"{self.val_split!r})")
         epochs = self.cfg["optim"]["epochs"]
         tcfg = self.cfg["train"]
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()  # before config.toml is written: a refused resume leaves the run as is
-        elif self.out is not None:
+        monitored = bool(tcfg.get("monitor"))
+        if monitored:  # a misspelt metric fails now, not after an epoch (one batch says the names)
+            probe = {**self._last_validation(), **self.evaluate(max_batches=1)}
+            gen_later = tcfg["gen_metrics"] == "every" and bool(self.model.generative_heads())
+            self._check_monitor(probe, final=not gen_later)
+        if not resume and self.out is not None:
             if (self.out / "checkpoints" / "last.pt").exists():
                 self.log(f"{self.out} holds an earlier run: starting over (--resume continues it)")
             # a fresh run: none of an earlier run's records or sample grids stay behind
             for stale in [self.out / "metrics.jsonl", *(self.out / "samples").glob("epoch_*.png")]:
                 stale.unlink(missing_ok=True)
-        if tcfg.get("monitor") and self.val_set is not None:
-            # a misspelt metric fails now, not after the first epoch (one batch says the names)
-            later = self.model.generative_heads() if tcfg["gen_metrics"] == "every" else ()
-            self.monitor.check(self.evaluate(max_batches=1), generated_later=later)
         if self.out is not None:
             (self.out / "config.toml").write_text(dumps(self.cfg))
-        patience = tcfg.get("patience", 0)
-        stopped = patience > 0 and self._patience_spent(patience, epochs, already=True)
         if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():
             init = self.generation_metrics()
+            if monitored and tcfg["gen_metrics"] == "every":  # now the names are all known
+                self._check_monitor({**probe, **init}, final=True)
             self._record({"epoch": 0, "split": "init", **init})
             self.log("untrained generator: " + _fmt(init))
+        patience = tcfg.get("patience", 0)
+        stopped = patience > 0 and self._patience_spent(patience, epochs, resumed=True)
         t0 = time.perf_counter()
         while not stopped and self.epoch < min(epochs, stop_after or epochs):
             e = self.epoch
@@ -438,7 +443,14 @@ class Trainer:
             last = e + 1 == epochs
             if (e + 1) % tcfg["eval_every"] == 0 or last:
                 val = self.evaluate()
-                if tcfg["gen_metrics"] == "every" or (tcfg["gen_metrics"] == "final" and last):
+                if tcfg["gen_metrics"] == "every":
+                    val.update(self.generation_metrics())
+                row = {"epoch": e + 1, "split": self.val_split, **val}
+                # the last epoch of a run that patience stops gets the end-of-run work too
+                stopped = not last and patience > 0 and self._patience_spent(
+                    patience, epochs, [*self.history, row], epoch=e + 1)
+                last = last or stopped
+                if tcfg["gen_metrics"] == "final" and last:
                     val.update(self.generation_metrics())
                 self._record({"epoch": e + 1, "split": self.val_split, **val})
             self.epoch = e + 1
@@ -450,8 +462,10 @@ class Trainer:
             self.log(f"epoch {e + 1}/{epochs} [{tr['stage']}] {time.perf_counter() - t0:.0f}s "
                      f"train: {_fmt({k: v for k, v in tr.items() if k.endswith('.loss')})} | "
                      f"{self.val_split}: {_fmt(_headline(val, self.heads))}")
-            if val and patience > 0:
-                stopped = self._patience_spent(patience, epochs)
+            if val and monitored:  # every metric is there now: a monitor missing them all along
+                self._check_monitor(val, final=True)
+            if stopped:
+                self._patience_spent(patience, epochs, log=True)
         final = self.history[-1] if self.history else {}
         final = {k: v for k, v in final.items() if k not in ("epoch", "split")}
         init = next((h for h in self.history if h["split"] == "init"), None)
@@ -498,18 +512,45 @@ class Trainer:
         if improved:
             ckpt_io.save_atomic(state, self.out / "checkpoints" / "best.pt")
 
-    def _patience_spent(self, patience: int, epochs: int, already: bool = False) -> bool:
-        """Whether the last ``patience`` evaluations all failed to beat the best (logged: early
-        stopping); ``already``: a resumed run that had stopped."""
-        best, best_epoch, since = self.monitor.best(self.history, self.val_split)
-        if best is None or since < patience or self.epoch >= epochs:
+    def _patience_spent(self, patience: int, epochs: int, history=None, *, epoch: int | None = None,
+                        resumed: bool = False, log: bool = False) -> bool:
+        """Whether the last ``patience`` evaluations of ``history`` (default: the run's) all
+        failed to beat the best, with epochs left to train after ``epoch``; logs why when
+        ``log`` or ``resumed`` (a resumed run that trains no further)."""
+        history = self.history if history is None else history
+        epoch = self.epoch if epoch is None else epoch
+        best, best_epoch, since = self.monitor.best(history, self.val_split)
+        if best is None or since < patience or epoch >= epochs:
             return False
-        how = "had stopped" if already else "stopping"
-        self.log(f"early stopping: {self.monitor.name} has not improved in {since} evaluation(s) "
-                 f"(train.patience={patience}); best {self.monitor.value(best):.4g} at epoch "
-                 f"{best_epoch}, in checkpoints/best.pt; {how} at epoch {self.epoch}/{epochs}"
-                 + (" (raise train.patience to go on)" if already else ""))
+        if log or resumed:
+            self.log(f"early stopping: {self.monitor.name} has not improved in {since} "
+                     f"evaluation(s) (train.patience={patience}); best "
+                     f"{self.monitor.value(best):.4g} at epoch {best_epoch}, in "
+                     f"checkpoints/best.pt; "
+                     + (f"not training on from epoch {epoch}/{epochs} (raise train.patience to "
+                        "go on)" if resumed else f"stopping at epoch {epoch}/{epochs}"))
         return True
+
+    def _last_validation(self) -> dict[str, Any]:
+        """The metrics of the history's last validation row (a resumed run's), or none."""
+        rows = [r for r in self.history if r.get("split") == self.val_split]
+        return {k: v for k, v in rows[-1].items() if k not in ("epoch", "split")} if rows else {}
+
+    def _check_monitor(self, val: Mapping[str, Any], final: bool) -> None:
+        """``train.monitor`` names one of the validation metrics ``val``; ``final``: every
+        metric there is to see is in ``val`` (else a generative task's may come later)."""
+        key = self.monitor.key
+        if key is None:
+            return
+        task = key.split(".")[0]
+        generative = task in self.model.generative_heads()
+        if key not in val and generative and not final:
+            return  # its generation metrics come with the first full evaluation
+        hint = ""
+        if generative and self.cfg["train"]["gen_metrics"] != "every":
+            hint = (f" (task {task!r} measures FID, precision, recall and the like at every "
+                    "evaluation only with train.gen_metrics = \"every\")")
+        self.monitor.check(val, hint=hint)
 
     def _resume(self) -> None:
         path = self.out / "checkpoints" / "last.pt" if self.out else None
@@ -582,9 +623,9 @@ def _scalar_loss(task: str, head: TaskHead, loss: Any, what: str = "compute_loss
     return loss.reshape(()).float()  # a one-element [1] loss is a scalar too
 
 
-def _monitored(cfg: Mapping[str, Any]) -> tuple[str, str]:
+def _monitored(cfg: Mapping[str, Any]) -> str:
     train = cfg.get("train", {})
-    return train.get("monitor", ""), train.get("monitor_mode", "auto")
+    return f"{train.get('monitor') or '(the default)'} ({train.get('monitor_mode', 'auto')})"
 
 
 def _is_optim_key(key: str) -> bool:

@@ -39,7 +39,7 @@ def cagrad_weights(gram: np.ndarray | torch.Tensor, c: float, max_iter: int = 10
     ``[K, K]`` Gram matrix of the task gradients and ``b`` the uniform weights: CAGrad's dual
     problem, solved by projected gradient descent with backtracking. The objective is homogeneous
     in ``A``, so ``A`` is first divided by its mean diagonal (the answer does not change)."""
-    a = np.asarray(gram.detach().cpu().double() if isinstance(gram, torch.Tensor) else gram,
+    a = np.asarray(gram.detach().to("cpu", torch.float64) if isinstance(gram, torch.Tensor) else gram,
                    dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
         raise ValueError(f"cagrad_weights: gram must be [K, K], got shape {a.shape}")

@@ -68,12 +68,12 @@ class GradNorm(GradientWeighting):
         self.register_buffer("active", torch.zeros(k, dtype=torch.bool))
 
     def current_weights(self) -> torch.Tensor:
-        return self.loss_weights.detach().double().cpu()
+        return self.loss_weights.detach().to("cpu", torch.float64)
 
     def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                          ) -> torch.Tensor:
         vals = torch.tensor([float(losses[k]) for k in self.task_names], dtype=torch.float64)
-        initial = self.initial_losses.double().cpu()
+        initial = self.initial_losses.to("cpu", torch.float64)
         if torch.isnan(initial).all():  # the first step: L_k(0)
             initial = vals.clone()
             self.initial_losses.copy_(initial)
@@ -89,7 +89,7 @@ class GradNorm(GradientWeighting):
                 "GradNorm: the training rates L_k / L_k(0) need positive first-step losses; got "
                 + ", ".join(f"{k} = {v:g}" for k, v in bad)
                 + " (shift the loss, or use another balancer)")
-        norms = grads.to(solve_dtype(grads.device)).norm(dim=1).cpu().double()
+        norms = grads.to(solve_dtype(grads.device)).norm(dim=1).to("cpu", torch.float64)
         if not torch.isfinite(norms[active]).all():
             return w  # a non-finite gradient would make the weights NaN for good: skip the update
         gw = torch.zeros_like(w)

@@ -30,7 +30,7 @@ def nash_mtl_weights(gram: np.ndarray | torch.Tensor, max_iter: int = 100, tol: 
     Without the ridge there is no solution when some positive combination of the gradients is
     zero (a Pareto-stationary point): the weights then grow to about ``ridge^-1/2``; elsewhere it
     moves ``alpha_i (A alpha)_i`` from 1 by ``ridge * alpha_i^2``."""
-    a = np.asarray(gram.detach().cpu().double() if isinstance(gram, torch.Tensor) else gram,
+    a = np.asarray(gram.detach().to("cpu", torch.float64) if isinstance(gram, torch.Tensor) else gram,
                    dtype=np.float64)
     if a.ndim != 2 or a.shape[0] != a.shape[1] or a.shape[0] == 0:
         raise ValueError(f"nash_mtl_weights: gram must be [K, K], got shape {a.shape}")
@@ -88,7 +88,7 @@ class NashMTL(GradientWeighting):
         return not bool(self.solved) or int(self.steps) % self.update_every == 0
 
     def current_weights(self) -> torch.Tensor:
-        return self.alpha.detach().double().cpu()
+        return self.alpha.detach().to("cpu", torch.float64)
 
     def gradient_weights(self, grads: torch.Tensor, losses: Mapping[str, torch.Tensor]
                          ) -> torch.Tensor:

@@ -212,7 +212,7 @@ class ImageFolderDataset(Dataset):
         preload: bool | str = "auto",
         class_names: Sequence[str] | None = None,
     ) -> None:
-        if preload not in (True, False, "auto"):
+        if not (isinstance(preload, bool) or preload == "auto"):
             raise ValueError(f"preload must be true, false or \"auto\", got {preload!r}")
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -305,10 +305,11 @@ class ImageFolderDataset(Dataset):
         self.files: list[Path] = [folder.images[s] for s in stems]
         self.mask_files: list[Path] | None = (
             [folder.masks_dir / f"{s}.png" for s in stems] if folder.masks_dir is not None else None)
-        if self.mask_files is not None:  # sizes from the headers: cheap, and before any decoding
-            for image_path, mask_path in zip(self.files, self.mask_files, strict=True):
-                _check_sizes(image_path, upright_size(image_path), mask_path,
-                             upright_size(mask_path))
+        # every file opens, and each mask has its image's size: from the headers, before any
+        # decoding (the pixels are checked again as they are read)
+        sizes = [upright_size(path) for path in self.files]
+        for i, mask_path in enumerate(self.mask_files or ()):
+            _check_sizes(self.files[i], sizes[i], mask_path, upright_size(mask_path))
         pixels = len(stems) * height * width * (channels + (self.mask_files is not None))
         self.preloaded = preload is True or (preload == "auto" and pixels <= PRELOAD_LIMIT)
         self._images: torch.Tensor | None = None  # uint8 [N, C, H, W] when preloaded

@@ -4,6 +4,7 @@ stopping, against histories worked out by hand and scripted validation results."
 from __future__ import annotations
 
 import json
+import math
 import warnings
 
 import pytest
@@ -62,9 +63,13 @@ def test_best_and_the_evaluations_since_it_by_hand():
     assert low.value(-2.0) == 2.0
     assert Monitor("x.loss", True).best(history, "val") == (3.0, 1, 3)
     assert Monitor("y.acc", True).best(history, "val") == (None, None, 0)  # never measured
-    mean = Monitor(None)  # no metric: minus the mean of the validation losses
+    mean = Monitor(None, False)  # no metric: the mean of the validation losses, lower is better
     assert mean.score({"a.loss": 1.0, "b.loss": 3.0, "a.acc": 0.5}) == -2.0
-    assert mean.name == "mean validation loss"
+    assert mean.value(-2.0) == 2.0 and mean.name == "mean validation loss"
+    # a NaN (a class absent from the split) is never the best, so it cannot block improvement
+    nan = [{"epoch": e, "split": "val", "seg.iou/3": v}
+           for e, v in enumerate((math.nan, 0.1, 0.3, math.inf, 0.2), start=1)]
+    assert Monitor("seg.iou/3", True).best(nan, "val") == (0.3, 3, 2)
 
 
 def scripted(trainer, monkeypatch, values):
@@ -129,12 +134,33 @@ def test_a_misspelt_monitor_fails_before_training(tmp_path):
                                           r"mean 'seg.miou'.*\? They are .*seg\.pixel_acc"):
         trainer.fit()
     assert trainer.epoch == 0 and not (tmp_path / "checkpoints").exists()
-    # a generation metric is measured later, at each evaluation, when gen_metrics = "every"
-    later = Trainer(mtcore.build(None, [*TINY, 'train.monitor="gan.fid"',
-                                        'train.gen_metrics="every"']), None, progress=False)
-    later.monitor.check(later.evaluate(max_batches=1), later.model.generative_heads())
-    with pytest.raises(ConfigError, match="no 'gan.fid'"):
-        later.monitor.check(later.evaluate(max_batches=1))
+    # an earlier run's records in the folder stay when a fresh run is refused
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError):
+        Trainer(mtcore.build(None, [*TINY, 'train.monitor="seg.mIoU"']), tmp_path,
+                progress=False).fit()
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_a_generation_metric_is_monitored_only_when_measured_at_every_evaluation(tmp_path):
+    """FID and the like come with every evaluation only under gen_metrics = "every": their names
+    are checked against the untrained generator's before the first step."""
+    fid = [*TINY, "optim.epochs=2", "train.gen_metric_samples=16", 'train.monitor="gan.fid"']
+    with pytest.raises(ConfigError, match=r"no 'gan.fid' \(task 'gan' measures FID, precision, "
+                                          r'recall and the like at every evaluation only with '
+                                          r'train.gen_metrics = "every"\)'):
+        Trainer(mtcore.build(None, [*fid, 'train.gen_metrics="final"']), None,
+                progress=False).fit()
+    typo = Trainer(mtcore.build(None, [*fid[:-1], 'train.monitor="gan.FID"',
+                                       'train.gen_metrics="every"']), None, progress=False)
+    with pytest.raises(ConfigError, match=r"no 'gan.FID'. Did you mean 'gan.fid'"):
+        typo.fit()
+    assert typo.epoch == 0
+    run = Trainer(mtcore.build(None, [*fid, 'train.gen_metrics="every"']), None, progress=False)
+    result = run.fit()
+    fids = {r["epoch"]: r["gan.fid"] for r in run.history if r["split"] == "val"}
+    best = min(fids, key=fids.get)
+    assert result["best"] == {"metric": "gan.fid", "value": fids[best], "epoch": best}
 
 
 def test_resuming_with_another_monitor_warns_and_rescores_the_history(tmp_path):
@@ -142,8 +168,8 @@ def test_resuming_with_another_monitor_warns_and_rescores_the_history(tmp_path):
     Trainer(mtcore.build(None, sets), tmp_path, progress=False).fit(stop_after=1)
     other = Trainer(mtcore.build(None, [*sets, 'train.monitor="vae.loss"']), tmp_path,
                     progress=False)
-    with pytest.warns(RuntimeWarning, match=r"train.monitor changed \(\('', 'auto'\) -> "
-                                            r"\('vae.loss', 'auto'\)\)"):
+    with pytest.warns(RuntimeWarning, match=r"train.monitor changed \(\(the default\) \(auto\) "
+                                            r"-> vae.loss \(auto\)\)"):
         other._resume()
     first = next(r for r in other.history if r["split"] == "val")
     assert other.best == -first["vae.loss"]
@@ -152,3 +178,30 @@ def test_resuming_with_another_monitor_warns_and_rescores_the_history(tmp_path):
         same = Trainer(mtcore.build(None, sets), tmp_path, progress=False)
         same._resume()
     assert same.best == first["seg.miou"]
+
+
+def test_a_run_patience_stops_ends_as_a_finished_run_does(tmp_path, monkeypatch):
+    """The stopping epoch gets the end-of-run work: the "final" generation metrics and the
+    sample grid; a finished run resumed with a patience it has already spent trains no more."""
+    sets = [*TINY, "optim.epochs=6", 'train.monitor="cls.accuracy"', "train.patience=1",
+            'train.gen_metrics="final"', "train.gen_metric_samples=16", "train.samples_every=5"]
+    trainer = Trainer(mtcore.build(None, sets), tmp_path, progress=False, log=lambda _: None)
+    scripted(trainer, monkeypatch, [0.5, 0.4])
+    result = trainer.fit()
+    assert trainer.epoch == 2 and result["stopped_early"]
+    rows = [r for r in trainer.history if r["split"] == "val"]
+    assert "gan.fid" in rows[-1] and "gan.fid" not in rows[0]
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["epoch_002.png"]
+
+    done = tmp_path / "done"
+    first = [*TINY, "optim.epochs=2", 'train.monitor="cls.accuracy"']
+    trainer = Trainer(mtcore.build(None, first), done, progress=False, log=lambda _: None)
+    scripted(trainer, monkeypatch, [0.5, 0.4])
+    assert not trainer.fit()["stopped_early"]  # no patience: it ran its two epochs
+    lines: list[str] = []
+    more = Trainer(mtcore.build(None, [*first, "optim.epochs=4", "train.patience=1"]), done,
+                   progress=False, log=lines.append)
+    scripted(more, monkeypatch, [])
+    assert more.fit(resume=True)["stopped_early"] and more.epoch == 2
+    assert "not training on from epoch 2/4 (raise train.patience to go on)" in lines[-1]
+

@@ -393,3 +393,14 @@ def test_every_default_task_trains_on_a_users_image_folder(tmp_path):
     result = mtcore.fit(exp, tmp_path / "run")
     for key in ("seg.miou", "cls.accuracy", "vae.psnr", "gan.fid", "gan.class_consistency"):
         assert key in result["metrics"], key
+
+
+def test_fit_names_a_missing_validation_split():
+    from mtcore.errors import ConfigError
+    from mtcore.experiment import build_experiment
+
+    exp = build_experiment(None, TINY, splits=("train",))
+    with pytest.raises(ConfigError, match=r"fit\(\) needs the 'val' dataset in the experiment "
+                                          r"\(built with splits=\('train',\); "
+                                          r"data.val_split = 'val'\)"):
+        Trainer(exp, None, progress=False).fit()

@@ -447,48 +447,91 @@ def test_solve_dtype_is_float64_except_on_mps():
     assert solve_dtype(torch.device("mps")) is torch.float32
 
 
-class _NoBigFloat64(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records every op that makes a float64 tensor of ``size`` elements or more: on a device
-    without float64 only the small [K, K] solves (on the CPU) may be float64."""
+class _Float64OnlyOnTheCpu(torch.utils._python_dispatch.TorchDispatchMode):
+    """Stands in for a device without float64 (Apple MPS) on the CPU: the ``roots`` and every
+    tensor computed from them count as on the device; an op that makes a float64 tensor from
+    them is recorded unless it is a copy to the CPU (``.to("cpu", ...)``; the test makes
+    ``.cpu()``, which dispatches nothing on the CPU, such a copy)."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, roots) -> None:
         super().__init__()
-        self.size, self.seen = size, []
+        self.keep = list(roots)  # alive, so their ids stay theirs
+        self.on_device = {id(t) for t in self.keep}
+        self.seen: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.numel() >= self.size:
-                self.seen.append(str(func))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
+        if any(id(t) in self.on_device for t in inputs):
+            to_cpu = (func is torch.ops.aten._to_copy.default
+                      and kwargs.get("device") == torch.device("cpu"))
+            if not to_cpu:
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if torch.is_tensor(t):
+                        if t.dtype == torch.float64:
+                            self.seen.append(str(func))
+                        self.on_device.add(id(t))
+                        self.keep.append(t)
         return out
 
 
-@pytest.mark.parametrize("name", ["cagrad", "nash_mtl", "gradnorm", "mgda"])
-def test_on_a_device_without_float64_the_task_gradients_stay_float32(name, monkeypatch):
-    """With ``solve_dtype`` saying float32 (as on MPS) no gradient-sized tensor becomes float64,
-    and the step is the float64 one to float32 precision."""
+BALANCERS = ("equal", "fixed", "uncertainty", "dwa", "rlw", "famo", "pcgrad", "mgda", "cagrad",
+             "nash_mtl", "gradnorm")
+
+
+def _balancer(name):
+    from mtcore_balancers.dwa import DWA, RLW
+    from mtcore_balancers.famo import FAMO
+    from mtcore_balancers.gradient import MGDA, PCGrad
+    from mtcore_balancers.weighting import EqualWeighting, FixedWeighting, UncertaintyWeighting
+
+    return {"equal": lambda: EqualWeighting(TASKS),
+            "fixed": lambda: FixedWeighting(TASKS, {"a": 1.0, "b": 0.5, "c": 2.0}),
+            "uncertainty": lambda: UncertaintyWeighting(TASKS), "dwa": lambda: DWA(TASKS),
+            "rlw": lambda: RLW(TASKS), "famo": lambda: FAMO(TASKS), "pcgrad": lambda: PCGrad(TASKS),
+            "mgda": lambda: MGDA(TASKS, normalization="loss"), "cagrad": lambda: CAGrad(TASKS),
+            "nash_mtl": lambda: NashMTL(TASKS, update_every=2),  # step 2 reuses step 1's weights
+            "gradnorm": lambda: GradNorm(TASKS)}[name]()
+
+
+@pytest.mark.parametrize("name", BALANCERS)
+def test_on_a_device_without_float64_nothing_of_the_device_becomes_float64(name, monkeypatch):
+    """With ``solve_dtype`` saying float32 (as on MPS) no tensor of the model, the balancer or
+    computed from them becomes float64 but by a copy to the CPU, over three steps with their
+    after-step updates; and the steps are the float64 ones to float32 precision."""
     from mtcore_balancers import cagrad, gradient, gradnorm, nash_mtl
-    from mtcore_balancers.gradient import MGDA
 
     def float32_toy():
         model = Toy()
         model.float()
         model.x = model.x.float()
         model.y = {k: v.float() for k, v in model.y.items()}
-        return model, MGDA(TASKS) if name == "mgda" else make(name)
+        return model, _balancer(name)
 
-    def step(model, bal):
-        res = bal.backward(model.losses(), model.shared_params())
-        return res, [p.grad.clone() for p in model.parameters()]
+    def steps(model, bal):
+        out = []
+        opt = torch.optim.SGD([*model.parameters(), *bal.parameters()], lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            res = bal.backward(model.losses(), model.shared_params())
+            out.append((res.weights, [p.grad.clone() for p in model.parameters()]))
+            opt.step()
+            with torch.no_grad():
+                bal.after_step(model.losses(), model.losses)
+        return out
 
-    res64, grads64 = step(*float32_toy())
+    want = steps(*float32_toy())
     for module in (cagrad, gradient, gradnorm, nash_mtl):
         monkeypatch.setattr(module, "solve_dtype", lambda device: torch.float32)
+    # .cpu() on a CPU tensor returns it as is: here it copies, as it does from a device
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: self.to("cpu", copy=True))
     model, bal = float32_toy()
-    size = sum(p.numel() for p in model.shared_params())  # 16 > K * K = 9
-    with _NoBigFloat64(size) as mode:
-        res32, grads32 = step(model, bal)
+    roots = [*model.parameters(), *bal.parameters(), *bal.buffers(), model.x, *model.y.values()]
+    with _Float64OnlyOnTheCpu(roots) as mode:
+        got = steps(model, bal)
     assert mode.seen == []
-    assert res32.weights == pytest.approx(res64.weights, rel=1e-4)
-    for a, b in zip(grads32, grads64, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for (w32, g32), (w64, g64) in zip(got, want, strict=True):
+        assert w32 == pytest.approx(w64, rel=1e-4)
+        for a, b in zip(g32, g64, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

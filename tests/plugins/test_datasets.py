@@ -457,15 +457,28 @@ def test_image_folder_reads_photos_upright_so_masks_drawn_on_them_line_up(tmp_pa
             r"\(turned a quarter: images are read upright", preload=preload)
 
 
-def test_upright_size_reads_the_header_as_open_image_turns_the_picture(tmp_path):
+def test_upright_size_reads_the_header_as_open_image_turns_the_picture(tmp_path, monkeypatch):
+    from PIL import ImageFile
+
     from mtcore.plugin import open_image, upright_size
 
     stored = np.zeros((4, 6, 3), dtype=np.uint8)
+    want = {}
     for orientation in range(1, 9):
-        _photo(tmp_path / f"p{orientation}.jpg", stored, orientation)
-        want = open_image(tmp_path / f"p{orientation}.jpg").size
-        assert upright_size(tmp_path / f"p{orientation}.jpg") == want
-        assert want == ((4, 6) if orientation >= 5 else (6, 4))
+        for suffix in (".jpg", ".png"):
+            path = tmp_path / f"p{orientation}{suffix}"
+            _photo(path, stored, orientation)
+            want[path] = open_image(path).size
+            assert want[path] == ((4, 6) if orientation >= 5 else (6, 4))
+    Image.fromarray(stored).save(tmp_path / "plain.png")  # no EXIF: Pillow's PNG would decode
+    want[tmp_path / "plain.png"] = (6, 4)
+
+    def no_decoding(self):
+        raise AssertionError("upright_size decoded the pixels")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    for path, size in want.items():
+        assert upright_size(path) == size, path
 
 
 def test_image_folder_reads_files_on_demand_exactly_as_it_preloads_them(tmp_path, monkeypatch):
@@ -509,6 +522,11 @@ def test_image_folder_on_demand_names_a_bad_mask_when_it_is_read(tmp_path):
     _mask(root / "masks/img1.png", np.zeros((5, 8)))
     _expect(root, r"mask .*img1\.png is 8x5 \(WxH\) but its image", preload=False)
     _expect(root, r"preload must be true, false or \"auto\", got 'yes'", preload="yes")
+    _expect(root, r"preload must be true, false or \"auto\", got 1", preload=1)
+    # and every image opens (its header), masks or none
+    bare = _folder(tmp_path / "bare", n=3, masks=False)
+    (bare / "images/img1.png").write_bytes(b"not a png")
+    _expect(bare, r"unreadable image .*img1\.png", preload=False)
 
 
 def test_image_folder_class_names_name_the_segmentation_classes(tmp_path):
@@ -528,6 +546,17 @@ def test_image_folder_class_names_name_the_segmentation_classes(tmp_path):
     bare = _folder(tmp_path / "bare", n=2, masks=False)
     _expect(bare, r"num_seg_classes/palette/class_names given but .* does not exist",
             class_names=names)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_grey_pictures_are_scaled_to_eight_bits_not_clipped(tmp_path, channels):
+    levels = np.array([[0, 257, 32896, 65535], [1000, 20000, 40000, 60000]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # a 16-bit grey PNG
+    image = Image.open(tmp_path / "deep.png")
+    assert image.mode.startswith("I")
+    got = image_pixels(image, channels, (2, 4))  # no resize
+    want = np.round(levels / 65535 * 255).astype(np.uint8)  # 0, 1, 128, 255 / 4, 78, 156, 234
+    assert np.array_equal(got, np.repeat(want[..., None], channels, axis=2))
 
 
 def test_image_folder_bad_arguments(tmp_path):
