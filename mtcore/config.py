@@ -125,6 +125,8 @@ SCHEMA: dict[str, Any] = {
         # plugin's own): names no part of the model has are refused when the trainer is built
         "groups": TableOf(GROUP, noun="parameter group"),
     },
+    # run loggers by a label of the user's: {name = "tensorboard", params = {...}} each
+    "loggers": TableOf(Component("logger"), noun="logger"),
     "train": {
         "amp": _choice("none", "bf16", "fp16"),
         "eval_every": _num(1, integer=True),

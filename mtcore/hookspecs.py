@@ -20,6 +20,7 @@ from mtcore.specs import (
     BalancerSpec,
     DatasetSpec,
     HeadSpec,
+    LoggerSpec,
     LossSpec,
     TransferSpec,
 )
@@ -108,4 +109,20 @@ def mtcore_datasets() -> Iterable[DatasetSpec]:
         def mtcore_datasets():
             yield DatasetSpec(name="cells", factory=CellsDataset, summary="Cell images + masks.",
                               defaults={"size": 64})
+    """
+
+
+@hookspec
+def mtcore_loggers() -> Iterable[LoggerSpec]:
+    """Called when the logger registry is built; return the run loggers this plugin provides.
+
+    A logger receives every record of a run as the trainer writes it (``metrics.jsonl``'s rows,
+    the sample grids), to send them elsewhere: TensorBoard, an experiment tracker.
+
+    Example::
+
+        @hookimpl
+        def mtcore_loggers():
+            yield LoggerSpec(name="mlflow", factory=MlflowLogger,
+                             summary="Metrics and sample grids to an MLflow run.")
     """

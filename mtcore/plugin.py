@@ -24,6 +24,7 @@ from mtcore.checkpoint import load_model_weights
 from mtcore.data import SPLITS, DatasetInfo, image_pixels, open_image, upright_size
 from mtcore.errors import DataError, IncompatibleComponentsError
 from mtcore.heads import Prediction, TaskHead
+from mtcore.loggers import RunLogger
 from mtcore.predict import class_colours
 from mtcore.specs import (
     BackboneSpec,
@@ -31,6 +32,7 @@ from mtcore.specs import (
     ComponentSpec,
     DatasetSpec,
     HeadSpec,
+    LoggerSpec,
     LossSpec,
     TransferSpec,
 )
@@ -52,9 +54,11 @@ __all__ = [
     "GradientWeighting",
     "HeadSpec",
     "IncompatibleComponentsError",
+    "LoggerSpec",
     "LossBalancer",
     "LossSpec",
     "Prediction",
+    "RunLogger",
     "SPLITS",
     "Stage",
     "TaskHead",

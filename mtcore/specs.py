@@ -85,6 +85,13 @@ class DatasetSpec(ComponentSpec):
     kind: ClassVar[str] = "dataset"
 
 
+@dataclass(frozen=True)
+class LoggerSpec(ComponentSpec):
+    """A run logger. Factory: ``(**params) -> mtcore.loggers.RunLogger``."""
+
+    kind: ClassVar[str] = "logger"
+
+
 #: kind -> (hook name, spec class); the single table the manager, registry and CLI read.
 KINDS: dict[str, tuple[str, type[ComponentSpec]]] = {
     "backbone": ("mtcore_backbones", BackboneSpec),
@@ -93,6 +100,7 @@ KINDS: dict[str, tuple[str, type[ComponentSpec]]] = {
     "balancer": ("mtcore_balancers", BalancerSpec),
     "transfer": ("mtcore_transfers", TransferSpec),
     "dataset": ("mtcore_datasets", DatasetSpec),
+    "logger": ("mtcore_loggers", LoggerSpec),
 }
 
 

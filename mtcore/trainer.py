@@ -14,7 +14,9 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -24,6 +26,7 @@ from mtcore.config import dumps
 from mtcore.errors import CheckpointError, ConfigError, ContractError
 from mtcore.experiment import Experiment
 from mtcore.heads import TaskHead
+from mtcore.loggers import RunLogger
 from mtcore.monitor import Monitor
 from mtcore.optim import clip, make_optimizer, make_schedule
 from mtcore.registry import suggest
@@ -100,6 +103,7 @@ class Trainer:
         self.monitor = Monitor.from_config(tcfg, self.heads)  # picks best.pt; train.patience
         self.best: float | None = None  # the monitor's best score so far (higher is better)
         self.history: list[dict[str, Any]] = []
+        self.loggers: list[RunLogger] = []  # while fit() runs
 
     # -- setup --------------------------------------------------------------------------------
     def _steps_per_epoch(self) -> int:
@@ -398,10 +402,9 @@ class Trainer:
         """Train for ``optim.epochs`` epochs (continuing from ``last.pt`` when ``resume``).
 
         ``stop_after=k`` stops once epoch k is done, exactly as an interrupted run would (the
-        schedule still spans ``optim.epochs``), so ``--resume`` can continue it.
+        schedule still spans ``optim.epochs``), so ``--resume`` can continue it. The config's
+        ``loggers`` receive every record while it runs.
         """
-        from mtcore import artifacts
-
         if self.train_set is None or self.val_set is None:
             missing = "train" if self.train_set is None else self.val_split
             raise ConfigError(f"fit() needs the {missing!r} dataset in the experiment (built "
@@ -409,6 +412,7 @@ class Trainer:
                               f"{self.val_split!r})")
         epochs = self.cfg["optim"]["epochs"]
         tcfg = self.cfg["train"]
+        loggers = self._build_loggers()  # a bad logger config fails before anything is touched
         if self.out is not None:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
@@ -426,6 +430,23 @@ class Trainer:
                 stale.unlink(missing_ok=True)
         if self.out is not None:
             (self.out / "config.toml").write_text(dumps(self.cfg))
+        self.loggers = []
+        try:
+            for logger in loggers:
+                logger.start(self.out, self.cfg, self.epoch)
+                self.loggers.append(logger)
+            return self._run(epochs, stop_after, monitored, probe if monitored else {})
+        finally:
+            for logger in self.loggers:  # however the run ends
+                logger.close()
+            self.loggers = []
+
+    def _run(self, epochs: int, stop_after: int | None, monitored: bool,
+             probe: Mapping[str, Any]) -> dict[str, Any]:
+        """The epochs of :meth:`fit`, once the run folder and loggers are set up."""
+        from mtcore import artifacts
+
+        tcfg = self.cfg["train"]
         if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():
             init = self.generation_metrics()
             if monitored and tcfg["gen_metrics"] == "every":  # now the names are all known
@@ -457,7 +478,9 @@ class Trainer:
             if self.out is not None:
                 every = tcfg["samples_every"]
                 if every and ((e + 1) % every == 0 or last):
-                    artifacts.write_samples(self, self.out / "samples" / f"epoch_{e + 1:03d}.png")
+                    grid = artifacts.write_samples(
+                        self, self.out / "samples" / f"epoch_{e + 1:03d}.png")
+                    self._log_image("samples", grid, e + 1)
                 self._checkpoint(val)
             self.log(f"epoch {e + 1}/{epochs} [{tr['stage']}] {time.perf_counter() - t0:.0f}s "
                      f"train: {_fmt({k: v for k, v in tr.items() if k.endswith('.loss')})} | "
@@ -486,6 +509,27 @@ class Trainer:
         if self.out is not None:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
+        for logger in self.loggers:
+            logger.log(row)
+
+    def _log_image(self, name: str, path: Path, epoch: int) -> None:
+        if self.loggers:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+            for logger in self.loggers:
+                logger.log_image(name, pixels, epoch)
+
+    def _build_loggers(self) -> list[RunLogger]:
+        """The config's ``loggers``, built through the registry (each checked as it is)."""
+        out = []
+        for label, comp in self.cfg.get("loggers", {}).items():
+            logger = self.exp.registry.build("logger", comp["name"], comp.get("params", {}),
+                                             key=f"loggers.{label}")
+            if not isinstance(logger, RunLogger):
+                raise ContractError(f"loggers.{label}: logger {comp['name']!r} must build an "
+                                    f"mtcore.plugin.RunLogger, got {type(logger).__name__}")
+            out.append(logger)
+        return out
 
     # -- checkpoints ----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:

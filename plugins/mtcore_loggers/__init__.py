@@ -1,0 +1,1 @@
+"""First-party run loggers (TensorBoard)."""
