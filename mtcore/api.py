@@ -46,7 +46,7 @@ def load(checkpoint: str | Path, *, splits: tuple[str, ...] | None = None,
     """A trainer restored from a checkpoint (model, optimizers, state) using its own config;
     ``registry``: the one the run was built with, if not the installed plugins' (in-process
     plugins, as in ``build(..., registry=...)``)."""
-    state = ckpt_io.load(checkpoint)
+    state = ckpt_io.load(checkpoint, require=ckpt_io.RUN_KEYS)
     from mtcore.config import resolve_config
 
     cfg = resolve_config(state["config"], list(overrides), base=state["config"])

@@ -25,6 +25,7 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint reads as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
@@ -36,8 +37,21 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; clear errors for missing or foreign files."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# what a run's checkpoint holds for eval, sample and resume (a transfer source needs only
+# "model", and "config" for structure transfer); a damaged or hand-made one is named
+RUN_KEYS = ("config", "model", "epoch", "global_step", "history", "rng")
+
+
+def load(path: str | Path, map_location: str | torch.device = "cpu",
+         require: tuple[str, ...] = ("model",)) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; clear errors for missing or foreign files
+    and for one without the keys ``require`` lists."""
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"checkpoint {str(path)!r} is a directory; give a file, e.g. "
@@ -53,6 +67,11 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "mtcore" or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {str(path)!r} is not an mtcore checkpoint")
+    missing = [k for k in require if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}: a damaged, "
+                              "hand-made or pre-trained-weights file; use a last.pt or best.pt "
+                              "that an mtcore run wrote")
     if ckpt.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}; "
                               f"this mtcore reads up to {FORMAT_VERSION}: upgrade mtcore")

@@ -5,8 +5,9 @@ This is the only place that turns names into objects; the trainer receives built
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +17,7 @@ from torch.utils.data import Dataset
 from mtcore.balancer import LossBalancer
 from mtcore.config import resolve_config
 from mtcore.data import DatasetInfo
-from mtcore.errors import ConfigError, IncompatibleComponentsError
+from mtcore.errors import ConfigError, IncompatibleComponentsError, MtcoreError
 from mtcore.model import MultiTaskModel
 from mtcore.registry import Registry
 from mtcore.transfer import TransferStrategy
@@ -122,7 +123,8 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
     tname, tparams = _component(cfg["transfer"])
     transfer = registry.build("transfer", tname, tparams, key="transfer")
     if not restoring:
-        cfg = transfer.configure(cfg)
+        with _transfer_errors(tname):
+            cfg = transfer.configure(cfg)
     torch.manual_seed(cfg["seed"])
     splits = splits if splits is not None else ("train", cfg["data"]["val_split"])
     datasets = {s: build_dataset(registry, cfg, s) for s in splits}
@@ -134,7 +136,20 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
     bname, bparams = _component(cfg["balancer"])
     balancer = registry.build("balancer", bname, bparams, list(cfg["tasks"]), key="balancer")
     if not restoring:
-        transfer.setup(model)
+        with _transfer_errors(tname):
+            transfer.setup(model)
     device = pick_device(cfg["device"])
     return Experiment(config=cfg, info=info, model=model, balancer=balancer, transfer=transfer,
                       device=device, datasets=datasets, registry=registry)
+
+
+@contextlib.contextmanager
+def _transfer_errors(name: str) -> Iterator[None]:
+    """A strategy rejecting the config or the model in ``configure``/``setup``: one line naming
+    the ``transfer`` key, as a parameter error at build time is."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        if isinstance(exc, MtcoreError):
+            raise
+        raise ConfigError(f"transfer ({name!r}): {exc}") from exc

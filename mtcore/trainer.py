@@ -414,6 +414,10 @@ class Trainer:
         tcfg = self.cfg["train"]
         loggers = self._build_loggers()  # a bad logger config fails before anything is touched
         if self.out is not None:
+            clash = next((p for p in (self.out, *self.out.parents)
+                          if p.exists() and not p.is_dir()), None)
+            if clash is not None:
+                raise ConfigError(f"run folder {self.out}: {clash} is a file; give a folder")
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()  # before config.toml is written: a refused resume leaves the run as is
@@ -552,9 +556,9 @@ class Trainer:
         if improved:
             self.best = score
         state = self.state()
-        ckpt_io.save_atomic(state, self.out / "checkpoints" / "last.pt")
-        if improved:
+        if improved:  # first: an interrupt in between leaves last.pt behind, which resumes
             ckpt_io.save_atomic(state, self.out / "checkpoints" / "best.pt")
+        ckpt_io.save_atomic(state, self.out / "checkpoints" / "last.pt")
 
     def _patience_spent(self, patience: int, epochs: int, history=None, *, epoch: int | None = None,
                         resumed: bool = False, log: bool = False) -> bool:
@@ -600,7 +604,7 @@ class Trainer:
         path = self.out / "checkpoints" / "last.pt" if self.out else None
         if path is None or not path.exists():
             raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume first")
-        state = ckpt_io.load(path, map_location=self.device)
+        state = ckpt_io.load(path, map_location=self.device, require=ckpt_io.RUN_KEYS)
         self.load_state(state, str(path))
 
     def load_state(self, state: dict[str, Any], path: str) -> None:
@@ -619,12 +623,24 @@ class Trainer:
                  if k != "optim.epochs"]  # more (or fewer) epochs is what resuming is for
         optim += [k for k in every if _is_optim_key(k)]
         refused += [k for k in optim if k == "optim.optimizer"]  # its state would not fit
+        # the balancer's state, the transfer's stages and the step count per epoch (which the
+        # schedule and the stages are laid out in) must be the checkpoint's
+        refused += [k for top in ("balancer", "transfer", "data", "train")
+                    for k in _diff(saved.get(top), self.cfg.get(top), top)
+                    if k.startswith(_FIXED_ON_RESUME)]
         if refused:
             raise CheckpointError(f"{path}: was written for a different config ({_listed(refused)} "
                                   "changed); resume with the run's own config.toml")
         if optim:
             warnings.warn(f"{path}: resuming with changed optimizer settings ({_listed(optim)}); "
                           "they apply from the resume point", RuntimeWarning, stacklevel=2)
+        data = [k for k in _diff(saved.get("data"), self.cfg.get("data"), "data")
+                if k.startswith("data.dataset")] + _diff(saved.get("seed"), self.cfg.get("seed"),
+                                                         "seed")
+        if data:
+            warnings.warn(f"{path}: resuming with a changed {_listed(data)}: the run goes on with "
+                          "other data or another shuffle than it started with", RuntimeWarning,
+                          stacklevel=2)
         ckpt_io.load_model_weights(self.model, state["model"], path)
         self.balancer.load_state_dict(state["balancer"])
         _load_keeping_hyperparameters(self.optimizer, self.scheduler, state["optimizer"],
@@ -652,6 +668,8 @@ class Trainer:
 # Config keys that change how tensors are laid out, not what the model is: a checkpoint resumes
 # across them (the weights load into either memory format).
 _LAYOUT_ONLY = ("model.channels_last",)
+# Config keys a checkpoint resumes only unchanged (prefixes of dotted keys).
+_FIXED_ON_RESUME = ("balancer", "transfer", "data.batch_size", "train.max_steps_per_epoch")
 # Hyperparameters of a parameter group that a resumed run takes from its own (new) config.
 _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
 

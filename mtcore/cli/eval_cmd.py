@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from mtcore.cli.paths import out_file
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint",
@@ -20,8 +22,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from mtcore.api import evaluate
 
-    metrics = evaluate(args.checkpoint, args.split)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval_{args.split}.json"
+    out = out_file(out)  # before the evaluation: a bad --out costs nothing
+    metrics = evaluate(args.checkpoint, args.split)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
     print(f"written to {out}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from mtcore.cli.paths import out_file
 from mtcore.errors import ConfigError
 
 
@@ -27,6 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ConfigError(f"-n: expected a positive number of images, got {args.n}")
+    out_file(args.out, image=True)
     images = sample(args.checkpoint, args.n, label=args.label, task=args.task, seed=args.seed)
     cols = math.ceil(math.sqrt(args.n))
     rows = {f"{i * cols}": images[i * cols:(i + 1) * cols] for i in range(math.ceil(args.n / cols))}

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from mtcore.cli.config_cmd import add_config_args
+from mtcore.cli.paths import out_folder
 from mtcore.config import load_toml, resolve_config
 from mtcore.errors import ConfigError
 
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from mtcore.experiment import build_experiment
     from mtcore.trainer import Trainer
 
-    out = Path(args.out)
+    out = out_folder(args.out)
     if args.resume:
         saved = out / "config.toml"
         if not saved.exists():

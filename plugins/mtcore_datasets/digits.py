@@ -73,7 +73,9 @@ class DigitsDataset(Dataset):
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise ValueError(f"seed must be an int, got {seed!r}")
-        if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0):
+        fractions = (val_fraction, test_fraction)
+        if not all(isinstance(f, int | float) and not isinstance(f, bool) for f in fractions) or not (
+                0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0):
             raise ValueError(
                 f"val_fraction and test_fraction must be in [0, 1), got val_fraction="
                 f"{val_fraction!r}, test_fraction={test_fraction!r}"

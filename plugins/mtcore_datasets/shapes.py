@@ -181,9 +181,11 @@ class ShapesDataset(Dataset):
             )
         if channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {channels!r}")
-        if not 0.02 <= min_radius <= max_radius <= 0.5:
+        if not all(isinstance(r, int | float) and not isinstance(r, bool)
+                   for r in (min_radius, max_radius)) or not (
+                0.02 <= min_radius <= max_radius <= 0.5):
             raise ValueError("min_radius and max_radius (fractions of the image side) must satisfy "
-                             f"0.02 <= min_radius <= max_radius <= 0.5, got {min_radius}, {max_radius}")
+                             f"0.02 <= min_radius <= max_radius <= 0.5, got {min_radius!r}, {max_radius!r}")
         self.split = split
         self.info = DatasetInfo(
             name="shapes",

@@ -93,6 +93,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.batch_size < 2:  # BatchNorm trains on two samples or more
+            raise ValueError(f"batch_size must be >= 2, got {self.batch_size}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}")
         if not self.lr > 0:

@@ -242,6 +242,11 @@ class GenerationMetrics:
                 else type(fake_images).__name__
             )
             raise ValueError(f"fake_images must be a tensor [M, C, H, W], got {got}")
+        if labels is not None and (not isinstance(labels, Tensor)
+                                   or labels.shape[:1] != fake_images.shape[:1]):
+            got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+            raise ValueError(f"labels must hold one label per image: {fake_images.shape[0]} "
+                             f"fake_images, labels {got}")
         if self.num_samples is not None:
             if fake_images.shape[0] < self.num_samples:
                 raise ValueError(

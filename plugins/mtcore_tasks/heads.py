@@ -86,6 +86,12 @@ class SegmentationHead(TaskHead):
         self.num_classes, self.ignore_index = info.num_seg_classes, info.ignore_index
         self.class_names = tuple(info.seg_class_names)
         self.loss_fn = loss if loss is not None else SegCrossEntropy(ignore_index=info.ignore_index)
+        own = getattr(self.loss_fn, "ignore_index", info.ignore_index)
+        if own != info.ignore_index:  # the loss would train on pixels the metrics leave out
+            raise IncompatibleComponentsError(
+                f"segmentation head: the loss ignores mask value {own} but the dataset marks "
+                f"unlabelled pixels {info.ignore_index}; set the loss's params.ignore_index = "
+                f"{info.ignore_index}")
         if in_features is None:
             in_features = [f.name for f in features]
         chosen = [_pick(features, n, "segmentation head") for n in in_features]

@@ -8,6 +8,7 @@ Inputs are checked up front and bad ones raise ValueError/TypeError naming the t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -72,14 +73,18 @@ def _check_seg_inputs(logits: Tensor, mask: Tensor) -> None:
         )
 
 
-def _check_mask_values(mask: Tensor, num_classes: int, ignore_index: int) -> None:
-    """ValueError naming the first mask value outside [0, C) that is not ignore_index."""
-    bad = ((mask < 0) | (mask >= num_classes)) & (mask != ignore_index)
+def _check_mask_values(mask: Tensor, num_classes: int, ignore_index: int | None,
+                       name: str = "mask") -> None:
+    """ValueError naming the first value of ``mask`` (int64) outside [0, C) that is not
+    ignore_index (None: every value must be a class)."""
+    bad = (mask < 0) | (mask >= num_classes)
+    if ignore_index is not None:
+        bad &= mask != ignore_index
     if bool(bad.any()):
         value = int(mask[bad].flatten()[0])
         raise ValueError(
-            f"mask holds class index {value}, outside [0, {num_classes}) "
-            f"and not ignore_index={ignore_index}"
+            f"{name} holds class index {value}, outside [0, {num_classes})"
+            + ("" if ignore_index is None else f" and not ignore_index={ignore_index}")
         )
 
 
@@ -133,6 +138,8 @@ class SegCrossEntropy(nn.Module):
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         _check_seg_inputs(logits, mask)
+        mask = mask.long()  # a uint8 mask compared with ignore_index -1 would wrap to 255
+        _check_mask_values(mask, logits.shape[1], self.ignore_index)
         _check_class_vector_len("class_weights", self.class_weights, logits)
         w = None if self.class_weights is None else self.class_weights.to(logits.dtype)
         return kernels.seg_cross_entropy(
@@ -164,6 +171,7 @@ class DiceLoss(nn.Module):
 
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         _check_seg_inputs(logits, mask)
+        mask = mask.long()  # a uint8 mask compared with ignore_index -1 would wrap to 255
         c = logits.shape[1]
         _check_mask_values(mask, c, self.ignore_index)
         x = logits.to(_compute_dtype(logits))
@@ -220,6 +228,7 @@ class FocalLoss(nn.Module):
     def forward(self, logits: Tensor, mask: Tensor) -> Tensor:
         _check_seg_inputs(logits, mask)
         _check_class_vector_len("alpha", self.alpha, logits)
+        mask = mask.long()  # a uint8 mask compared with ignore_index -1 would wrap to 255
         c = logits.shape[1]
         _check_mask_values(mask, c, self.ignore_index)
         x = logits.to(_compute_dtype(logits))
@@ -264,7 +273,11 @@ class ClsCrossEntropy(nn.Module):
                 f"labels must be [N] = ({logits.shape[0]},) to match logits "
                 f"{tuple(logits.shape)}, got {_desc(labels)}"
             )
-        return kernels.seg_cross_entropy(logits, labels, None, -100, self.label_smoothing, "mean")
+        labels = labels.long()
+        # every label counts: no value is set aside as "ignore" (the metrics take none either)
+        _check_mask_values(labels, logits.shape[1], None, name="labels")
+        return kernels.seg_cross_entropy(logits, labels, None, logits.shape[1],
+                                         self.label_smoothing, "mean")
 
 
 # ----------------------------------------------------------------------------- VAE
@@ -322,7 +335,7 @@ class VAELoss(nn.Module):
         terms = kernels.vae_loss(recon, image, mu, logvar, self.beta, self.recon)
         rec, kl, total = terms.rec, terms.kl, terms.total
         if self.normalize:
-            d = max(recon[0].numel(), 1)
+            d = max(math.prod(recon.shape[1:]), 1)  # an empty batch has no recon[0]
             rec, kl, total = rec / d, kl / d, total / d
         return VAELossOutput(total, rec, kl)
 
@@ -382,6 +395,7 @@ def r1_penalty(real_images: Tensor, real_logits: Tensor, gamma: float) -> Tensor
         real_images.dim() < 1
         or real_logits.dim() < 1
         or real_logits.shape[0] != real_images.shape[0]
+        or real_logits.numel() != real_images.shape[0]
     ):
         raise ValueError(
             f"real_logits must have one row per image ([N] or [N, 1], N = "

@@ -27,17 +27,26 @@ class FineTune(TransferStrategy):
 
     def __init__(self, checkpoint: str, parts: str = "backbone", freeze_epochs: int = 0,
                  strict: bool = True) -> None:
+        _check_path(checkpoint)
         if parts not in ("backbone", "all"):
             raise ValueError(f"transfer.params.parts: expected 'backbone' or 'all', got {parts!r}")
+        if isinstance(freeze_epochs, bool) or not isinstance(freeze_epochs, int) or freeze_epochs < 0:
+            raise ValueError("transfer.params.freeze_epochs: expected an integer >= 0, got "
+                             f"{freeze_epochs!r}")
+        if not isinstance(strict, bool):
+            raise ValueError(f"transfer.params.strict: expected true or false, got {strict!r}")
         self.path, self.parts, self.freeze_epochs, self.strict = checkpoint, parts, freeze_epochs, strict
 
     def setup(self, model: nn.Module) -> None:
         state = load_checkpoint(self.path)["model"]
         if self.parts == "backbone":
-            load_model_weights(model.backbone, state, self.path, prefix="backbone.",
-                                          strict=self.strict)
+            loaded = load_model_weights(model.backbone, state, self.path, prefix="backbone.",
+                                        strict=self.strict)
         else:
-            load_model_weights(model, state, self.path, strict=self.strict)
+            loaded = load_model_weights(model, state, self.path, strict=self.strict)
+        if not loaded:  # strict=false between unrelated architectures: nothing would transfer
+            raise ValueError(f"transfer.params.checkpoint: {self.path} shares no parameter (name "
+                             f"and shape) with this model's {self.parts}; nothing would load")
 
     def stage(self, epoch: int) -> Stage:
         if epoch < self.freeze_epochs:
@@ -60,10 +69,10 @@ class StructureTransfer(TransferStrategy):
     checkpoint's config, with fresh weights."""
 
     def __init__(self, checkpoint: str) -> None:
-        self.path = checkpoint
+        self.path = _check_path(checkpoint)
 
     def configure(self, config: dict[str, Any]) -> dict[str, Any]:
-        src = load_checkpoint(self.path)["config"]["model"]["backbone"]
+        src = load_checkpoint(self.path, require=("config",))["config"]["model"]["backbone"]
         return {**config, "model": {**config["model"], "backbone": dict(src)}}
 
 
@@ -85,20 +94,33 @@ class Staged(TransferStrategy):
 
     def __init__(self, stages: Sequence[Mapping[str, Any]] = DEFAULT,
                  checkpoint: str | None = None) -> None:
-        if not stages:
-            raise ValueError("transfer.params.stages: give at least one stage")
+        if isinstance(stages, Mapping | str) or not isinstance(stages, Sequence) or not stages:
+            raise ValueError("transfer.params.stages: expected a non-empty list of stage tables "
+                             f"[{{name, epochs, ...}}, ...], got {stages!r}")
+        if checkpoint is not None:
+            _check_path(checkpoint)
         self.stages: list[Stage] = []
         self.ends: list[int] = []
         end = 0
         for i, s in enumerate(stages):
             where = f"transfer.params.stages[{i}]"
+            if not isinstance(s, Mapping):
+                raise ValueError(f"{where}: expected a table {{name, epochs, ...}}, got {s!r}")
             unknown = set(s) - set(self.KEYS)
             if unknown:
                 raise ValueError(f"{where}: unknown keys {sorted(unknown)}; expected "
                                  + ", ".join(self.KEYS))
-            epochs = int(s.get("epochs", 1))
-            if epochs < 1:
-                raise ValueError(f"{where}.epochs: expected >= 1, got {epochs}")
+            epochs = s.get("epochs", 1)
+            if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+                raise ValueError(f"{where}.epochs: expected an integer >= 1, got {epochs!r}")
+            freeze = s.get("freeze", ())
+            if isinstance(freeze, str) or not all(isinstance(f, str) and f for f in freeze):
+                raise ValueError(f"{where}.freeze: expected a list of module prefixes (e.g. "
+                                 f"[\"backbone\"]), got {freeze!r}")
+            lr_scale = s.get("lr_scale", 1.0)
+            if isinstance(lr_scale, bool) or not isinstance(lr_scale, int | float) or not (
+                    0 <= lr_scale < float("inf")):
+                raise ValueError(f"{where}.lr_scale: expected a number >= 0, got {lr_scale!r}")
             tasks = s.get("tasks")
             if tasks is not None and (isinstance(tasks, str) or not tasks
                                       or not all(isinstance(t, str) for t in tasks)):
@@ -109,9 +131,8 @@ class Staged(TransferStrategy):
                 raise ValueError(f"{where}.balance: expected true or false, got {balance!r}")
             end += epochs
             self.ends.append(end)
-            self.stages.append(Stage(str(s.get("name", f"stage{i + 1}")),
-                                     tuple(s.get("freeze", ())), float(s.get("lr_scale", 1.0)),
-                                     tasks=tasks, balance=balance))
+            self.stages.append(Stage(str(s.get("name", f"stage{i + 1}")), tuple(freeze),
+                                     float(lr_scale), tasks=tasks, balance=balance))
         self.checkpoint = checkpoint
 
     def setup(self, model: nn.Module) -> None:
@@ -134,3 +155,10 @@ class Staged(TransferStrategy):
             if epoch < end:
                 return st
         return self.stages[-1]
+
+
+def _check_path(checkpoint: object) -> str:
+    if not isinstance(checkpoint, str) or not checkpoint:
+        raise ValueError("transfer.params.checkpoint: expected the path of an mtcore checkpoint "
+                         f"(a string), got {checkpoint!r}")
+    return checkpoint

@@ -74,6 +74,50 @@ def test_foreign_checkpoint_is_refused(tmp_path, capsys):
     assert "is not an mtcore checkpoint" in capsys.readouterr().err
 
 
+def test_a_checkpoint_without_a_runs_records_is_named(tmp_path, capsys):
+    """Pre-trained weights saved as an mtcore checkpoint serve finetune, not eval or resume."""
+    import torch
+
+    p = tmp_path / "weights.pt"
+    torch.save({"format": "mtcore", "version": 1, "model": {}, "config": {}}, p)
+    assert main(["eval", "--checkpoint", str(p)]) == 2
+    assert "lacks epoch, global_step, history, rng" in capsys.readouterr().err
+
+
+def test_bad_out_paths_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    import mtcore.api
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the command worked before checking --out")
+
+    monkeypatch.setattr(mtcore.api, "evaluate", no_work)
+    monkeypatch.setattr(mtcore.api, "sample", no_work)
+    (tmp_path / "afile").write_text("")
+    ckpt = str(tmp_path / "c.pt")
+    cases = [(["train", "--out", str(tmp_path / "afile" / "run")], "afile is a file; give a folder"),
+             (["eval", "--checkpoint", ckpt, "--out", str(tmp_path)], "is a folder; give a file"),
+             (["eval", "--checkpoint", ckpt, "--out", str(tmp_path / "afile" / "m.json")],
+              "afile is a file; give a folder"),
+             (["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "g.jpgx")],
+              "not an image file name Pillow can write")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+
+def test_checkpoints_are_readable_as_the_umask_says(tmp_path):
+    import os
+
+    from mtcore.checkpoint import save_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = save_atomic({"x": 1}, tmp_path / "a.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # as torch.save's own file would be
+
+
 def test_build_ext_fails_when_the_build_fails(monkeypatch, capsys):
     """The build warns and falls back inside a run; as a command a failed build must fail (it
     printed "built: None" and exited 0, so gpu_check.sh's build step could never fail)."""

@@ -167,6 +167,18 @@ def test_resume_checks_what_changed(tmp_path):
         resume("tasks.seg.loss.params.label_smoothing=0.2")
     with pytest.raises(CheckpointError, match=r"optim\.optimizer changed"):
         resume('optim.optimizer="sgd"')
+    # the balancer's state, the stages and the steps per epoch must be the checkpoint's
+    with pytest.raises(CheckpointError, match=r"balancer\.name, balancer\.params.* changed"):
+        resume('balancer={name = "uncertainty"}')
+    with pytest.raises(CheckpointError, match=r"data\.batch_size changed"):
+        resume("data.batch_size=8")
+    with pytest.raises(CheckpointError, match=r"train\.max_steps_per_epoch changed"):
+        resume("train.max_steps_per_epoch=1")
+    with pytest.raises(CheckpointError, match=r"transfer\.name.* changed"):
+        resume('transfer={name = "staged"}')
+    with pytest.warns(RuntimeWarning, match=r"a changed seed: the run goes on with other data "
+                                            r"or another shuffle"):
+        resume("seed=3")
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*changed optimizer settings")
         kept = resume("optim.epochs=2", "model.channels_last=true")

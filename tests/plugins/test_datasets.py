@@ -141,6 +141,7 @@ def test_shapes_num_samples_by_split():
         ({"min_shapes": 3, "max_shapes": 2}, "min_shapes"),
         ({"channels": 2}, "channels"),
         ({"seed": -1}, "seed"),
+        ({"min_radius": "0.1"}, r"min_radius and max_radius .* got '0.1', 0.26"),
     ],
 )
 def test_shapes_bad_arguments(kwargs, message):
@@ -209,6 +210,8 @@ def test_digits_errors(monkeypatch):
         DigitsDataset("dev")
     with pytest.raises(ValueError, match="val_fraction"):
         DigitsDataset(val_fraction=0.6, test_fraction=0.5)
+    with pytest.raises(ValueError, match=r"val_fraction='0.2'"):
+        DigitsDataset(val_fraction="0.2")
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # import now fails
     with pytest.raises(ImportError, match=re.escape("pip install 'mtcore[digits]'")):
         DigitsDataset()

@@ -335,3 +335,12 @@ def test_generation_metrics_real_vs_noise(bars, bars_evaluator):
     )
     with pytest.raises(ValueError, match="fewer than num_samples=300"):
         metrics(train.images[:100])
+    with pytest.raises(ValueError, match=r"labels must hold one label per image: 310 fake_images, "
+                                         r"labels \(10,\)"):
+        metrics(train.images[:310], labels=train.labels[:10])
+
+
+def test_an_evaluator_trains_on_batches_of_two_or_more():
+    """BatchNorm needs two samples: batch_size 1 skipped every batch and cached an untrained net."""
+    with pytest.raises(ValueError, match="batch_size must be >= 2, got 1"):
+        evaluator_mod.TrainConfig(batch_size=1).validate()

@@ -309,3 +309,16 @@ def test_ac_gan_off_by_default_and_bad_weight_is_an_error():
                            return_classes=True)
     with pytest.raises(ValueError, match="ac_weight must be >= 0"):
         _gan_only(["tasks.gan.head.params.ac_weight=-1.0"])
+
+
+def test_a_segmentation_loss_must_ignore_what_the_dataset_marks_unlabelled():
+    """shapes marks nothing but 255 as unlabelled; a loss ignoring 0 would train on pixels the
+    metrics leave out (or the other way round)."""
+    base = ["data.dataset.params.size=16", "data.dataset.params.num_samples=8"]
+    with pytest.raises(IncompatibleComponentsError, match=r"the loss ignores mask value 0 but the "
+                                                          r"dataset marks unlabelled pixels 255; "
+                                                          r"set the loss's params.ignore_index = 255"):
+        mtcore.build(None, [*base, 'tasks.seg.loss={name = "focal", params = {ignore_index = 0}}'],
+                     splits=())
+    exp = mtcore.build(None, [*base, 'tasks.seg.loss={name = "dice"}'], splits=())
+    assert exp.model.heads["seg"].loss_fn.ignore_index == 255

@@ -134,7 +134,7 @@ def test_seg_ce_errors():
         SegCrossEntropy()(mask.unsqueeze(1), mask)
     bad = mask.clone()
     bad[1, 2, 2] = 7
-    with pytest.raises(ValueError, match=r"7"):
+    with pytest.raises(ValueError, match=r"mask holds class index 7, outside \[0, 4\)"):
         SegCrossEntropy()(logits, bad)
     with pytest.raises(ValueError, match=r"label_smoothing"):
         SegCrossEntropy(label_smoothing=1.5)
@@ -290,6 +290,11 @@ def test_cls_ce_errors():
         ClsCrossEntropy()(logits.unsqueeze(-1), torch.zeros(4, dtype=torch.long))
     with pytest.raises(TypeError, match=r"labels must hold integer"):
         ClsCrossEntropy()(logits, torch.zeros(4))
+    # no label value is set aside as "ignore": -100 (F.cross_entropy's) is out of range too
+    for value in (-100, 3):
+        with pytest.raises(ValueError, match=rf"labels holds class index {value}, outside "
+                                             r"\[0, 3\)$"):
+            ClsCrossEntropy()(logits, torch.tensor([0, 1, value, 2]))
 
 
 # ----------------------------------------------------------------------------- VAELoss
@@ -452,8 +457,31 @@ def test_r1_penalty_errors():
         r1_penalty(xg, other.sum(1), 1.0)
     with pytest.raises(ValueError, match=r"one row per image.*shape \(2,\)"):
         r1_penalty(xg, xg.sum(1)[:2], 1.0)
+    with pytest.raises(ValueError, match=r"one row per image.*shape \(3, 2\)"):
+        r1_penalty(xg, xg * 2, 1.0)  # two logits per image
     with pytest.raises(ValueError, match=r"gamma must be >= 0"):
         r1_penalty(xg, xg.sum(1), -1.0)
+
+
+@pytest.mark.parametrize("loss", [SegCrossEntropy, DiceLoss, FocalLoss])
+def test_a_narrow_mask_dtype_is_compared_as_its_values(loss):
+    """uint8 255 is not ignore_index -1 (in uint8 arithmetic -1 wraps to 255): every loss
+    refuses it alike, and a uint8 mask gives the int64 mask's loss."""
+    logits, mask = _seg_batch(c=4)
+    wide = mask.clone()
+    wide[0, 0, :3] = 0
+    want = loss(ignore_index=-1)(logits, wide)
+    torch.testing.assert_close(loss(ignore_index=-1)(logits, wide.to(torch.uint8)), want)
+    with pytest.raises(ValueError, match=r"mask holds class index 255, outside \[0, 4\) and not "
+                                         r"ignore_index=-1"):
+        loss(ignore_index=-1)(logits, mask.to(torch.uint8))
+
+
+def test_vae_loss_of_an_empty_batch_is_zero():
+    recon, image, mu, logvar = (t[:0] for t in _vae_batch())
+    for normalize in (True, False):
+        out = VAELoss(normalize=normalize)(recon, image, mu, logvar)
+        assert float(out.total) == 0.0
 
 
 @pytest.mark.slow

@@ -87,7 +87,11 @@ def test_staged_schedule_freezes_then_unfreezes():
 
 
 def test_staged_rejects_unknown_module():
-    with pytest.raises(ValueError, match="'heads.nope', which is not a module"):
+    from mtcore.errors import ConfigError
+
+    # one line naming the transfer key (setup runs outside the registry's parameter checks)
+    with pytest.raises(ConfigError, match=r"transfer \('staged'\): .*'heads.nope', which is not "
+                                          r"a module"):
         mtcore.build(None, SMALL + ["transfer.name=\"staged\"",
                                     "transfer.params.stages=[{freeze=[\"heads.nope\"]}]"], splits=())
 
@@ -136,11 +140,10 @@ def test_a_stage_can_freeze_the_gan_and_a_later_one_trains_it():
         assert any(not torch.equal(a, b) for a, b in zip(old, part.parameters(), strict=True))
 
 
-def test_a_stage_freezing_an_unknown_module_is_a_config_error_on_resume(tmp_path):
-    """Staged checks its freeze prefixes in setup(), which a restored run skips; the trainer
-    checks them again as each stage starts (a resumed run with a bad prefix gave a traceback)."""
+def test_a_resumed_run_keeps_its_stages(tmp_path, capsys):
+    """A restored run skips the strategy's setup() checks; its stages (what is frozen when, laid
+    out in epochs) must be the checkpoint's, so a changed transfer is refused by name."""
     from mtcore.cli.main import main
-    from mtcore.errors import ConfigError
 
     out = tmp_path / "run"
     exp = mtcore.build(None, SMALL + ["optim.epochs=2", "train.samples_every=0",
@@ -148,8 +151,7 @@ def test_a_stage_freezing_an_unknown_module_is_a_config_error_on_resume(tmp_path
     Trainer(exp, out, progress=False, log=lambda _: None).fit(stop_after=1)
     bad = 'transfer.params.stages=[{name="b", epochs=2, freeze=["heads.nope"]}]'
     assert main(["train", "--out", str(out), "--resume", "--quiet", "--set", bad]) == 2
-    with pytest.raises(ConfigError, match="stage 'b' freezes 'heads.nope', which is not a module"):
-        main(["--debug", "train", "--out", str(out), "--resume", "--quiet", "--set", bad])
+    assert "transfer.params.stages changed" in capsys.readouterr().err
 
 
 def test_staged_default_pretrains_heads_unbalanced_then_balances():
@@ -177,11 +179,16 @@ def test_staged_default_pretrains_heads_unbalanced_then_balances():
     ('{balance="no"}', r"stages\[0\]\.balance: expected true or false"),
     ('{tasks=["nope"]}', r"'stage1' trains the task\(s\) \['nope'\], which the experiment does "
                          r"not have \(tasks: seg, cls\)"),
+    ('{freeze="backbone"}', r"stages\[0\]\.freeze: expected a list of module prefixes"),
+    ('{epochs=1.7}', r"stages\[0\]\.epochs: expected an integer >= 1, got 1.7"),
+    ('{epochs="two"}', r"stages\[0\]\.epochs: expected an integer >= 1, got 'two'"),
+    ('{lr_scale=-1}', r"stages\[0\]\.lr_scale: expected a number >= 0, got -1"),
+    ('1', r"stages\[0\]: expected a table \{name, epochs, \.\.\.\}, got 1"),
 ])
 def test_staged_stage_errors_name_the_key(stage, message):
     from mtcore.errors import ConfigError
 
-    with pytest.raises((ConfigError, ValueError), match=message):
+    with pytest.raises(ConfigError, match=message):
         mtcore.build(None, SMALL + ['transfer.name="staged"',
                                     f"transfer.params.stages=[{stage}]"], splits=())
 
@@ -266,3 +273,34 @@ def test_a_stage_must_be_able_to_train_the_tasks_it_lists():
     trainer = Trainer(exp, None, progress=False, log=lambda _: None)
     trainer._apply_stage(0)
     assert trainer.stage.balance and trainer.in_stage == ["seg", "cls"]
+
+
+@pytest.mark.parametrize("params, message", [
+    ('{checkpoint = 3}', r"checkpoint: expected the path of an mtcore checkpoint \(a string\)"),
+    ('{checkpoint = "x.pt", freeze_epochs = "2"}', r"freeze_epochs: expected an integer >= 0"),
+    ('{checkpoint = "x.pt", strict = "false"}', r"strict: expected true or false, got 'false'"),
+])
+def test_finetune_parameters_are_checked(params, message):
+    from mtcore.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        mtcore.build(None, SMALL + [f'transfer={{name = "finetune", params = {params}}}'],
+                     splits=())
+    with pytest.raises(ConfigError, match=r"stages: expected a non-empty list of stage tables"):
+        mtcore.build(None, SMALL + ['transfer={name = "staged", params = {stages = {epochs = 1}}}'],
+                     splits=())
+
+
+def test_finetune_that_would_load_nothing_is_refused(source_ckpt):
+    """strict = false between unrelated backbones shares no tensor: an error, not a silent run
+    from scratch (a frozen random backbone, with features)."""
+    from mtcore.errors import ConfigError
+
+    path, _ = source_ckpt
+    for name in ("finetune", "features"):
+        with pytest.raises(ConfigError, match=r"shares no parameter \(name and shape\) with this "
+                                              r"model's backbone; nothing would load"):
+            mtcore.build(None, SMALL + ['model.backbone={name = "resnet", params = {width = 8}}',
+                                        f'transfer={{name = "{name}", params = {{checkpoint = '
+                                        f'"{path}", strict = false}}}}'], splits=())
+

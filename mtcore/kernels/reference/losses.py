@@ -136,6 +136,7 @@ def check_target_values(target: torch.Tensor, num_classes: int, ignore_index: in
     """ValueError naming the first target value outside [0, num_classes) that is not ignore_index."""
     if target.numel() == 0:
         return
+    target = target.long()  # in a narrow dtype, ignore_index -1 would compare as 255
     bad = ((target < 0) | (target >= num_classes)) & (target != ignore_index)
     if bool(bad.any()):
         value = int(target[bad].flatten()[0])
@@ -231,7 +232,7 @@ def seg_cross_entropy(
     check_seg_ce_args(logits, target, weight, label_smoothing, reduction, ignore_index)
     if not torch.compiler.is_compiling():
         check_target_values(target, logits.shape[1], ignore_index)
-    per, wy = _ce_per_element(logits, target, weight, ignore_index, float(label_smoothing))
+    per, wy = _ce_per_element(logits, target.long(), weight, ignore_index, float(label_smoothing))
     if reduction == "none":
         out = per
     elif reduction == "sum":
