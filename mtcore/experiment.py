@@ -66,6 +66,18 @@ def _component(cfg: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return cfg["name"], dict(cfg.get("params", {}))
 
 
+def build_transfer(registry: Registry, cfg: Mapping[str, Any]) -> TransferStrategy:
+    name, params = _component(cfg["transfer"])
+    return registry.build("transfer", name, params, key="transfer")
+
+
+def configured(transfer: TransferStrategy, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as the transfer strategy makes it (structure transfer: the checkpoint's
+    backbone): what a run uses, and what ``mtcore config`` prints."""
+    with _transfer_errors(cfg["transfer"]["name"]):
+        return transfer.configure(cfg)
+
+
 def build_dataset(registry: Registry, cfg: Mapping[str, Any], split: str) -> Dataset:
     name, params = _component(cfg["data"]["dataset"])
     ds = registry.build("dataset", name, params, split, key="data.dataset")
@@ -120,11 +132,10 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         select_kernels(cfg["kernels"])
-    tname, tparams = _component(cfg["transfer"])
-    transfer = registry.build("transfer", tname, tparams, key="transfer")
+    transfer = build_transfer(registry, cfg)
+    tname = cfg["transfer"]["name"]
     if not restoring:
-        with _transfer_errors(tname):
-            cfg = transfer.configure(cfg)
+        cfg = configured(transfer, cfg)
     torch.manual_seed(cfg["seed"])
     splits = splits if splits is not None else ("train", cfg["data"]["val_split"])
     datasets = {s: build_dataset(registry, cfg, s) for s in splits}

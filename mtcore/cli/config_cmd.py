@@ -27,5 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(dumps(resolved(args)), end="")
+    from mtcore.experiment import build_transfer, configured
+    from mtcore.registry import Registry
+
+    cfg = resolved(args)  # as a run would use it: structure transfer puts in its backbone
+    print(dumps(configured(build_transfer(Registry(), cfg), cfg)), end="")
     return 0

@@ -304,3 +304,15 @@ def test_finetune_that_would_load_nothing_is_refused(source_ckpt):
                                         f'transfer={{name = "{name}", params = {{checkpoint = '
                                         f'"{path}", strict = false}}}}'], splits=())
 
+
+
+def test_mtcore_config_prints_the_backbone_structure_transfer_takes(source_ckpt, capsys):
+    import tomllib
+
+    from mtcore.cli.main import main
+
+    path, _ = source_ckpt  # its backbone: unet of width 8 (the default's is 16)
+    assert main(["config", "--set", f'transfer={{name = "structure", params = {{checkpoint = '
+                                    f'"{path}"}}}}']) == 0
+    printed = tomllib.loads(capsys.readouterr().out)
+    assert printed["model"]["backbone"]["params"]["width"] == 8
