@@ -421,6 +421,12 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()  # before config.toml is written: a refused resume leaves the run as is
+            if self.epoch > epochs:
+                raise ConfigError(f"optim.epochs = {epochs}, but the run has trained "
+                                  f"{self.epoch} epochs already; give at least {self.epoch}")
+            if self.epoch == epochs:
+                self.log(f"the run is at epoch {epochs} of optim.epochs = {epochs}: nothing to "
+                         "train (raise optim.epochs to go on)")
         monitored = bool(tcfg.get("monitor"))
         if monitored:  # a misspelt metric fails now, not after an epoch (one batch says the names)
             probe = {**self._last_validation(), **self.evaluate(max_batches=1)}

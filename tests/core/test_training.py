@@ -145,7 +145,7 @@ def test_resume_checks_what_changed(tmp_path):
     and they take effect (the checkpoint's own values do not come back)."""
     import warnings
 
-    from mtcore.errors import CheckpointError
+    from mtcore.errors import CheckpointError, ConfigError
 
     sets = TINY + ["train.gen_metrics=\"none\"", "train.samples_every=0", "optim.epochs=1",
                    "model.channels_last=false"]
@@ -173,6 +173,9 @@ def test_resume_checks_what_changed(tmp_path):
                               ('transfer={name = "staged"}', r"transfer\.name")]:
         with pytest.raises(CheckpointError, match=changed + r".* changed"):
             resume(override)
+    lines: list[str] = []
+    Trainer(mtcore.build(None, sets), tmp_path, progress=False, log=lines.append).fit(resume=True)
+    assert "the run is at epoch 1 of optim.epochs = 1: nothing to train" in lines[0]
     with pytest.warns(RuntimeWarning, match=r"a changed seed: the run goes on with other data "
                                             r"or another shuffle"):
         resume("seed=3")
@@ -194,6 +197,9 @@ def test_resume_checks_what_changed(tmp_path):
     assert new.scheduler.base_lrs == [g["initial_lr"] for g in new.optimizer.param_groups]
     kept.fit(resume=False)  # continues from the restored state: the second epoch only
     assert kept.epoch == 2 and [r["epoch"] for r in kept.history if r["split"] == "val"] == [1, 2]
+    with pytest.raises(ConfigError, match=r"optim.epochs = 1, but the run has trained 2 epochs "
+                                          r"already; give at least 2"):
+        Trainer(mtcore.build(None, sets), tmp_path, progress=False).fit(resume=True)
 
 
 def test_head_backbone_mismatch_is_a_build_error():
