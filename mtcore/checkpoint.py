@@ -25,11 +25,11 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint reads as any file
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; a checkpoint reads as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -45,7 +45,8 @@ def _umask() -> int:
 
 # what a run's checkpoint holds for eval, sample and resume (a transfer source needs only
 # "model", and "config" for structure transfer); a damaged or hand-made one is named
-RUN_KEYS = ("config", "model", "epoch", "global_step", "history", "rng")
+RUN_KEYS = ("config", "model", "epoch", "global_step", "history", "rng", "balancer", "optimizer",
+            "scheduler")
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu",
@@ -67,14 +68,14 @@ def load(path: str | Path, map_location: str | torch.device = "cpu",
         ) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != "mtcore" or "model" not in ckpt:
         raise CheckpointError(f"checkpoint {str(path)!r} is not an mtcore checkpoint")
+    if ckpt.get("version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}; "
+                              f"this mtcore reads up to {FORMAT_VERSION}: upgrade mtcore")
     missing = [k for k in require if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}: a damaged, "
                               "hand-made or pre-trained-weights file; use a last.pt or best.pt "
                               "that an mtcore run wrote")
-    if ckpt.get("version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version {ckpt['version']}; "
-                              f"this mtcore reads up to {FORMAT_VERSION}: upgrade mtcore")
     return ckpt
 
 

@@ -217,7 +217,8 @@ def set_path(cfg: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]
 def resolve_config(file_config: Mapping[str, Any] | None = None, overrides: list[str] = (),
                    base: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Defaults, then the file (whose ``tasks`` table replaces the default tasks), then ``--set``
-    (``tasks={...}`` replaces them too; ``tasks.NAME...`` merges into that task).
+    (``tasks={...}`` replaces them too, ``loggers={}`` turns every logger off; ``tasks.NAME...``
+    merges into that task).
 
     Returns the validated config with disabled tasks removed.
     """
@@ -229,8 +230,8 @@ def resolve_config(file_config: Mapping[str, Any] | None = None, overrides: list
         cfg = deep_merge(cfg, file_config, SCHEMA)
     for item in overrides:
         path, value = parse_override(item)
-        if path == ["tasks"]:  # the whole task set, as a file's [tasks]: replaces, not merges
-            cfg["tasks"] = {}
+        if path in (["tasks"], ["loggers"]):  # the whole table, as a file's [tasks]: replaces
+            cfg[path[0]] = {}
         cfg = set_path(cfg, path, value)
     validate(cfg)
     cfg["tasks"] = {k: v for k, v in cfg["tasks"].items() if v.get("enabled", True)}

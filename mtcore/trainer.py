@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
 import time
 import warnings
 from collections import defaultdict
@@ -103,13 +102,14 @@ class Trainer:
         self.monitor = Monitor.from_config(tcfg, self.heads)  # picks best.pt; train.patience
         self.best: float | None = None  # the monitor's best score so far (higher is better)
         self.history: list[dict[str, Any]] = []
-        self.loggers: list[RunLogger] = []  # while fit() runs
+        self.loggers: list[tuple[str, RunLogger]] = []  # (config label, logger) while fit() runs
 
     # -- setup --------------------------------------------------------------------------------
     def _steps_per_epoch(self) -> int:
         if self.train_set is None:
             return 1
-        n = math.ceil(len(self.train_set) / self.cfg["data"]["batch_size"])
+        size, batch = len(self.train_set), self.cfg["data"]["batch_size"]
+        n = size // batch if size > batch else 1  # as the loader gives them (drop_last)
         cap = self.cfg["train"]["max_steps_per_epoch"]
         return min(n, cap) if cap else n
 
@@ -432,23 +432,33 @@ class Trainer:
             probe = {**self._last_validation(), **self.evaluate(max_batches=1)}
             gen_later = tcfg["gen_metrics"] == "every" and bool(self.model.generative_heads())
             self._check_monitor(probe, final=not gen_later)
-        if not resume and self.out is not None:
-            if (self.out / "checkpoints" / "last.pt").exists():
-                self.log(f"{self.out} holds an earlier run: starting over (--resume continues it)")
-            # a fresh run: none of an earlier run's records or sample grids stay behind
-            for stale in [self.out / "metrics.jsonl", *(self.out / "samples").glob("epoch_*.png")]:
-                stale.unlink(missing_ok=True)
-        if self.out is not None:
-            (self.out / "config.toml").write_text(dumps(self.cfg))
         self.loggers = []
         try:
-            for logger in loggers:
-                logger.start(self.out, self.cfg, self.epoch)
-                self.loggers.append(logger)
+            # loggers start before the run folder changes: one that cannot leaves it as it was
+            for label, logger in loggers:
+                try:
+                    logger.start(self.out, self.cfg, self.epoch)
+                except (ValueError, OSError) as exc:
+                    raise ConfigError(f"loggers.{label}: could not start: {exc}") from exc
+                self.loggers.append((label, logger))
+            if not resume and self.out is not None:
+                if (self.out / "checkpoints" / "last.pt").exists():
+                    self.log(f"{self.out} holds an earlier run: starting over (--resume "
+                             "continues it)")
+                # a fresh run: none of an earlier run's records or sample grids stay behind
+                for stale in [self.out / "metrics.jsonl",
+                              *(self.out / "samples").glob("epoch_*.png")]:
+                    stale.unlink(missing_ok=True)
+            if self.out is not None:
+                (self.out / "config.toml").write_text(dumps(self.cfg))
             return self._run(epochs, stop_after, monitored, probe if monitored else {})
         finally:
-            for logger in self.loggers:  # however the run ends
-                logger.close()
+            for label, logger in self.loggers:  # however the run ends, each one
+                try:
+                    logger.close()
+                except Exception as exc:  # the run's own outcome (or error) stays what it was
+                    warnings.warn(f"loggers.{label}: close failed: {type(exc).__name__}: {exc}",
+                                  RuntimeWarning, stacklevel=2)
             self.loggers = []
 
     def _run(self, epochs: int, stop_after: int | None, monitored: bool,
@@ -519,17 +529,17 @@ class Trainer:
         if self.out is not None:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
-        for logger in self.loggers:
+        for _, logger in self.loggers:
             logger.log(row)
 
     def _log_image(self, name: str, path: Path, epoch: int) -> None:
         if self.loggers:
             with Image.open(path) as img:
                 pixels = np.asarray(img.convert("RGB"))
-            for logger in self.loggers:
+            for _, logger in self.loggers:
                 logger.log_image(name, pixels, epoch)
 
-    def _build_loggers(self) -> list[RunLogger]:
+    def _build_loggers(self) -> list[tuple[str, RunLogger]]:
         """The config's ``loggers``, built through the registry (each checked as it is)."""
         out = []
         for label, comp in self.cfg.get("loggers", {}).items():
@@ -538,7 +548,7 @@ class Trainer:
             if not isinstance(logger, RunLogger):
                 raise ContractError(f"loggers.{label}: logger {comp['name']!r} must build an "
                                     f"mtcore.plugin.RunLogger, got {type(logger).__name__}")
-            out.append(logger)
+            out.append((label, logger))
         return out
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -611,6 +621,12 @@ class Trainer:
         if path is None or not path.exists():
             raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume first")
         state = ckpt_io.load(path, map_location=self.device, require=ckpt_io.RUN_KEYS)
+        if state["epoch"] and state["global_step"] != state["epoch"] * self.steps_per_epoch:
+            # the schedule and the stages are laid out in steps: the count per epoch must stay
+            raise CheckpointError(
+                f"{path}: the run took {state['global_step'] // state['epoch']} steps per epoch "
+                f"and this config gives {self.steps_per_epoch} (data.batch_size, the dataset's "
+                "size or train.max_steps_per_epoch changed); resume with the run's own settings")
         self.load_state(state, str(path))
 
     def load_state(self, state: dict[str, Any], path: str) -> None:
@@ -629,9 +645,8 @@ class Trainer:
                  if k != "optim.epochs"]  # more (or fewer) epochs is what resuming is for
         optim += [k for k in every if _is_optim_key(k)]
         refused += [k for k in optim if k == "optim.optimizer"]  # its state would not fit
-        # the balancer's state, the transfer's stages and the step count per epoch (which the
-        # schedule and the stages are laid out in) must be the checkpoint's
-        refused += [k for top in ("balancer", "transfer", "data", "train")
+        # the balancer's state and the transfer's stages must be the checkpoint's
+        refused += [k for top in ("balancer", "transfer")
                     for k in _diff(saved.get(top), self.cfg.get(top), top)
                     if k.startswith(_FIXED_ON_RESUME)]
         if refused:
@@ -675,7 +690,7 @@ class Trainer:
 # across them (the weights load into either memory format).
 _LAYOUT_ONLY = ("model.channels_last",)
 # Config keys a checkpoint resumes only unchanged (prefixes of dotted keys).
-_FIXED_ON_RESUME = ("balancer", "transfer", "data.batch_size", "train.max_steps_per_epoch")
+_FIXED_ON_RESUME = ("balancer", "transfer")
 # Hyperparameters of a parameter group that a resumed run takes from its own (new) config.
 _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
 

@@ -36,8 +36,9 @@ class TensorBoardLogger(RunLogger):
             raise ValueError("the tensorboard logger needs a folder: give the run an output "
                              "folder or the logger params.log_dir")
         where = Path(self.log_dir) if self.log_dir is not None else Path(out_dir) / "tensorboard"
-        # a resumed run: what an interrupted attempt logged after the checkpoint is dropped
-        self.writer = self._writer_cls(str(where), purge_step=epoch + 1 if epoch else None,
+        # a resumed run: what an interrupted attempt logged after the checkpoint is dropped; a
+        # fresh run: everything an earlier run logged into this folder
+        self.writer = self._writer_cls(str(where), purge_step=epoch + 1 if epoch else 0,
                                        flush_secs=self.flush_secs)
         if epoch == 0:
             text = json.dumps(config, indent=2, default=str)

@@ -114,7 +114,8 @@ class Staged(TransferStrategy):
             if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
                 raise ValueError(f"{where}.epochs: expected an integer >= 1, got {epochs!r}")
             freeze = s.get("freeze", ())
-            if isinstance(freeze, str) or not all(isinstance(f, str) and f for f in freeze):
+            if not isinstance(freeze, list | tuple) or not all(isinstance(f, str) and f
+                                                                 for f in freeze):
                 raise ValueError(f"{where}.freeze: expected a list of module prefixes (e.g. "
                                  f"[\"backbone\"]), got {freeze!r}")
             lr_scale = s.get("lr_scale", 1.0)

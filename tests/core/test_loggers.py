@@ -49,12 +49,31 @@ class Recorder(RunLogger):
         self.calls.append(("close",))
 
 
+class Failing(Recorder):
+    """Fails where told to (``start`` or ``close``)."""
+
+    def __init__(self, where: str = "start") -> None:
+        super().__init__()
+        self.where = where
+
+    def start(self, out_dir, config, epoch):
+        super().start(out_dir, config, epoch)
+        if self.where == "start":
+            raise OSError("the tracker is down")
+
+    def close(self):
+        super().close()
+        if self.where == "close":
+            raise OSError("disk full on flush")
+
+
 def registry():
     plugin = types.ModuleType("recorder_plugin")
 
     @hookimpl
     def mtcore_loggers():
         yield LoggerSpec("recorder", Recorder, "Keeps every call.")
+        yield LoggerSpec("failing", Failing, "Fails where told to.")
         yield LoggerSpec("not_a_logger", lambda: object(), "Builds the wrong thing.")
 
     plugin.mtcore_loggers = mtcore_loggers
@@ -102,6 +121,40 @@ def test_a_logger_is_closed_when_the_run_fails(tmp_path, monkeypatch):
     assert [c[0] for c in calls] == ["start", "close"]
 
 
+def test_a_logger_that_cannot_start_leaves_the_run_folder_as_it_was(tmp_path):
+    Recorder.runs.clear()
+    reg = registry()
+    out = tmp_path / "run"
+    mtcore.fit(mtcore.build(None, [*TINY, "optim.epochs=1", "train.samples_every=0"],
+                            registry=reg), out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    trainer = Trainer(mtcore.build(None, [*TINY, "optim.epochs=1", "seed=3",
+                                          'loggers.t={name = "failing"}'],
+                                   registry=reg), out, progress=False)
+    with pytest.raises(ConfigError, match=r"loggers\.t: could not start: the tracker is down"):
+        trainer.fit()
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert Recorder.runs[-1][-1] != ("close",)  # never started, so never closed
+
+
+def test_a_logger_failing_to_close_does_not_hide_the_run_or_the_other_loggers(tmp_path):
+    Recorder.runs.clear()
+    sets = [*TINY, "optim.epochs=1", 'loggers.a={name = "failing", params = {where = "close"}}',
+            'loggers.b={name = "recorder"}']
+    with pytest.warns(RuntimeWarning, match=r"loggers\.a: close failed: OSError: disk full"):
+        result = Trainer(mtcore.build(None, sets, registry=registry()), tmp_path,
+                         progress=False).fit()
+    assert result["epochs"] == 1
+    assert [run[-1] for run in Recorder.runs] == [("close",), ("close",)]
+
+
+def test_loggers_from_a_runs_config_can_be_turned_off_on_resume():
+    from mtcore.config import resolve_config
+
+    saved = resolve_config(None, ['loggers.tb={name = "tensorboard"}'])
+    assert resolve_config(saved, ["loggers={}"], base=saved)["loggers"] == {}
+
+
 def test_bad_logger_configs_fail_before_the_run_starts(tmp_path):
     reg = registry()
     cases = [('loggers.x={name = "tensorbord"}', ComponentNotFoundError,
@@ -144,6 +197,12 @@ def test_tensorboard_event_files_hold_the_runs_numbers_and_grids(tmp_path):
     grid = Image.open(tmp_path / "samples" / "epoch_002.png")
     assert (events.Images("samples")[1].width, events.Images("samples")[1].height) == grid.size
     assert "config/text_summary" in tags["tensors"]
+
+    # a fresh run into the same folder: TensorBoard shows it alone, not after the earlier one
+    mtcore.fit(mtcore.build(None, [*sets, "seed=1", "optim.epochs=1"]), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/seg.loss")] == [1]
 
 
 def test_tensorboard_missing_is_a_clear_error(monkeypatch):

@@ -168,11 +168,14 @@ def test_resume_checks_what_changed(tmp_path):
                                r"tasks\.seg\.loss\.params\.label_smoothing"),
                               ('optim.optimizer="sgd"', r"optim\.optimizer"),
                               ('balancer={name = "uncertainty"}', r"balancer\.name, balancer\.params"),
-                              ("data.batch_size=8", r"data\.batch_size"),
-                              ("train.max_steps_per_epoch=1", r"train\.max_steps_per_epoch"),
                               ('transfer={name = "staged"}', r"transfer\.name")]:
         with pytest.raises(CheckpointError, match=changed + r".* changed"):
             resume(override)
+    for override, steps in (("data.batch_size=8", 6), ("train.max_steps_per_epoch=1", 1)):
+        with pytest.raises(CheckpointError, match=rf"the run took 3 steps per epoch and this "
+                                                  rf"config gives {steps} \(data.batch_size"):
+            resume(override)
+    resume("data.batch_size=15")  # 48 images: still 3 (full) batches an epoch, so it resumes
     lines: list[str] = []
     Trainer(mtcore.build(None, sets), tmp_path, progress=False, log=lines.append).fit(resume=True)
     assert "the run is at epoch 1 of optim.epochs = 1: nothing to train" in lines[0]
