@@ -632,9 +632,10 @@ class Trainer:
     def load_state(self, state: dict[str, Any], path: str) -> None:
         """Restore a checkpoint written by :meth:`save` (resume, ``mtcore eval``/``sample``).
 
-        The model, tasks and optimizer kind must match; ``model.channels_last`` and the epoch
-        count may change; other optimizer settings (``optim``, ``tasks.*.optim``) may too, with a
-        warning, and take effect from the resume point: the hyperparameters the optimizers were
+        The model, tasks, optimizer kind, balancer and transfer must match (and, on resume, the
+        steps per epoch: :meth:`_resume`); a changed dataset or seed warns; ``model.channels_last``
+        and the epoch count may change; other optimizer settings (``optim``, ``tasks.*.optim``)
+        may too, with a warning, and take effect from the resume point: the hyperparameters the optimizers were
         just built with replace the checkpoint's, the moments and step counts stay.
         """
         saved = state["config"]
