@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
 import os
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -160,26 +161,40 @@ def check_batch_size(batch_size: int) -> None:
         raise DataError(f"batch_size must be >= 1, got {batch_size}")
 
 
+@contextlib.contextmanager
+def seeded(device: torch.device) -> Iterator[None]:
+    """One random stream for a whole prediction call, from seed 0: a head that draws noise in
+    eval predicts the same for the same images each call, however they are batched; the
+    caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(0)
+        yield
+
+
 @torch.no_grad()
+def _predict(model: MultiTaskModel, images: torch.Tensor, device: torch.device,
+             heads: Mapping[str, TaskHead], batch_size: int) -> Predictions:
+    """The heads' predictions for ``images`` in batches (the caller seeds and sets eval)."""
+    parts: dict[str, dict[str, list[Prediction]]] = {t: {} for t in heads}
+    for i in range(0, images.shape[0], batch_size):
+        outputs = model.predict(images[i:i + batch_size].to(device), heads)
+        n = min(batch_size, images.shape[0] - i)
+        for task, head in heads.items():
+            for name, pred in head.predictions(outputs[task]).items():
+                _check_batch(pred, task, name, n)
+                parts[task].setdefault(name, []).append(pred)
+    return {task: {name: _concat(chunks) for name, chunks in by_name.items()}
+            for task, by_name in parts.items()}
+
+
 def run_predictions(model: MultiTaskModel, images: torch.Tensor, device: torch.device, *,
                     tasks: Collection[str] | None = None, batch_size: int = 64) -> Predictions:
     """Every predicting head's :class:`Prediction` s for ``images``, batched, on the CPU."""
     check_batch_size(batch_size)
     heads = predicting_heads(model, tasks)
     model.eval()
-    parts: dict[str, dict[str, list[Prediction]]] = {t: {} for t in heads}
-    starts = range(0, images.shape[0], batch_size)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(0)  # a head that draws noise in eval predicts the same each call
-        for i in starts:
-            outputs = model.predict(images[i:i + batch_size].to(device), heads)
-            n = min(batch_size, images.shape[0] - i)
-            for task, head in heads.items():
-                for name, pred in head.predictions(outputs[task]).items():
-                    _check_batch(pred, task, name, n)
-                    parts[task].setdefault(name, []).append(pred)
-    return {task: {name: _concat(chunks) for name, chunks in by_name.items()}
-            for task, by_name in parts.items()}
+    with seeded(device):
+        return _predict(model, images, device, heads, batch_size)
 
 
 def predict_images(model: MultiTaskModel, info: DatasetInfo, device: torch.device,
@@ -188,11 +203,12 @@ def predict_images(model: MultiTaskModel, info: DatasetInfo, device: torch.devic
     """:func:`run_predictions` for image files, read ``batch_size`` at a time (only the
     predictions are kept for all of them); every file is checked before the first batch."""
     check_batch_size(batch_size)
-    predicting_heads(model, tasks)
+    heads = predicting_heads(model, tasks)
     check_readable(files)
-    parts = [run_predictions(model, load_images(files[i:i + batch_size], info)[0], device,
-                             tasks=tasks, batch_size=batch_size)
-             for i in range(0, len(files), batch_size)]
+    model.eval()
+    with seeded(device):
+        parts = [_predict(model, load_images(files[i:i + batch_size], info)[0], device, heads,
+                          batch_size) for i in range(0, len(files), batch_size)]
     return {task: {name: _concat([p[task][name] for p in parts]) for name in by_name}
             for task, by_name in parts[0].items()}
 
@@ -229,20 +245,21 @@ def predict_files(model: MultiTaskModel, info: DatasetInfo, device: torch.device
     check_batch_size(batch_size)
     check_distinct_names(files)
     out = check_out_dir(out_dir, files)
-    predicting_heads(model, tasks)
+    heads = predicting_heads(model, tasks)
     check_readable(files)
     out.mkdir(parents=True, exist_ok=True)
+    model.eval()
     written = {"masks": 0, "images": 0}
     first: Predictions = {}
     starts = range(0, len(files), batch_size)
     partial = out / "predictions.csv.partial"  # renamed when complete: no half table left
-    with open(partial, "w", newline="") as fh:
+    with open(partial, "w", newline="") as fh, seeded(device):
         rows = csv.writer(fh)
         for start in tqdm(starts, desc="predict", unit="batch",
                           disable=not progress or len(starts) < 2):
             chunk = files[start:start + batch_size]
             images, sizes = load_images(chunk, info)
-            preds = run_predictions(model, images, device, tasks=tasks, batch_size=batch_size)
+            preds = _predict(model, images, device, heads, batch_size)
             columns = [(f"{task}.{name}", p) for task, by in preds.items()
                        for name, p in by.items() if p.kind in ("label", "value")]
             if not first:

@@ -116,6 +116,24 @@ def test_checkpoints_are_readable_as_the_umask_says(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644  # as torch.save's own file would be
+    os.umask(0o077)
+    try:
+        path = save_atomic({"x": 2}, tmp_path / "b.pt")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint_and_leaves_no_temp_file(tmp_path):
+    from mtcore.checkpoint import save_atomic
+
+    path = save_atomic({"epoch": 1}, tmp_path / "last.pt")
+    with pytest.raises(Exception):  # noqa: B017 - whatever pickle raises for a lambda
+        save_atomic({"epoch": 2, "bad": lambda: None}, path)
+    import torch
+
+    assert torch.load(path, weights_only=True) == {"epoch": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
 def test_build_ext_fails_when_the_build_fails(monkeypatch, capsys):

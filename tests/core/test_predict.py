@@ -311,3 +311,34 @@ def test_the_saved_dataset_facts_are_plain_values(tmp_path):
     assert info_state(Richer("x", 3, (8, 8))) is None
     assert saved_info({"info": None}) is None
     assert saved_info({"info": {**info_state(back), "added_later": 1}}) == back
+
+
+def test_a_head_that_draws_noise_predicts_alike_however_batched(ckpt, files, tmp_path, monkeypatch):
+    """A prediction call draws from one random stream seeded once: an image's noise depends on
+    its place in the list, not on the batch size or on which entry point ran it (each batch
+    used to restart the stream, so every batch drew the same noise)."""
+    from mtcore.heads import Prediction
+    from mtcore.predict import predict_files, predict_images, run_predictions
+
+    trainer = mtcore.load(ckpt, splits=())
+    head = trainer.model.heads["seg"]
+    monkeypatch.setattr(head, "predictions", lambda out: {
+        "noise": Prediction("value", torch.rand(out["logits"].shape[0]))})
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        expect = torch.rand(len(files))  # what one stream from seed 0 gives, image by image
+    images = torch.rand(len(files), 3, 16, 16)
+    before = torch.get_rng_state()
+    for batch_size in (1, 2, 3):
+        got = predict_images(trainer.model, trainer.exp.info, trainer.device, files,
+                             tasks=["seg"], batch_size=batch_size)["seg"]["noise"].value
+        assert torch.equal(got, expect), batch_size
+        got = run_predictions(trainer.model, images, trainer.device, tasks=["seg"],
+                              batch_size=batch_size)["seg"]["noise"].value
+        assert torch.equal(got, expect), batch_size
+    predict_files(trainer.model, trainer.exp.info, trainer.device, files, tmp_path / "out",
+                  tasks=["seg"], batch_size=1)
+    with open(tmp_path / "out" / "predictions.csv") as fh:
+        column = [float(r["seg.noise"]) for r in csv.DictReader(fh)]
+    assert column == pytest.approx(expect.tolist(), rel=1e-5)  # written with 6 digits
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's stream is untouched
