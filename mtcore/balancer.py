@@ -60,7 +60,9 @@ class LossBalancer(nn.Module):
 
         ``shared_params`` are the parameters all tasks share (the backbone); gradient-combining
         methods replace their gradient. ``scale`` is applied to a scalar before ``.backward()``
-        (the AMP grad scaler); methods that need unscaled per-task gradients may refuse it.
+        (the AMP grad scaler, and a micro-batch's share of the batch: the trainer then calls
+        this once per piece and the gradients must accumulate); methods that need unscaled
+        per-task gradients may refuse it.
         """
         self._check(losses)
         total, weights = self.objective(losses)

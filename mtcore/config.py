@@ -131,6 +131,7 @@ SCHEMA: dict[str, Any] = {
         "amp": _choice("none", "bf16", "fp16"),
         "eval_every": _num(1, integer=True),
         "max_steps_per_epoch": _num(0, integer=True),
+        "micro_batch_size": _num(0, integer=True),
         "progress": BOOL,
         "samples_every": _num(0, integer=True),
         "num_samples": _num(1, integer=True),

@@ -224,8 +224,13 @@ class Trainer:
         return outputs, losses
 
     def train_step(self, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
-        """One multi-task step: each head's auxiliary (D) steps, then the balanced main step."""
+        """One multi-task step: each head's auxiliary (D) steps, then the balanced main step.
+
+        With ``train.micro_batch_size`` the batch goes through forward and backward in pieces,
+        each loss weighted by its piece's share of the batch, and every optimizer steps once on
+        the summed gradients: the memory of a piece, the update of the whole batch."""
         logs: dict[str, float] = {}
+        pieces = micro_batches(batch, self.cfg["train"].get("micro_batch_size", 0))
         for (name, gname), (opt, sched, params) in self.aux.items():
             head = self.heads[name]
             if name not in self.in_stage or not any(p.requires_grad for p in params):
@@ -236,15 +241,21 @@ class Trainer:
                 continue
             for _ in range(head.auxiliary_steps):
                 opt.zero_grad(set_to_none=True)
-                with self._autocast():
-                    aux = head.auxiliary_loss(batch, self.global_step)
-                if not isinstance(aux, Mapping) or "loss" not in aux:
-                    raise ContractError(
-                        f"task {name!r}: {type(head).__name__}.auxiliary_loss must return a dict "
-                        f"with the key 'loss' (the rest is logged), got {type(aux).__name__}"
-                        + (f" with keys {sorted(aux)}" if isinstance(aux, Mapping) else ""))
-                loss = _scalar_loss(name, head, aux["loss"], "auxiliary_loss")
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
+                parts = []
+                for piece, share in pieces:
+                    with self._autocast():
+                        aux = head.auxiliary_loss(piece, self.global_step)
+                    if not isinstance(aux, Mapping) or "loss" not in aux:
+                        raise ContractError(
+                            f"task {name!r}: {type(head).__name__}.auxiliary_loss must return a "
+                            f"dict with the key 'loss' (the rest is logged), got "
+                            f"{type(aux).__name__}"
+                            + (f" with keys {sorted(aux)}" if isinstance(aux, Mapping) else ""))
+                    loss = _scalar_loss(name, head, aux["loss"], "auxiliary_loss")
+                    scale = self._scale(share)
+                    (scale(loss) if scale else loss).backward()
+                    parts.append((share, {k: _scalar_loss(name, head, v, "auxiliary_loss").detach()
+                                          for k, v in aux.items() if k != "loss"}))
                 if self.scaler:
                     self.scaler.unscale_(opt)
                 clip(params, self.cfg["optim"].get("groups", {}).get(gname, {}).get(
@@ -253,36 +264,26 @@ class Trainer:
                 if self.scaler:
                     self.scaler.update()
                 opt.zero_grad(set_to_none=True)  # D keeps no gradients into the G step
-                for k, v in aux.items():
-                    if k != "loss":  # "<task>.loss" is the main step's loss of the task
-                        value = _scalar_loss(name, head, v, "auxiliary_loss")
-                        logs[f"{name}.{k}"] = float(value.detach())
+                for k, v in _share_weighted(parts).items():  # "<task>.loss" is the main step's
+                    logs[f"{name}.{k}"] = float(v)
             sched.step()
         aux_params = [p for (_, _, ps) in self.aux.values() for p in ps]
+        stage = self.stage
         with frozen(aux_params):
             self.optimizer.zero_grad(set_to_none=True)
-            rng = self._rng_state()  # the step's random draws, replayed by recompute()
-            _, losses = self._losses(batch)
-            stage = self.stage
-            for k in losses if stage.balance else self.in_stage:  # what the step uses
-                v = losses[k]
-                if not torch.isfinite(v):
-                    raise FloatingPointError(
-                        f"loss of task {k!r} is {float(v)} at step {self.global_step}; "
-                        "lower optim.lr, enable optim.grad_clip, or check the data")
-            scale = self.scaler.scale if self.scaler else None
-            if stage.balance:
-                result = self.balancer.backward(losses, self.model.shared_parameters(), scale)
-            else:  # each task of the stage on its own loss: the plain sum, no balancer
-                total = sum(losses[k] for k in self.in_stage)
-                if total.requires_grad:
-                    (scale(total) if scale else total).backward()
-                result = BalanceResult(total=float(total.detach()),
-                                       weights={k: float(k in self.in_stage) for k in self.heads})
-            if not isinstance(result, BalanceResult):
-                raise ContractError(
-                    f"balancer {type(self.balancer).__name__}.backward must return a "
-                    f"BalanceResult (weights, total), got {type(result).__name__}")
+            steps, results = [], []
+            for piece, share in pieces:
+                rng = self._rng_state()  # the piece's random draws, replayed by recompute()
+                _, losses = self._losses(piece)
+                for k in losses if stage.balance else self.in_stage:  # what the step uses
+                    v = losses[k]
+                    if not torch.isfinite(v):
+                        raise FloatingPointError(
+                            f"loss of task {k!r} is {float(v)} at step {self.global_step}; "
+                            "lower optim.lr, enable optim.grad_clip, or check the data")
+                results.append((share, self._main_backward(losses, self._scale(share))))
+                steps.append((piece, share, rng, losses if len(pieces) == 1 else
+                              {k: v.detach() for k, v in losses.items()}))
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             for g in self.optimizer.param_groups:
@@ -294,12 +295,17 @@ class Trainer:
             self.scheduler.step()
 
         def recompute() -> dict[str, torch.Tensor]:
-            # same batch, same (train-mode) normalisation and the same random draws (VAE noise,
+            # same pieces, same (train-mode) normalisation and the same random draws (VAE noise,
             # GAN latents) as the step, so the losses differ only by the update; no running-stat
             # update, and the training's random stream continues as if this never ran
-            with torch.no_grad(), preserved_buffers(self.model), self._replayed_rng(rng):
-                return self._losses(batch)[1]
+            with torch.no_grad(), preserved_buffers(self.model):
+                parts = []
+                for piece, share, rng, _ in steps:
+                    with self._replayed_rng(rng):
+                        parts.append((share, self._losses(piece)[1]))
+            return _share_weighted(parts)
 
+        losses = _share_weighted([(share, ls) for _, share, _, ls in steps])
         # before the heads' bookkeeping, so a recompute sees the step's own loss schedule (the
         # VAE's KL warm-up counter moves in after_main_step)
         if stage.balance:
@@ -309,9 +315,37 @@ class Trainer:
         self.global_step += 1
         for k, v in losses.items():
             logs[f"{k}.loss"] = float(v.detach())
-            logs[f"{k}.weight"] = float(result.weights.get(k, float("nan")))
-        logs["total"] = result.total
+            logs[f"{k}.weight"] = sum(share * float(r.weights.get(k, float("nan")))
+                                      for share, r in results)
+        logs["total"] = sum(share * r.total for share, r in results)
         return logs
+
+    def _scale(self, share: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """What a piece's losses are multiplied by before ``.backward()``: the AMP loss scale
+        and the piece's share of the batch (None: nothing)."""
+        if share == 1.0:
+            return self.scaler.scale if self.scaler else None
+        if self.scaler:
+            return lambda t: self.scaler.scale(t) * share
+        return lambda t: t * share
+
+    def _main_backward(self, losses: Mapping[str, torch.Tensor],
+                       scale: Callable[[torch.Tensor], torch.Tensor] | None) -> BalanceResult:
+        """The main step's backward of one piece: through the balancer, or in a stage that
+        trains its tasks on their own losses, the plain sum. Gradients accumulate."""
+        if self.stage.balance:
+            result = self.balancer.backward(losses, self.model.shared_parameters(), scale)
+        else:  # each task of the stage on its own loss: the plain sum, no balancer
+            total = sum(losses[k] for k in self.in_stage)
+            if total.requires_grad:
+                (scale(total) if scale else total).backward()
+            result = BalanceResult(total=float(total.detach()),
+                                   weights={k: float(k in self.in_stage) for k in self.heads})
+        if not isinstance(result, BalanceResult):
+            raise ContractError(
+                f"balancer {type(self.balancer).__name__}.backward must return a "
+                f"BalanceResult (weights, total), got {type(result).__name__}")
+        return result
 
     def _rng_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
@@ -694,6 +728,36 @@ _LAYOUT_ONLY = ("model.channels_last",)
 _FIXED_ON_RESUME = ("balancer", "transfer")
 # Hyperparameters of a parameter group that a resumed run takes from its own (new) config.
 _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
+
+
+def micro_batches(batch: Mapping[str, Any], size: int) -> list[tuple[dict[str, Any], float]]:
+    """``batch`` cut along its first dimension into the fewest pieces of at most ``size``
+    samples, as equal as possible (BatchNorm sees like-sized pieces, never a lone sample left
+    over), each with its share of the batch; ``size`` 0 or at least the batch's: the batch
+    whole. A value that is not a tensor of the batch's length goes to every piece as it is."""
+    n = _batch_length(batch)
+    if size <= 0 or n <= size:
+        return [(dict(batch), 1.0)]
+    count = -(-n // size)
+    bounds = [i * (n // count) + min(i, n % count) for i in range(count + 1)]
+    return [({k: v[a:b] if torch.is_tensor(v) and v.dim() and v.shape[0] == n else v
+              for k, v in batch.items()}, (b - a) / n) for a, b in itertools.pairwise(bounds)]
+
+
+def _batch_length(batch: Mapping[str, Any]) -> int:
+    """How many samples ``batch`` holds: its image count (or its first tensor's length)."""
+    first = batch.get("image")
+    if not torch.is_tensor(first):
+        first = next((v for v in batch.values() if torch.is_tensor(v) and v.dim()), None)
+    return int(first.shape[0]) if torch.is_tensor(first) and first.dim() else 0
+
+
+def _share_weighted(parts: list[tuple[float, Mapping[str, torch.Tensor]]]
+                    ) -> Mapping[str, torch.Tensor]:
+    """The batch's values from its pieces' (``share``-weighted means; one piece: its own)."""
+    if len(parts) == 1:
+        return parts[0][1]
+    return {k: sum(share * values[k] for share, values in parts) for k in parts[0][1]}
 
 
 def _scalar_loss(task: str, head: TaskHead, loss: Any, what: str = "compute_loss") -> torch.Tensor:
