@@ -412,6 +412,10 @@ class GANHead(TaskHead):
         self.ema = copy.deepcopy(self._own) if self._own is not None else None
         if self.ema is not None:
             self.ema.requires_grad_(False)
+        # the EMA generator's own class embedding: its layers average weights trained against
+        # the embedding of ~1 / (1 - decay) steps ago, so the live one would not match them
+        self.ema_embed = (copy.deepcopy(self.embed).requires_grad_(False)
+                          if self.embed is not None else None)
 
     def link(self, heads):
         if not self.share_decoder:
@@ -432,12 +436,20 @@ class GANHead(TaskHead):
     def generator(self) -> nn.Module:
         return self._own if self._own is not None else self._shared[0]
 
-    def _z(self, n, labels, generator=None):
+    def _z(self, n, labels, generator=None, ema=False):
+        """Latents for ``labels`` (None: unconditional), for the EMA generator if ``ema``."""
         dev = next(self.discriminator.parameters()).device
         z = torch.randn(n, self.latent_dim, generator=generator).to(dev)
         if self.embed is not None:
-            z = z + self.embed(labels.to(dev))
+            z = z + (self.ema_embed if ema else self.embed)(labels.to(dev))
         return z
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a checkpoint from before the EMA embedding: it starts as the trained one
+        own, live = prefix + "ema_embed.weight", prefix + "embed.weight"
+        if self.ema_embed is not None and own not in state_dict and live in state_dict:
+            state_dict[own] = state_dict[live]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _labels(self, batch, n):
         if not self.conditional:
@@ -452,7 +464,8 @@ class GANHead(TaskHead):
     def main_parameters(self):
         """Generator-side parameters; the EMA copy is updated by ``after_main_step``, not trained."""
         skip = {id(p) for p in self.discriminator.parameters()}
-        skip |= {id(p) for p in self.ema.parameters()} if self.ema is not None else set()
+        for frozen_copy in (self.ema, self.ema_embed):
+            skip |= {id(p) for p in frozen_copy.parameters()} if frozen_copy is not None else set()
         return (p for p in self.parameters() if id(p) not in skip)
 
     @property
@@ -463,7 +476,7 @@ class GANHead(TaskHead):
         n = batch["image"].shape[0]
         labels = self._labels(batch, n)
         gen = self.generator if self.training else self.ema
-        fake = torch.sigmoid(gen(self._z(n, labels)))
+        fake = torch.sigmoid(gen(self._z(n, labels, ema=not self.training)))
         logits, classes = self._judge(fake, labels)
         out = {"fake": fake, "fake_logits": logits}
         if classes is not None:
@@ -508,6 +521,8 @@ class GANHead(TaskHead):
 
     def after_main_step(self):
         ema_update(self.ema, self.generator, self.ema_decay)
+        if self.ema_embed is not None:
+            ema_update(self.ema_embed, self.embed, self.ema_decay)
 
     def new_metric(self):
         class _Mean:
@@ -527,7 +542,7 @@ class GANHead(TaskHead):
     def sample(self, n, labels=None, generator=None):
         if self.conditional and labels is None:
             labels = torch.randint(0, self.info.num_labels, (n,), generator=generator)
-        return torch.sigmoid(self.ema(self._z(n, labels, generator)))
+        return torch.sigmoid(self.ema(self._z(n, labels, generator, ema=True)))
 
     def generation_metrics(self, datasets, split, num_samples, seed):
         return _generation_metrics(self, datasets, split, num_samples, seed, self.conditional)

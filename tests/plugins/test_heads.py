@@ -76,6 +76,32 @@ def test_gan_ema_is_not_trained_by_the_optimizer():
     assert not any(id(p) in in_opt for p in gan.discriminator.parameters())
 
 
+def test_the_ema_generator_has_its_own_class_embedding():
+    """The EMA generator's layers average weights trained against earlier embeddings, so it
+    keeps an EMA of the class embedding too: samples and eval use it, training the live one."""
+    exp = mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.cls.enabled=false",
+                                     "tasks.vae.enabled=false",
+                                     "tasks.gan.head.params.ema_decay=0.75"], splits=("train",))
+    gan = exp.model.heads["gan"]
+    assert torch.equal(gan.ema_embed.weight, gan.embed.weight)
+    assert not gan.ema_embed.weight.requires_grad
+    assert not any(p is gan.ema_embed.weight for p in gan.main_parameters())
+    before = gan.ema_embed.weight.clone()
+    with torch.no_grad():
+        gan.embed.weight.add_(1.0)
+    gan.after_main_step()
+    torch.testing.assert_close(gan.ema_embed.weight, before + 0.25)  # decay 0.75: a quarter
+    labels = torch.tensor([0, 1, 2, 1])
+    z = torch.randn(4, gan.latent_dim, generator=torch.Generator().manual_seed(3))
+    want = torch.sigmoid(gan.ema(z + gan.ema_embed(labels)))
+    got = gan.sample(4, labels=labels, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(got, want)
+    # a checkpoint from before it existed loads with the trained embedding in its place
+    state = {k: v for k, v in exp.model.state_dict().items() if "ema_embed" not in k}
+    exp.model.load_state_dict(state)
+    assert torch.equal(gan.ema_embed.weight, gan.embed.weight)
+
+
 def _cls_only(extra=()):
     return mtcore.build(None, BASE + ["tasks.seg.enabled=false", "tasks.vae.enabled=false",
                                       "tasks.gan.enabled=false", *POOLED, *extra], splits=("train",))
