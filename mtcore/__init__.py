@@ -2,6 +2,6 @@
 
 __version__ = "0.1.0"
 
-from mtcore.api import build, evaluate, fit, load, predict, sample  # noqa: E402
+from mtcore.api import build, evaluate, export, fit, load, predict, sample  # noqa: E402
 
-__all__ = ["__version__", "build", "evaluate", "fit", "load", "predict", "sample"]
+__all__ = ["__version__", "build", "evaluate", "export", "fit", "load", "predict", "sample"]

@@ -1,4 +1,4 @@
-"""The Python API: build an experiment, fit it, evaluate, sample and predict from checkpoints.
+"""The Python API: build an experiment, fit it, evaluate, sample, predict and export from checkpoints.
 
     import mtcore
     exp = mtcore.build({"optim": {"epochs": 2}})
@@ -114,3 +114,18 @@ def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path] | 
     return run_predictions(trainer.model, check_images(images, info), trainer.device,
                            tasks=tasks, batch_size=batch_size)
 
+
+def export(checkpoint: str | Path, path: str | Path, *, tasks: str | Collection[str] | None = None,
+           registry: Registry | None = None) -> dict[str, Any]:
+    """Export a checkpoint's predicting heads (``tasks``: only these) to ``path`` (``.pt2``) as
+    one ``torch.export`` program that runs with torch alone:
+    ``torch.export.load(path).module()(images)`` maps float [N, C, H, W] in [0, 1] to
+    ``{"seg.mask": ..., "cls.label": ..., "cls.label.scores": ...}``. Returns the description
+    stored in the file (input, outputs, class names); see :mod:`mtcore.deploy`."""
+    from mtcore.deploy import check_export_path, export_model
+
+    out = check_export_path(path)
+    trainer = load(checkpoint, splits=(), registry=registry)
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    return export_model(trainer.model, trainer.exp.info, out, tasks=tasks)

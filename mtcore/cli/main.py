@@ -22,6 +22,7 @@ COMMANDS = {
     "eval": "mtcore.cli.eval_cmd",
     "sample": "mtcore.cli.sample_cmd",
     "predict": "mtcore.cli.predict_cmd",
+    "export": "mtcore.cli.export_cmd",
     "build-ext": "mtcore.cli.build_ext_cmd",
     "bench": "mtcore.cli.bench_cmd",
 }
