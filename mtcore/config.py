@@ -54,6 +54,13 @@ class TableOf:
     required: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True)
+class ListOf:
+    """A list whose items each follow ``schema`` (order matters: applied in turn)."""
+
+    schema: Any
+
+
 def _num(lo: float | None = None, *, strict: bool = False, integer: bool = False) -> Key:
     types = (int,) if integer else (int, float)
     word = "an integer" if integer else "a number"
@@ -96,6 +103,8 @@ SCHEMA: dict[str, Any] = {
         "eval_batch_size": _num(1, integer=True),
         "num_workers": _num(0, integer=True),
         "val_split": _choice("val", "test"),
+        # training-time augmentations, applied in order: [{name = "...", params = {...}}, ...]
+        "augment": ListOf(Component("augment")),
     },
     "model": {
         "backbone": Component("backbone"),
@@ -255,6 +264,12 @@ def validate(cfg: Mapping[str, Any], schema: Any = SCHEMA, path: str = "") -> No
                 if key not in entry:
                     raise ConfigError(f"{path}.{name}.{key}: missing; every {schema.noun} needs "
                                       f"a {key} = {{name = ...}}")
+        return
+    if isinstance(schema, ListOf):
+        if not isinstance(cfg, list):
+            raise ConfigError(f"{path}: expected a list, e.g. [{{name = \"...\"}}], got {cfg!r}")
+        for i, item in enumerate(cfg):
+            validate(item, schema.schema, f"{path}[{i}]")
         return
     if isinstance(schema, Component):
         if not isinstance(cfg, Mapping):

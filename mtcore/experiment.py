@@ -14,10 +14,11 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from mtcore.augment import Augmentation
 from mtcore.balancer import LossBalancer
 from mtcore.config import resolve_config
 from mtcore.data import DatasetInfo
-from mtcore.errors import ConfigError, IncompatibleComponentsError, MtcoreError
+from mtcore.errors import ConfigError, ContractError, IncompatibleComponentsError, MtcoreError
 from mtcore.model import MultiTaskModel
 from mtcore.registry import Registry
 from mtcore.transfer import TransferStrategy
@@ -35,6 +36,7 @@ class Experiment:
     device: torch.device
     datasets: dict[str, Dataset] = field(default_factory=dict)
     registry: Registry | None = None
+    augment: list[tuple[str, Augmentation]] = field(default_factory=list)  # (config key, it)
 
 
 def pick_device(name: str) -> torch.device:
@@ -85,6 +87,22 @@ def build_dataset(registry: Registry, cfg: Mapping[str, Any], split: str) -> Dat
         raise IncompatibleComponentsError(
             f"dataset {name!r} returned {type(ds).__name__} without an `info: DatasetInfo`")
     return ds
+
+
+def build_augmentations(registry: Registry, cfg: Mapping[str, Any], info: DatasetInfo
+                        ) -> list[tuple[str, Augmentation]]:
+    """``data.augment``'s augmentations in order, each with its config key."""
+    out = []
+    for i, item in enumerate(cfg["data"].get("augment", [])):
+        key = f"data.augment[{i}]"
+        name, params = _component(item)
+        aug = registry.build("augment", name, params, key=key)
+        if not isinstance(aug, Augmentation):
+            raise ContractError(f"{key} ({name!r}): the factory must return an "
+                                f"mtcore.plugin.Augmentation, got {type(aug).__name__}")
+        aug.ignore_index = info.ignore_index
+        out.append((key, aug))
+    return out
 
 
 def build_model(registry: Registry, cfg: Mapping[str, Any], info: DatasetInfo) -> MultiTaskModel:
@@ -144,6 +162,7 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
     elif info is None:
         info = build_dataset(registry, cfg, cfg["data"]["val_split"]).info
     model = build_model(registry, cfg, info)
+    augment = build_augmentations(registry, cfg, info)
     bname, bparams = _component(cfg["balancer"])
     balancer = registry.build("balancer", bname, bparams, list(cfg["tasks"]), key="balancer")
     if not restoring:
@@ -151,7 +170,7 @@ def build_experiment(config: Mapping[str, Any] | None = None, overrides: list[st
             transfer.setup(model)
     device = pick_device(cfg["device"])
     return Experiment(config=cfg, info=info, model=model, balancer=balancer, transfer=transfer,
-                      device=device, datasets=datasets, registry=registry)
+                      device=device, datasets=datasets, registry=registry, augment=augment)
 
 
 @contextlib.contextmanager

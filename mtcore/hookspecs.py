@@ -16,6 +16,7 @@ from collections.abc import Iterable
 import pluggy
 
 from mtcore.specs import (
+    AugmentSpec,
     BackboneSpec,
     BalancerSpec,
     DatasetSpec,
@@ -125,4 +126,18 @@ def mtcore_loggers() -> Iterable[LoggerSpec]:
         def mtcore_loggers():
             yield LoggerSpec(name="mlflow", factory=MlflowLogger,
                              summary="Metrics and sample grids to an MLflow run.")
+    """
+
+
+@hookspec
+def mtcore_augments() -> Iterable[AugmentSpec]:
+    """Called when the augmentation registry is built; return the training-time augmentations
+    this plugin provides (config ``data.augment``, a list applied in order to each training
+    batch; see :class:`mtcore.augment.Augmentation` for the contract).
+
+    Example::
+
+        @hookimpl
+        def mtcore_augments():
+            yield AugmentSpec(name="rot90", factory=Rot90, summary="Quarter turns, image and mask.")
     """

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pluggy
 
+from mtcore.augment import Augmentation
 from mtcore.backbone import Backbone, FeatureInfo
 from mtcore.balancer import (
     BalanceResult,
@@ -27,6 +28,7 @@ from mtcore.heads import Prediction, TaskHead
 from mtcore.loggers import RunLogger
 from mtcore.predict import class_colours
 from mtcore.specs import (
+    AugmentSpec,
     BackboneSpec,
     BalancerSpec,
     ComponentSpec,
@@ -41,6 +43,8 @@ from mtcore.transfer import Stage, TransferStrategy
 hookimpl = pluggy.HookimplMarker("mtcore")
 
 __all__ = [
+    "AugmentSpec",
+    "Augmentation",
     "Backbone",
     "BackboneSpec",
     "BalanceResult",

@@ -92,6 +92,13 @@ class LoggerSpec(ComponentSpec):
     kind: ClassVar[str] = "logger"
 
 
+@dataclass(frozen=True)
+class AugmentSpec(ComponentSpec):
+    """A training-time augmentation. Factory: ``(**params) -> mtcore.augment.Augmentation``."""
+
+    kind: ClassVar[str] = "augment"
+
+
 #: kind -> (hook name, spec class); the single table the manager, registry and CLI read.
 KINDS: dict[str, tuple[str, type[ComponentSpec]]] = {
     "backbone": ("mtcore_backbones", BackboneSpec),
@@ -101,6 +108,7 @@ KINDS: dict[str, tuple[str, type[ComponentSpec]]] = {
     "transfer": ("mtcore_transfers", TransferSpec),
     "dataset": ("mtcore_datasets", DatasetSpec),
     "logger": ("mtcore_loggers", LoggerSpec),
+    "augment": ("mtcore_augments", AugmentSpec),
 }
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mtcore import checkpoint as ckpt_io
+from mtcore.augment import augment_batch
 from mtcore.balancer import BalanceResult
 from mtcore.config import dumps
 from mtcore.errors import CheckpointError, ConfigError, ContractError
@@ -375,7 +376,10 @@ class Trainer:
         for i, batch in enumerate(loader):
             if i >= self.steps_per_epoch:
                 break
-            logs = self.train_step(to_device(batch, self.device))
+            batch = to_device(batch, self.device)
+            if self.exp.augment:
+                batch = augment_batch(self.exp.augment, batch)
+            logs = self.train_step(batch)
             n += 1
             for k, v in logs.items():
                 sums[k] += v
@@ -690,13 +694,15 @@ class Trainer:
         if optim:
             warnings.warn(f"{path}: resuming with changed optimizer settings ({_listed(optim)}); "
                           "they apply from the resume point", RuntimeWarning, stacklevel=2)
-        data = [k for k in _diff(saved.get("data"), self.cfg.get("data"), "data")
-                if k.startswith("data.dataset")] + _diff(saved.get("seed"), self.cfg.get("seed"),
-                                                         "seed")
+        was, now = ({"augment": [], **(c.get("data") or {})}  # none before the key existed
+                    for c in (saved, self.cfg))
+        data = [k for k in _diff(was, now, "data")
+                if k.startswith(("data.dataset", "data.augment"))] + _diff(
+                    saved.get("seed"), self.cfg.get("seed"), "seed")
         if data:
             warnings.warn(f"{path}: resuming with a changed {_listed(data)}: the run goes on with "
-                          "other data or another shuffle than it started with", RuntimeWarning,
-                          stacklevel=2)
+                          "other data, augmentation or shuffle than it started with",
+                          RuntimeWarning, stacklevel=2)
         ckpt_io.load_model_weights(self.model, state["model"], path)
         self.balancer.load_state_dict(state["balancer"])
         _load_keeping_hyperparameters(self.optimizer, self.scheduler, state["optimizer"],

@@ -179,9 +179,21 @@ def test_resume_checks_what_changed(tmp_path):
     lines: list[str] = []
     Trainer(mtcore.build(None, sets), tmp_path, progress=False, log=lines.append).fit(resume=True)
     assert "the run is at epoch 1 of optim.epochs = 1: nothing to train" in lines[0]
-    with pytest.warns(RuntimeWarning, match=r"a changed seed: the run goes on with other data "
-                                            r"or another shuffle"):
+    with pytest.warns(RuntimeWarning, match=r"a changed seed: the run goes on with other data, "
+                                            r"augmentation or shuffle"):
         resume("seed=3")
+    with pytest.warns(RuntimeWarning, match=r"a changed data\.augment: the run goes on"):
+        resume('data.augment=[{name = "flip"}]')
+    # a run from before data.augment existed: no key in its config is no augmentation, no change
+    from mtcore.checkpoint import save_atomic
+
+    last = tmp_path / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    del state["config"]["data"]["augment"]
+    save_atomic(state, last)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*resuming with a changed")
+        resume()
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*changed optimizer settings")
         kept = resume("optim.epochs=2", "model.channels_last=true")

@@ -1,89 +1,213 @@
-"""DiffAugment transforms of the GAN discriminator's inputs: each checked against its definition."""
+"""Training-time augmentation (``data.augment``): each first-party augmentation against a hand
+computation, the batch contract, the config checks, and the trainer applying it to training
+batches only, with a resumed run augmenting exactly as an uninterrupted one."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
+import torch.nn.functional as F
 
-from mtcore_tasks.augment import check_policy, color, cutout, diff_augment, translation
-from mtcore_tasks.generators import Discriminator
-
-
-def _shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
-    """x moved down by dy and right by dx, zeros where nothing moved in (by hand, with slices)."""
-    out = torch.zeros_like(x)
-    h, w = x.shape[-2:]
-    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        x[..., max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)]
-    return out
+import mtcore
+from mtcore.augment import Augmentation, augment_batch
+from mtcore.errors import ComponentNotFoundError, ConfigError, ContractError
+from mtcore.plugin import AugmentSpec, hookimpl
+from mtcore.plugin_manager import default_manager
+from mtcore.registry import Registry
+from mtcore.trainer import Trainer
+from mtcore_datasets.augment import LUMA, ColorJitter, Flip, RandomResizedCrop, crop_resize
 
 
-def test_translation_is_a_zero_filled_shift_within_the_ratio():
+def _batch(n=6, c=3, h=16, w=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, 4, (n, h, w), generator=g)
+    mask[:, 0, :3] = 255  # some unlabelled pixels
+    return {"image": torch.rand(n, c, h, w, generator=g), "mask": mask,
+            "label": torch.randint(0, 3, (n,), generator=g)}
+
+
+def test_flip_mirrors_image_and_mask_together_on_the_drawn_samples():
+    batch = _batch()
+    torch.manual_seed(5)
+    out = Flip(horizontal=True, vertical=True, p=0.5)(batch)
+    torch.manual_seed(5)
+    lr, tb = torch.rand(6) < 0.5, torch.rand(6) < 0.5  # the draws, in the order documented
+    assert lr.any() and (~lr).any()
+    for i in range(6):
+        image, mask = batch["image"][i], batch["mask"][i]
+        if lr[i]:
+            image, mask = image.flip(-1), mask.flip(-1)
+        if tb[i]:
+            image, mask = image.flip(-2), mask.flip(-2)
+        assert torch.equal(out["image"][i], image) and torch.equal(out["mask"][i], mask), i
+    assert out["label"] is batch["label"]
+    assert torch.equal(Flip(p=0.0)(batch)["image"], batch["image"])
+    with pytest.raises(ValueError, match="horizontal and/or vertical"):
+        Flip(horizontal=False)
+
+
+def test_a_crop_is_the_cropped_pixels_resized():
+    """A box on pixel boundaries: the image as F.interpolate (bilinear) of the cropped pixels,
+    the mask as nearest-neighbour of the cropped labels; other samples untouched."""
+    batch = _batch(n=3)
+    idx = torch.tensor([0, 2])
+    boxes = torch.tensor([[4 / 16, 2 / 16, 8 / 16, 8 / 16],    # x0, y0, w, h: 8x8 at (4, 2)
+                          [0.0, 8 / 16, 16 / 16, 8 / 16]])      # the lower half, full width
+    out = crop_resize(batch, boxes, idx)
+    regions = [(slice(2, 10), slice(4, 12)), (slice(8, 16), slice(0, 16))]
+    for j, (rows, cols) in zip(idx.tolist(), regions, strict=True):
+        want = F.interpolate(batch["image"][j:j + 1, :, rows, cols], size=(16, 16),
+                             mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out["image"][j:j + 1], want, rtol=1e-5, atol=1e-6)
+        want_mask = F.interpolate(batch["mask"][j:j + 1, None, rows, cols].float(),
+                                  size=(16, 16), mode="nearest-exact").long()[:, 0]
+        assert torch.equal(out["mask"][j:j + 1], want_mask)
+    assert torch.equal(out["image"][1], batch["image"][1])
+    assert torch.equal(out["mask"][1], batch["mask"][1])
+
+
+def test_random_crops_keep_to_their_scale_and_ratio_and_the_masks_classes():
     torch.manual_seed(0)
-    x = torch.randn(64, 3, 16, 16)
-    y = translation(x, ratio=0.125)  # up to 2 pixels each way at 16 px
-    seen = set()
-    for i in range(x.shape[0]):
-        matches = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
-                   if torch.equal(y[i], _shifted(x[i], dy, dx))]
-        assert len(matches) == 1, i
-        seen.add(matches[0])
-    assert len(seen) > 10  # the shifts differ per sample
+    crop = RandomResizedCrop(scale=(0.25, 0.5), ratio=(0.5, 2.0))
+    b = crop.boxes(2000)
+    x0, y0, w, h = b.unbind(1)
+    assert ((x0 >= 0) & (y0 >= 0) & (x0 + w <= 1 + 1e-6) & (y0 + h <= 1 + 1e-6)).all()
+    area, ratio = w * h, w / h
+    assert area.min() >= 0.25 - 1e-5 and area.max() <= 0.5 + 1e-5
+    assert ratio.min() >= 0.5 - 1e-4 and ratio.max() <= 2.0 + 1e-4
+    batch = _batch()
+    out = crop(batch)
+    for i in range(6):  # nearest neighbour: no class that was not in the sample's mask
+        assert set(out["mask"][i].unique().tolist()) <= set(batch["mask"][i].unique().tolist())
+    whole = RandomResizedCrop(scale=(1.0, 1.0), ratio=(1.0, 1.0))(batch)
+    torch.testing.assert_close(whole["image"], batch["image"], rtol=0, atol=1e-6)
+    assert torch.equal(whole["mask"], batch["mask"])
+    assert torch.equal(RandomResizedCrop(p=0.0)(batch)["image"], batch["image"])
+    for bad in ({"scale": (0.0, 1.0)}, {"scale": (0.6, 0.5)}, {"scale": (0.5, 1.5)},
+                {"ratio": (2, 1)}, {"p": 1.5}):
+        with pytest.raises(ValueError, match="random_resized_crop"):
+            RandomResizedCrop(**bad)
 
 
-def test_cutout_zeroes_one_square_and_keeps_the_rest():
-    torch.manual_seed(1)
-    x = torch.rand(32, 3, 16, 16) + 1.0  # no zeros of its own
-    y = cutout(x, ratio=0.5)
-    for i in range(x.shape[0]):
-        zero = (y[i] == 0).all(0)
-        assert ((y[i] == x[i]).all(0) | zero).all()  # every pixel kept or zeroed in all channels
-        rows, cols = zero.any(1).nonzero().flatten(), zero.any(0).nonzero().flatten()
-        assert 1 <= len(rows) <= 8 and 1 <= len(cols) <= 8  # side 8, clipped at the border
-        assert zero[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # a solid box
-        assert int(zero.sum()) == len(rows) * len(cols)
-
-
-def test_color_on_grey_images_is_a_per_sample_affine_map():
-    torch.manual_seed(2)
-    grey = torch.rand(16, 1, 8, 8).expand(16, 3, 8, 8).contiguous()
-    y = color(grey)
-    # saturation does nothing to grey; brightness adds, contrast scales about the mean
-    for i in range(grey.shape[0]):
-        a = grey[i] - grey[i].mean()
-        b = y[i] - y[i].mean()
-        k = float((a * b).sum() / (a * a).sum())
-        assert 0.5 <= k <= 1.5
-        torch.testing.assert_close(b, k * a, atol=1e-5, rtol=1e-5)
-
-
-def test_diff_augment_is_differentiable_and_check_policy_rejects_unknown_names():
-    x = torch.randn(4, 3, 16, 16, requires_grad=True)
-    diff_augment(x, check_policy("color,translation,cutout")).sum().backward()
-    assert x.grad is not None and x.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match=r"unknown augmentation\(s\) \['flip'\]"):
-        check_policy(["color", "flip"])
-
-
-def test_discriminator_augments_only_in_train_mode():
-    d = Discriminator(3, (16, 16), width=8, augment=["translation", "cutout"])
-    plain = Discriminator(3, (16, 16), width=8)
-    plain.load_state_dict(d.state_dict())
-    x = torch.rand(8, 3, 16, 16)
-    d.eval(), plain.eval()
-    torch.testing.assert_close(d(x), plain(x))
-    d.train(), plain.train()
-    assert not torch.allclose(d(x), plain(x))
-
-
-def test_cutout_covers_both_borders_equally_often():
-    """The square's position is symmetric: opposite border rows (columns) are cut equally often
-    (here exactly: 3 of the 9 possible top rows cover row 0, 3 cover row 7)."""
+def test_color_jitter_is_torchvisions_definition_by_hand():
+    batch = _batch(n=4)
     torch.manual_seed(3)
-    y = cutout(torch.ones(9000, 1, 8, 8), ratio=0.5)
-    cut = y[:, 0] == 0
-    rows = cut.any(2).float().mean(0)  # [8]: fraction of images in which each row was cut
-    cols = cut.any(1).float().mean(0)
-    for a, b in ((rows[0], rows[7]), (cols[0], cols[7]), (rows[1], rows[6])):
-        assert abs(float(a) - float(b)) < 0.03
-    assert abs(float(rows[0]) - 3 / 9) < 0.03
+    out = ColorJitter(brightness=0.4, contrast=0.3, saturation=0.5)(batch)
+    torch.manual_seed(3)
+    picked = torch.rand(4) < 1.0
+    fb, fc, fs = (torch.rand(4) * 2 * a + 1 - a for a in (0.4, 0.3, 0.5))
+    assert picked.all()
+    for i in range(4):
+        x = batch["image"][i].double()
+        x = (x * fb[i]).clamp(0, 1)
+        grey = sum(wt * x[c] for c, wt in enumerate(LUMA))
+        x = (fc[i] * x + (1 - fc[i]) * grey.mean()).clamp(0, 1)
+        grey = sum(wt * x[c] for c, wt in enumerate(LUMA))
+        x = (fs[i] * x + (1 - fs[i]) * grey).clamp(0, 1)
+        torch.testing.assert_close(out["image"][i].double(), x, rtol=1e-5, atol=1e-6)
+    assert out["mask"] is batch["mask"]
+    grey_batch = _batch(n=2, c=1)  # saturation leaves grey images as they are
+    assert torch.equal(ColorJitter(saturation=0.9)(grey_batch)["image"], grey_batch["image"])
+    with pytest.raises(ValueError, match="above 0"):
+        ColorJitter()
+    with pytest.raises(ValueError, match="brightness must be a number >= 0"):
+        ColorJitter(brightness=-1)
+
+
+class Shrink(Augmentation):
+    def __call__(self, batch):
+        return {**batch, "image": batch["image"][:, :, :8]}
+
+
+def test_an_augmentation_that_breaks_the_batch_is_named():
+    batch = _batch(n=2)
+    with pytest.raises(ContractError, match=r"data.augment\[1\] \(Shrink\) changed the batch's "
+                                            r"'image' from torch.float32 \(2, 3, 16, 16\) to "
+                                            r"torch.float32 \(2, 3, 8, 16\)"):
+        augment_batch([("data.augment[0]", Flip()), ("data.augment[1]", Shrink())], batch)
+
+
+class Recorder(Augmentation):
+    """Marks the batches it sees: every image pixel set to 1 (the label as it is)."""
+
+    seen: list[int] = []
+
+    def __call__(self, batch):
+        Recorder.seen.append(batch["image"].shape[0])
+        return {**batch, "image": torch.ones_like(batch["image"])}
+
+
+def _registry():
+    plugin = types.ModuleType("augment_plugin")
+
+    @hookimpl
+    def mtcore_augments():
+        yield AugmentSpec("recorder", Recorder, "Records the batches it sees.")
+        yield AugmentSpec("not_one", lambda: object(), "Builds the wrong thing.")
+
+    plugin.mtcore_augments = mtcore_augments
+    pm = default_manager()
+    pm.register(plugin, "augment_plugin")
+    return Registry(pm)
+
+
+TINY = [
+    "data.dataset.params.size=16", "data.dataset.params.num_samples=48", "data.batch_size=16",
+    "data.eval_batch_size=48", "model.backbone.params.width=8", "tasks.vae.head.params.width=8",
+    "tasks.gan.head.params.width=8", "tasks.gan.head.params.d_width=8", "train.progress=false",
+    "optim.epochs=2", 'kernels="reference"', 'train.gen_metrics="none"', "train.samples_every=0",
+]
+
+
+def test_the_trainer_augments_training_batches_only():
+    Recorder.seen.clear()
+    exp = mtcore.build(None, [*TINY, "optim.epochs=1", 'data.augment=[{name="recorder"}]'],
+                       registry=_registry())
+    trainer = Trainer(exp, None, progress=False)
+    steps = []
+    original = trainer.train_step
+
+    def step(batch):
+        steps.append(bool((batch["image"] == 1).all()))
+        return original(batch)
+    trainer.train_step = step
+    trainer.fit()
+    assert steps == [True] * 3 and Recorder.seen == [16] * 3  # 48 images, batch 16
+    before = len(Recorder.seen)
+    trainer.evaluate()
+    assert len(Recorder.seen) == before  # evaluation sees the data as it is
+    with pytest.raises(ContractError, match=r"data.augment\[0\] \('not_one'\): the factory must "
+                                            "return an mtcore.plugin.Augmentation"):
+        mtcore.build(None, [*TINY, 'data.augment=[{name="not_one"}]'], registry=_registry())
+
+
+def test_config_errors_name_the_list_item():
+    cases = [('data.augment={name="flip"}', "data.augment: expected a list"),
+             ('data.augment=[{name="flip"}, {name="flipp"}]',
+              "data.augment[1].name: unknown augment 'flipp'. Did you mean 'flip'?"),
+             ('data.augment=[{name="flip", params={p=2}}]',
+              "data.augment[0] (augment 'flip'): flip: p must be a probability in [0, 1], got 2"),
+             ('data.augment=["flip"]', "data.augment[0]: expected a table")]
+    for override, message in cases:
+        with pytest.raises((ConfigError, ComponentNotFoundError)) as err:
+            mtcore.build(None, [*TINY, override])
+        assert message in str(err.value), override
+
+
+def test_a_resumed_run_augments_as_an_uninterrupted_one(tmp_path):
+    sets = [*TINY, 'data.augment=[{name="flip"}, {name="random_resized_crop"}, '
+                   '{name="color_jitter", params={brightness=0.3}}]']
+    full = Trainer(mtcore.build(None, sets), tmp_path / "full", progress=False)
+    full.fit()
+    part = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)
+    part.fit(stop_after=1)
+    resumed = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)
+    resumed.fit(resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    plain = Trainer(mtcore.build(None, TINY), None, progress=False)
+    plain.fit()
+    assert any(not torch.equal(a[k], plain.model.state_dict()[k]) for k in a)  # it did augment
