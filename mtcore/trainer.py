@@ -11,7 +11,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mtcore import checkpoint as ckpt_io
+from mtcore import distributed as dist_
 from mtcore.augment import augment_batch
 from mtcore.balancer import BalanceResult
 from mtcore.config import dumps
@@ -31,6 +32,8 @@ from mtcore.monitor import Monitor
 from mtcore.optim import clip, make_optimizer, make_schedule
 from mtcore.registry import suggest
 from mtcore.transfer import Stage
+
+T = TypeVar("T")
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
@@ -71,11 +74,17 @@ class Trainer:
                  progress: bool | None = None, log: Callable[[str], None] = print) -> None:
         self.exp = exp
         self.cfg = exp.config
+        # under torchrun, one of several processes: the main one evaluates, logs and writes
+        self.world = dist_.world_from_env()
         self.device = exp.device
-        self.out = Path(out_dir) if out_dir is not None else None
+        if self.world.active and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.world.local_rank)  # one GPU per process
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(out_dir) if out_dir is not None else None  # what a resume reads
+        self.out = self.run_dir if self.world.main else None  # what this process writes
         tcfg = self.cfg["train"]
-        self.progress = tcfg["progress"] if progress is None else progress
-        self.log = log
+        self.progress = (tcfg["progress"] if progress is None else progress) and self.world.main
+        self.log = log if self.world.main else _silent
         self.model = exp.model.to(self.device)
         if self.cfg["model"].get("channels_last"):
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -94,6 +103,7 @@ class Trainer:
         self.train_set = exp.datasets.get("train")
         self.val_split = self.cfg["data"]["val_split"]
         self.val_set = exp.datasets.get(self.val_split)
+        self._check_world()
         self.steps_per_epoch = self._steps_per_epoch()
         self._build_optimizers()
         self.epoch = 0
@@ -106,6 +116,18 @@ class Trainer:
         self.loggers: list[tuple[str, RunLogger]] = []  # (config label, logger) while fit() runs
 
     # -- setup --------------------------------------------------------------------------------
+    def _check_world(self) -> None:
+        """Several processes share each batch evenly, so it must split evenly among them."""
+        if not self.world.active:
+            return
+        batch, n = self.cfg["data"]["batch_size"], self.world.size
+        if batch % n:
+            raise ConfigError(f"data.batch_size = {batch} does not split evenly over {n} "
+                              f"processes; use a multiple of {n}")
+        if self.train_set is not None and len(self.train_set) < batch:
+            raise ConfigError(f"the training split has {len(self.train_set)} images, fewer than "
+                              f"data.batch_size = {batch}: too few to share over {n} processes")
+
     def _steps_per_epoch(self) -> int:
         if self.train_set is None:
             return 1
@@ -172,6 +194,11 @@ class Trainer:
     def _loader(self, dataset, train: bool, epoch: int = 0) -> DataLoader:
         dcfg = self.cfg["data"]
         gen = torch.Generator().manual_seed(self.cfg["seed"] * 100_003 + epoch)
+        if train and self.world.active:  # this process's share of each batch of the same order
+            return DataLoader(dataset, batch_size=dcfg["batch_size"] // self.world.size,
+                              sampler=dist_.RankSlice(len(dataset), self.world, gen),
+                              drop_last=True, generator=gen, num_workers=dcfg["num_workers"],
+                              pin_memory=self.device.type == "cuda")
         return DataLoader(dataset, batch_size=dcfg["batch_size"] if train else dcfg["eval_batch_size"],
                           shuffle=train, drop_last=train and len(dataset) > dcfg["batch_size"],
                           generator=gen, num_workers=dcfg["num_workers"],
@@ -257,6 +284,7 @@ class Trainer:
                     (scale(loss) if scale else loss).backward()
                     parts.append((share, {k: _scalar_loss(name, head, v, "auxiliary_loss").detach()
                                           for k, v in aux.items() if k != "loss"}))
+                dist_.average_gradients(params, self.world)
                 if self.scaler:
                     self.scaler.unscale_(opt)
                 clip(params, self.cfg["optim"].get("groups", {}).get(gname, {}).get(
@@ -266,7 +294,7 @@ class Trainer:
                     self.scaler.update()
                 opt.zero_grad(set_to_none=True)  # D keeps no gradients into the G step
                 for k, v in _share_weighted(parts).items():  # "<task>.loss" is the main step's
-                    logs[f"{name}.{k}"] = float(v)
+                    logs[f"{name}.{k}"] = float(v)  # this process's share (averaged per epoch)
             sched.step()
         aux_params = [p for (_, _, ps) in self.aux.values() for p in ps]
         stage = self.stage
@@ -285,6 +313,8 @@ class Trainer:
                 results.append((share, self._main_backward(losses, self._scale(share))))
                 steps.append((piece, share, rng, losses if len(pieces) == 1 else
                               {k: v.detach() for k, v in losses.items()}))
+            dist_.average_gradients([p for g in self.optimizer.param_groups for p in g["params"]],
+                                    self.world)
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             for g in self.optimizer.param_groups:
@@ -304,9 +334,10 @@ class Trainer:
                 for piece, share, rng, _ in steps:
                     with self._replayed_rng(rng):
                         parts.append((share, self._losses(piece)[1]))
-            return _share_weighted(parts)
+            return self._batch_mean(_share_weighted(parts))
 
-        losses = _share_weighted([(share, ls) for _, share, _, ls in steps])
+        # the whole batch's losses (all processes'), so a balancer's state stays the same in each
+        losses = self._batch_mean(_share_weighted([(share, ls) for _, share, _, ls in steps]))
         # before the heads' bookkeeping, so a recompute sees the step's own loss schedule (the
         # VAE's KL warm-up counter moves in after_main_step)
         if stage.balance:
@@ -320,6 +351,16 @@ class Trainer:
                                       for share, r in results)
         logs["total"] = sum(share * r.total for share, r in results)
         return logs
+
+    def _batch_mean(self, losses: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """Losses of this process's share of the batch -> the whole batch's (one process: as
+        they are)."""
+        if not self.world.active:
+            return losses
+        names = sorted(losses)
+        values = torch.stack([losses[k].detach().float() for k in names])
+        dist_.average_([values], self.world)
+        return dict(zip(names, values.unbind(), strict=True))
 
     def _scale(self, share: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """What a piece's losses are multiplied by before ``.backward()``: the AMP loss scale
@@ -347,6 +388,19 @@ class Trainer:
                 f"balancer {type(self.balancer).__name__}.backward must return a "
                 f"BalanceResult (weights, total), got {type(result).__name__}")
         return result
+
+    def _seed_ranks(self) -> None:
+        """Give each process of a data-parallel run its own random stream (noise, latents,
+        augmentation: its share of the batch must not repeat another's), from the seed and the
+        step; the model was built from the seed alike in all."""
+        torch.manual_seed((self.cfg["seed"] * 1_000_003 + self.global_step) * 65_537
+                          + self.world.rank + 1)
+
+    def _on_main(self, compute: Callable[[], T]) -> T:
+        """``compute()`` on the main process only (evaluation), its result on every process."""
+        if not self.world.active:
+            return compute()
+        return dist_.from_main(compute() if self.world.main else None, self.world)
 
     def _rng_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
@@ -387,7 +441,14 @@ class Trainer:
             bar.set_postfix({k.split(".")[0]: f"{sums[k] / n:.3f}" for k in sums
                              if k.endswith(".loss")}, refresh=False)
         bar.close()
-        out = {k: v / max(n, 1) for k, v in sums.items()}
+        if self.world.active:  # every process's share: the epoch's means over the whole batches
+            names = sorted(sums)
+            means = torch.tensor([sums[k] / max(n, 1) for k in names], dtype=torch.float64)
+            dist_.average_([means], self.world)
+            out = dict(zip(names, means.tolist(), strict=True))
+            dist_.broadcast_buffers(self.model, self.world)  # one set of BatchNorm statistics
+        else:
+            out = {k: v / max(n, 1) for k, v in sums.items()}
         if self.stage.balance and n:  # an unbalanced stage leaves the balancer alone
             self.balancer.after_epoch({k: out[f"{k}.loss"] for k in self.heads})
         out["stage"] = stage
@@ -451,6 +512,8 @@ class Trainer:
         epochs = self.cfg["optim"]["epochs"]
         tcfg = self.cfg["train"]
         loggers = self._build_loggers()  # a bad logger config fails before anything is touched
+        if not self.world.main:  # checked in every process, but only the main one logs
+            loggers = []
         if self.out is not None:
             clash = next((p for p in (self.out, *self.out.parents)
                           if p.exists() and not p.is_dir()), None)
@@ -479,6 +542,8 @@ class Trainer:
                 except (ValueError, OSError) as exc:
                     raise ConfigError(f"loggers.{label}: could not start: {exc}") from exc
                 self.loggers.append((label, logger))
+            if not resume and self.world.active and self.epoch == 0:
+                self._seed_ranks()
             if not resume and self.out is not None:
                 if (self.out / "checkpoints" / "last.pt").exists():
                     self.log(f"{self.out} holds an earlier run: starting over (--resume "
@@ -506,7 +571,7 @@ class Trainer:
 
         tcfg = self.cfg["train"]
         if self.epoch == 0 and tcfg["gen_metrics"] != "none" and self.model.generative_heads():
-            init = self.generation_metrics()
+            init = self._on_main(self.generation_metrics)
             if monitored and tcfg["gen_metrics"] == "every":  # now the names are all known
                 self._check_monitor({**probe, **init}, final=True)
             self._record({"epoch": 0, "split": "init", **init})
@@ -521,25 +586,26 @@ class Trainer:
             val: dict[str, Any] = {}
             last = e + 1 == epochs
             if (e + 1) % tcfg["eval_every"] == 0 or last:
-                val = self.evaluate()
+                val = self._on_main(self.evaluate)
                 if tcfg["gen_metrics"] == "every":
-                    val.update(self.generation_metrics())
+                    val.update(self._on_main(self.generation_metrics))
                 row = {"epoch": e + 1, "split": self.val_split, **val}
                 # the last epoch of a run that patience stops gets the end-of-run work too
                 stopped = not last and patience > 0 and self._patience_spent(
                     patience, epochs, [*self.history, row], epoch=e + 1)
                 last = last or stopped
                 if tcfg["gen_metrics"] == "final" and last:
-                    val.update(self.generation_metrics())
+                    val.update(self._on_main(self.generation_metrics))
                 self._record({"epoch": e + 1, "split": self.val_split, **val})
             self.epoch = e + 1
+            rngs = dist_.gather(ckpt_io.rng_state(), self.world) if self.world.active else None
             if self.out is not None:
                 every = tcfg["samples_every"]
                 if every and ((e + 1) % every == 0 or last):
                     grid = artifacts.write_samples(
                         self, self.out / "samples" / f"epoch_{e + 1:03d}.png")
                     self._log_image("samples", grid, e + 1)
-                self._checkpoint(val)
+                self._checkpoint(val, rngs)
             self.log(f"epoch {e + 1}/{epochs} [{tr['stage']}] {time.perf_counter() - t0:.0f}s "
                      f"train: {_fmt({k: v for k, v in tr.items() if k.endswith('.loss')})} | "
                      f"{self.val_split}: {_fmt(_headline(val, self.heads))}")
@@ -590,7 +656,9 @@ class Trainer:
         return out
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
+    def state(self, rank_rngs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        """What a checkpoint holds; ``rank_rngs``: every process's random state, by rank
+        (data-parallel runs: each process draws its own noise)."""
         return {
             "format": "mtcore", "version": ckpt_io.FORMAT_VERSION,
             "config": self.cfg, "info": ckpt_io.info_state(self.exp.info),
@@ -601,15 +669,17 @@ class Trainer:
                     for (n, g), (o, s, _) in self.aux.items()},
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt_io.rng_state(), "best": self.best, "history": self.history,
+            **({"rank_rngs": rank_rngs} if rank_rngs else {}),
         }
 
-    def _checkpoint(self, val: dict[str, Any]) -> None:
+    def _checkpoint(self, val: dict[str, Any], rank_rngs: list[dict[str, Any]] | None = None
+                    ) -> None:
         """``last.pt`` every epoch; ``best.pt`` when the score improved (both atomic)."""
         score = self.monitor.score(val)
         improved = score is not None and (self.best is None or score > self.best)
         if improved:
             self.best = score
-        state = self.state()
+        state = self.state(rank_rngs)
         if improved:  # first: an interrupt in between leaves last.pt behind, which resumes
             ckpt_io.save_atomic(state, self.out / "checkpoints" / "best.pt")
         ckpt_io.save_atomic(state, self.out / "checkpoints" / "last.pt")
@@ -655,7 +725,7 @@ class Trainer:
         self.monitor.check(val, hint=hint)
 
     def _resume(self) -> None:
-        path = self.out / "checkpoints" / "last.pt" if self.out else None
+        path = self.run_dir / "checkpoints" / "last.pt" if self.run_dir else None
         if path is None or not path.exists():
             raise CheckpointError(f"--resume: no checkpoint at {path}; run without --resume first")
         state = ckpt_io.load(path, map_location=self.device, require=ckpt_io.RUN_KEYS)
@@ -722,6 +792,17 @@ class Trainer:
                           "until the new metric beats its best so far", RuntimeWarning,
                           stacklevel=2)
         ckpt_io.set_rng_state(state["rng"])
+        if self.world.active:  # each process continues its own random stream
+            rngs = state.get("rank_rngs") or []
+            if len(rngs) == self.world.size:
+                ckpt_io.set_rng_state(rngs[self.world.rank])
+            else:
+                self._seed_ranks()
+                if self.world.main:
+                    warnings.warn(f"{path}: written by {len(rngs) or 1} process(es), resumed by "
+                                  f"{self.world.size}: each process's random draws (noise, "
+                                  "latents, augmentation) start afresh from the seed and step",
+                                  RuntimeWarning, stacklevel=2)
         if self.out is not None:  # metrics.jsonl continues from the checkpoint's history
             with open(self.out / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)
@@ -734,6 +815,10 @@ _LAYOUT_ONLY = ("model.channels_last",)
 _FIXED_ON_RESUME = ("balancer", "transfer")
 # Hyperparameters of a parameter group that a resumed run takes from its own (new) config.
 _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
+
+
+def _silent(_: str) -> None:
+    """The log of a process that is not the main one."""
 
 
 def micro_batches(batch: Mapping[str, Any], size: int) -> list[tuple[dict[str, Any], float]]:

@@ -26,6 +26,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mtcore.distributed import shutdown
     from mtcore.experiment import build_experiment
     from mtcore.trainer import Trainer
 
@@ -41,9 +42,17 @@ def run(args: argparse.Namespace) -> int:
         cfg = resolve_config(load_toml(args.config) if args.config else None, args.overrides)
     exp = build_experiment(cfg, resolved=True, restoring=args.resume)
     cfg = exp.config  # as the transfer strategy configured it (structure transfer: its backbone)
-    print(f"mtcore train: {exp.info.name} {exp.info.image_size[0]}x{exp.info.image_size[1]}, "
-          f"backbone {cfg['model']['backbone']['name']}, tasks {', '.join(cfg['tasks'])}, "
-          f"balancer {cfg['balancer']['name']}, device {exp.device}, out {out}")
-    result = Trainer(exp, out, progress=False if args.quiet else None).fit(resume=args.resume)
-    print(json.dumps(result["metrics"], indent=2))
+    try:
+        trainer = Trainer(exp, out, progress=False if args.quiet else None)
+        world = trainer.world  # under torchrun: one of several processes; the main one speaks
+        where = (f"{world.size} processes x device {trainer.device.type}" if world.active
+                 else f"device {exp.device}")
+        trainer.log(f"mtcore train: {exp.info.name} {exp.info.image_size[0]}x"
+                    f"{exp.info.image_size[1]}, backbone {cfg['model']['backbone']['name']}, "
+                    f"tasks {', '.join(cfg['tasks'])}, balancer {cfg['balancer']['name']}, "
+                    f"{where}, out {out}")
+        result = trainer.fit(resume=args.resume)
+        trainer.log(json.dumps(result["metrics"], indent=2))
+    finally:
+        shutdown()
     return 0
