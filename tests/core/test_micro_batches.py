@@ -10,6 +10,9 @@ import torch
 import mtcore
 from mtcore.trainer import Trainer, micro_batches
 
+# the tests wrap optimizer.step to read the gradients, which torch's schedulers notice
+pytestmark = pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+
 # no batch statistics anywhere: the backbone without norm layers, pooled classification heads,
 # a GAN whose D has no minibatch-stddev groups (a group of 1) and whose G uses pixel norm
 TASKS = {
