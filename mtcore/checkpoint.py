@@ -130,19 +130,22 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], p
     own = model.state_dict()
     bad = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
            for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if bad or (strict and (missing or unexpected)):
+    if bad:
+        raise CheckpointError(f"checkpoint {path!r} does not fit the model: shape mismatch: "
+                              + "; ".join(bad[:5]))
+    # the keys are compared as loading sees them: a module may fill in a key that older
+    # checkpoints lack (its _load_from_state_dict), which a comparison beforehand would miss;
+    # on a refusal the model may hold part of the weights (the callers give up on it)
+    result = model.load_state_dict(dict(state), strict=False)
+    missing, unexpected = sorted(result.missing_keys), sorted(result.unexpected_keys)
+    if strict and (missing or unexpected):
         parts = []
-        if bad:
-            parts.append("shape mismatch: " + "; ".join(bad[:5]))
-        if strict and missing:
+        if missing:
             parts.append(f"missing keys: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-        if strict and unexpected:
+        if unexpected:
             parts.append(f"unexpected keys: {', '.join(unexpected[:5])}"
                          f"{' ...' if len(unexpected) > 5 else ''}")
         raise CheckpointError(f"checkpoint {path!r} does not fit the model: " + " | ".join(parts))
-    model.load_state_dict(state, strict=False)
     return sorted(set(state) & set(own))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import secrets
 from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -79,23 +80,29 @@ def export_model(model: MultiTaskModel, info: DatasetInfo, path: str | Path, *,
     inference = InferenceModel(_portable_copy(model, heads), heads).eval()
     channels, (height, width) = info.channels, info.image_size
     example = torch.rand(2, channels, height, width, generator=torch.Generator().manual_seed(0))
-    previous = kernels.get_backend()
-    kernels.set_backend("reference")  # standard ops only: what a plain torch can run
-    try:
-        with torch.no_grad():
-            description = _describe(info, inference.predictions(example))
-            expected = inference(example)
-            batch = torch.export.Dim("batch", min=1)
+    # standard ops only: what a plain torch can run
+    with kernels.using_backend("reference"), torch.no_grad():
+        description = _describe(info, inference.predictions(example))
+        expected = inference(example)
+        single = inference(example[:1])  # the program must give this for a batch of one
+        batch = torch.export.Dim("batch", min=1)
+        try:
             program = torch.export.export(inference, (example,),
                                           dynamic_shapes=({0: batch},), strict=False)
-    finally:
-        kernels.set_backend(previous)
+        except Exception as exc:  # torch's tracer: name the tasks and where to look
+            raise ContractError(
+                f"torch.export could not trace the tasks {', '.join(heads)}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                "(a head's forward and predictions must be tensor code without branches on "
+                "values or the batch size; `mtcore --debug export` shows where)") from exc
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(f".{out.stem}.partial.pt2")  # torch.export wants the suffix
+    # a name of its own (two exports to one path do not remove each other's), ending in .pt2
+    # as torch.export wants
+    partial = out.with_name(f".{out.stem}.{secrets.token_hex(4)}.partial.pt2")
     try:
         torch.export.save(program, partial,
                           extra_files={DESCRIPTION: json.dumps(description, indent=2)})
-        _check_saved(partial, example, expected)
+        _check_saved(partial, example, expected, single)
         partial.replace(out)
     finally:
         partial.unlink(missing_ok=True)
@@ -159,19 +166,21 @@ _MEANING = {"mask": "a class index per pixel", "label": "a class index per image
             "value": "a number per image", "image": "an image in [0, 1]"}
 
 
-def _check_saved(path: Path, example: torch.Tensor,
-                 expected: Mapping[str, torch.Tensor]) -> None:
-    """The saved program, loaded back, gives what the model gave (and takes another batch size)."""
+def _check_saved(path: Path, example: torch.Tensor, expected: Mapping[str, torch.Tensor],
+                 single: Mapping[str, torch.Tensor]) -> None:
+    """The saved program, loaded back, gives what the model gave, for the traced batch and for
+    a batch of one (a branch on the batch size would have been frozen at the traced one)."""
     program = torch.export.load(path).module()
-    got = program(example)
-    for key, want in expected.items():
-        if key not in got or got[key].shape != want.shape or not torch.allclose(
-                got[key].float(), want.float(), rtol=1e-4, atol=1e-5):
-            raise ContractError(f"the exported program's {key!r} differs from the model's on the "
-                                "same images; report this with the checkpoint's config")
-    one = program(example[:1])
-    if any(v.shape[0] != 1 for v in one.values()):
-        raise ContractError("the exported program does not take a batch of one image")
+    for images, want_all, what in ((example, expected, "the same images"),
+                                   (example[:1], single, "a batch of one image")):
+        got = program(images)
+        for key, want in want_all.items():
+            if key not in got or got[key].shape != want.shape or not torch.allclose(
+                    got[key].float(), want.float(), rtol=1e-4, atol=1e-5):
+                raise ContractError(
+                    f"the exported program's {key!r} differs from the model's on {what}; a "
+                    "head's forward or predictions may branch on the batch size or on values, "
+                    "which an exported program cannot")
 
 
 def _version() -> str:

@@ -7,7 +7,7 @@ Every op takes ``backend=`` ("reference", "cpp", "cuda", "triton", "auto"); the 
 docs/kernels.md.
 """
 
-from ._backend import available_backends, get_backend, set_backend
+from ._backend import available_backends, get_backend, set_backend, using_backend
 from ._build import build_extensions
 from .modules import FusedSequential, PixelNorm
 from .ops.adversarial import adversarial_loss
@@ -38,5 +38,6 @@ __all__ = [
     "seg_cross_entropy",
     "set_backend",
     "upsample_conv2d",
+    "using_backend",
     "vae_loss",
 ]

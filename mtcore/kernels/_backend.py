@@ -14,9 +14,10 @@ functorch can differentiate neither. So auto picks the reference there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -30,6 +31,7 @@ __all__ = [
     "resolve",
     "set_backend",
     "triton_function",
+    "using_backend",
 ]
 
 BACKENDS = ("reference", "cpp", "cuda", "triton")
@@ -50,6 +52,19 @@ def set_backend(name: str | None) -> None:
     """Set the process-wide default backend (``None`` or ``"auto"`` restores automatic choice)."""
     global _selected
     _selected = None if name is None else _check_name(name, "set_backend")
+
+
+@contextlib.contextmanager
+def using_backend(name: str | None) -> Iterator[None]:
+    """:func:`set_backend` for the block; afterwards the setting is exactly what it was (unset
+    stays unset, so ``MTCORE_KERNELS`` still counts). Process-wide while it lasts."""
+    global _selected
+    before = _selected
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _selected = before
 
 
 def get_backend() -> str:

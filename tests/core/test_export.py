@@ -133,3 +133,30 @@ def test_errors_name_the_problem(ckpt, tmp_path):
     torch.export.save(plain, tmp_path / "plain.pt2")
     with pytest.raises(ContractError, match="without mtcore's description"):
         read_description(tmp_path / "plain.pt2")
+
+
+def test_a_head_that_branches_on_the_batch_size_is_refused(ckpt, tmp_path, monkeypatch):
+    """torch.export freezes a Python branch at the traced batch (two images): the program would
+    predict a batch of one wrongly, so the check of a batch of one refuses it."""
+    from mtcore.heads import Prediction
+
+    trainer = mtcore.load(ckpt, splits=())
+    head = trainer.model.heads["seg"]
+    monkeypatch.setattr(head, "predictions", lambda out: {"mask": Prediction(
+        "mask", out["logits"].argmax(1) if out["logits"].shape[0] > 1
+        else out["logits"].argmin(1))})
+    from mtcore.deploy import export_model
+    with pytest.raises(ContractError, match="differs from the model's on a batch of one image"):
+        export_model(trainer.model, trainer.exp.info, tmp_path / "m.pt2", tasks=["seg"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_kernel_setting_is_as_it_was_after_an_export(ckpt, tmp_path, monkeypatch):
+    from mtcore import kernels
+    from mtcore.kernels import _backend
+
+    monkeypatch.setattr(_backend, "_selected", None)  # unset: MTCORE_KERNELS decides
+    mtcore.export(ckpt, tmp_path / "m.pt2", tasks="cls")
+    assert _backend._selected is None
+    monkeypatch.setenv("MTCORE_KERNELS", "reference")
+    assert kernels.get_backend() == "reference"
