@@ -45,11 +45,13 @@ def augment_batch(augmentations: Sequence[tuple[str, Augmentation]],
             after = got.get(name)
             if torch.is_tensor(before) and (not torch.is_tensor(after)
                                             or after.shape != before.shape
-                                            or after.dtype != before.dtype):
-                what = (f"{after.dtype} {tuple(after.shape)}" if torch.is_tensor(after)
-                        else type(after).__name__)
+                                            or after.dtype != before.dtype
+                                            or after.device != before.device):
+                what = (f"{after.dtype} {tuple(after.shape)} on {after.device}"
+                        if torch.is_tensor(after) else type(after).__name__)
                 raise ContractError(f"{key} ({type(aug).__name__}) changed the batch's {name!r} "
-                                    f"from {before.dtype} {tuple(before.shape)} to {what}")
+                                    f"from {before.dtype} {tuple(before.shape)} on "
+                                    f"{before.device} to {what}")
         out = dict(got)
     return out
 

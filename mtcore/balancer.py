@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mtcore.distributed import process_mean
+
 
 @dataclass(frozen=True)
 class BalanceResult:
@@ -96,7 +98,9 @@ class LossBalancer(nn.Module):
         shared parameters that train."""
         self._check(losses)
         scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
-        detached = {k: losses[k].detach() for k in self.task_names}
+        # the whole batch's losses in a data-parallel run (each process holds a share)
+        values = process_mean(torch.stack([losses[k].detach().float() for k in self.task_names]))
+        detached = {k: v.to(losses[k].dtype) for k, v in zip(self.task_names, values, strict=True)}
         return scaled, detached, [p for p in shared_params if p.requires_grad]
 
     def task_gradients(
@@ -104,7 +108,8 @@ class LossBalancer(nn.Module):
     ) -> torch.Tensor:
         """The ``[K, P]`` matrix of each task's gradient w.r.t. the flattened shared parameters
         (the graph is kept); a loss that reaches none of them, or needs no gradient at all, gives
-        a zero row."""
+        a zero row. In a data-parallel run, the whole batch's (averaged over the processes), so
+        every process combines the same gradients into the same update."""
         rows = []
         for k in self.task_names:
             if losses[k].requires_grad:
@@ -116,7 +121,7 @@ class LossBalancer(nn.Module):
                 (g if g is not None else torch.zeros_like(p)).reshape(-1)
                 for g, p in zip(grads, shared_params, strict=True)
             ]))
-        return torch.stack(rows)
+        return process_mean(torch.stack(rows))
 
     @staticmethod
     def set_shared_gradient(shared_params: Sequence[nn.Parameter], flat: torch.Tensor) -> None:

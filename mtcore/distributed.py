@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import torch
@@ -49,8 +50,23 @@ def world_from_env() -> World:
     if not dist.is_available():
         raise ConfigError(f"WORLD_SIZE={size}: this torch has no torch.distributed")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        # gloo for CPU tensors always (some results are gathered on the CPU), NCCL for CUDA
+        # ones; an hour's patience: the others wait while the main process evaluates (the
+        # first time also training the evaluator network FID needs)
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(hours=1))
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def process_mean(t: torch.Tensor) -> torch.Tensor:
+    """``t`` averaged over the processes of a data-parallel run (``t`` itself in one process):
+    what a balancer's inputs (task gradients, losses) become so that every process decides
+    alike, on the whole batch's values."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out)
+    return out / dist.get_world_size()
 
 
 def shutdown() -> None:

@@ -23,6 +23,7 @@ from mtcore.balancer import (
 from mtcore.checkpoint import load as load_checkpoint
 from mtcore.checkpoint import load_model_weights
 from mtcore.data import SPLITS, DatasetInfo, image_pixels, open_image, upright_size
+from mtcore.distributed import process_mean
 from mtcore.errors import DataError, IncompatibleComponentsError
 from mtcore.heads import Prediction, TaskHead
 from mtcore.loggers import RunLogger
@@ -75,6 +76,7 @@ __all__ = [
     "load_checkpoint",
     "load_model_weights",
     "open_image",
+    "process_mean",
     "solve_dtype",
     "upright_size",
 ]

@@ -393,8 +393,8 @@ class Trainer:
         """Give each process of a data-parallel run its own random stream (noise, latents,
         augmentation: its share of the batch must not repeat another's), from the seed and the
         step; the model was built from the seed alike in all."""
-        torch.manual_seed((self.cfg["seed"] * 1_000_003 + self.global_step) * 65_537
-                          + self.world.rank + 1)
+        mixed = (self.cfg["seed"] * 1_000_003 + self.global_step) * 65_537 + self.world.rank + 1
+        torch.manual_seed(mixed % (2**63 - 1))  # any seed: manual_seed takes 64 bits
 
     def _on_main(self, compute: Callable[[], T]) -> T:
         """``compute()`` on the main process only (evaluation), its result on every process."""
@@ -736,6 +736,25 @@ class Trainer:
                 f"and this config gives {self.steps_per_epoch} (data.batch_size, the dataset's "
                 "size or train.max_steps_per_epoch changed); resume with the run's own settings")
         self.load_state(state, str(path))
+        self._resume_rngs(state.get("rank_rngs") or [], path)
+
+    def _resume_rngs(self, rngs: list[dict[str, Any]], path: Path) -> None:
+        """Each process of a data-parallel run continues its own random stream (load_state
+        restored the main one's)."""
+        if len(rngs) == self.world.size:
+            ckpt_io.set_rng_state(rngs[self.world.rank])
+            return
+        if not (self.world.active or rngs):
+            return  # one process, as before
+        if self.world.active:
+            self._seed_ranks()
+        if self.world.main:
+            warnings.warn(f"{path}: written by {len(rngs) or 1} process(es), resumed by "
+                          f"{self.world.size}: the random draws (noise, latents, augmentation) "
+                          "do not continue as they would have"
+                          + (" (each process's start afresh from the seed and step)"
+                             if self.world.active else " (the main process's stream goes on)"),
+                          RuntimeWarning, stacklevel=2)
 
     def load_state(self, state: dict[str, Any], path: str) -> None:
         """Restore a checkpoint written by :meth:`save` (resume, ``mtcore eval``/``sample``).
@@ -792,17 +811,6 @@ class Trainer:
                           "until the new metric beats its best so far", RuntimeWarning,
                           stacklevel=2)
         ckpt_io.set_rng_state(state["rng"])
-        if self.world.active:  # each process continues its own random stream
-            rngs = state.get("rank_rngs") or []
-            if len(rngs) == self.world.size:
-                ckpt_io.set_rng_state(rngs[self.world.rank])
-            else:
-                self._seed_ranks()
-                if self.world.main:
-                    warnings.warn(f"{path}: written by {len(rngs) or 1} process(es), resumed by "
-                                  f"{self.world.size}: each process's random draws (noise, "
-                                  "latents, augmentation) start afresh from the seed and step",
-                                  RuntimeWarning, stacklevel=2)
         if self.out is not None:  # metrics.jsonl continues from the checkpoint's history
             with open(self.out / "metrics.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.history)

@@ -16,7 +16,7 @@ LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights: the grey an RGB image has
 
 
 def _probability(name: str, p: float) -> float:
-    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0:  # NaN too
         raise ValueError(f"{name}: p must be a probability in [0, 1], got {p!r}")
     return float(p)
 
@@ -40,6 +40,9 @@ class Flip(Augmentation):
     with probability ``p`` on its own."""
 
     def __init__(self, horizontal: bool = True, vertical: bool = False, p: float = 0.5) -> None:
+        for key, v in (("horizontal", horizontal), ("vertical", vertical)):
+            if not isinstance(v, bool):
+                raise ValueError(f"flip: {key} must be true or false, got {v!r}")
         if not (horizontal or vertical):
             raise ValueError("flip: set horizontal and/or vertical to true")
         self.dims = [d for d, on in ((-1, horizontal), (-2, vertical)) if on]
@@ -132,7 +135,7 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 class ColorJitter(Augmentation):
     """With probability ``p``, scale each sample's brightness, contrast and saturation (in that
-    order) by factors drawn from [1 - b, 1 + b] (b: the parameter, 0 leaves it), as
+    order) by factors drawn from [max(0, 1 - b), 1 + b] (b: the parameter, 0 leaves it), as
     torchvision's ColorJitter defines them, clamping to [0, 1] after each. Saturation needs RGB
     (grey images keep theirs)."""
 
@@ -141,8 +144,8 @@ class ColorJitter(Augmentation):
         self.amounts = {}
         for key, v in (("brightness", brightness), ("contrast", contrast),
                        ("saturation", saturation)):
-            if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-                raise ValueError(f"color_jitter: {key} must be a number >= 0, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+                raise ValueError(f"color_jitter: {key} must be a finite number >= 0, got {v!r}")
             self.amounts[key] = float(v)
         if not any(self.amounts.values()):
             raise ValueError("color_jitter: set brightness, contrast and/or saturation above 0")
@@ -152,9 +155,10 @@ class ColorJitter(Augmentation):
         """[n] factors per property, 1 where a sample is not picked."""
         pick = torch.rand(n) < self.p
         out = {}
-        for key, b in self.amounts.items():
-            f = torch.rand(n) * (2 * b) + (1 - b)
-            out[key] = torch.where(pick, f.clamp(min=0.0), torch.ones(n))
+        for key, b in self.amounts.items():  # U[max(0, 1 - b), 1 + b], as torchvision's
+            low = max(0.0, 1.0 - b)
+            f = torch.rand(n) * (1.0 + b - low) + low
+            out[key] = torch.where(pick, f, torch.ones(n))
         return out
 
     def __call__(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

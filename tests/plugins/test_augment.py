@@ -46,6 +46,8 @@ def test_flip_mirrors_image_and_mask_together_on_the_drawn_samples():
     assert torch.equal(Flip(p=0.0)(batch)["image"], batch["image"])
     with pytest.raises(ValueError, match="horizontal and/or vertical"):
         Flip(horizontal=False)
+    with pytest.raises(ValueError, match="flip: horizontal must be true or false, got 'false'"):
+        Flip(horizontal="false")
 
 
 def test_a_crop_is_the_cropped_pixels_resized():
@@ -112,8 +114,14 @@ def test_color_jitter_is_torchvisions_definition_by_hand():
     assert torch.equal(ColorJitter(saturation=0.9)(grey_batch)["image"], grey_batch["image"])
     with pytest.raises(ValueError, match="above 0"):
         ColorJitter()
-    with pytest.raises(ValueError, match="brightness must be a number >= 0"):
-        ColorJitter(brightness=-1)
+    for bad in (-1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="brightness must be a finite number >= 0"):
+            ColorJitter(brightness=bad)
+    # beyond 1 the factors start at 0 (torchvision's [max(0, 1 - b), 1 + b]): no mass at 0
+    torch.manual_seed(0)
+    f = ColorJitter(brightness=2.0).factors(4000)["brightness"]
+    assert f.min() > 0 and (f == 0).sum() == 0 and 2.9 < f.max() <= 3.0
+    assert abs(float(f.mean()) - 1.5) < 0.05
 
 
 class Shrink(Augmentation):
@@ -124,8 +132,8 @@ class Shrink(Augmentation):
 def test_an_augmentation_that_breaks_the_batch_is_named():
     batch = _batch(n=2)
     with pytest.raises(ContractError, match=r"data.augment\[1\] \(Shrink\) changed the batch's "
-                                            r"'image' from torch.float32 \(2, 3, 16, 16\) to "
-                                            r"torch.float32 \(2, 3, 8, 16\)"):
+                                            r"'image' from torch.float32 \(2, 3, 16, 16\) on cpu "
+                                            r"to torch.float32 \(2, 3, 8, 16\) on cpu"):
         augment_batch([("data.augment[0]", Flip()), ("data.augment[1]", Shrink())], batch)
 
 
