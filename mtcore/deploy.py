@@ -10,6 +10,7 @@ in the file as ``extra_files["mtcore.json"]``; :func:`read_description` reads it
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import secrets
@@ -95,6 +96,7 @@ def export_model(model: MultiTaskModel, info: DatasetInfo, path: str | Path, *,
                 f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
                 "(a head's forward and predictions must be tensor code without branches on "
                 "values or the batch size; `mtcore --debug export` shows where)") from exc
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # to undo
     out.parent.mkdir(parents=True, exist_ok=True)
     # a name of its own (two exports to one path do not remove each other's), ending in .pt2
     # as torch.export wants
@@ -104,8 +106,12 @@ def export_model(model: MultiTaskModel, info: DatasetInfo, path: str | Path, *,
                           extra_files={DESCRIPTION: json.dumps(description, indent=2)})
         _check_saved(partial, example, expected, single)
         partial.replace(out)
-    finally:
+    except BaseException:
         partial.unlink(missing_ok=True)
+        for folder in made:  # innermost first; a folder something else wrote into stays
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     return description
 
 

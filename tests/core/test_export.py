@@ -120,8 +120,8 @@ def test_a_program_that_does_not_match_the_model_is_not_written(ckpt, tmp_path, 
 
     monkeypatch.setattr(torch.export, "load", lambda *a, **k: Off(real(*a, **k)))
     with pytest.raises(ContractError, match="exported program's 'seg.mask' differs"):
-        deploy.export_model(trainer.model, trainer.exp.info, tmp_path / "m.pt2")
-    assert list(tmp_path.iterdir()) == []
+        deploy.export_model(trainer.model, trainer.exp.info, tmp_path / "new" / "dir" / "m.pt2")
+    assert list(tmp_path.iterdir()) == []  # nor the folders it made for the file
 
 
 def test_errors_name_the_problem(ckpt, tmp_path):
