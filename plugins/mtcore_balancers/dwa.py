@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -85,19 +85,27 @@ class DWA(LossBalancer):
 class RLW(LossBalancer):
     """Random loss weighting (Lin et al. 2022): each step's weights are ``softmax`` of ``K``
     standard-normal draws (they sum to 1), from a ``torch.Generator`` seeded with ``seed``
-    whose state is saved with the balancer."""
+    whose state is saved with the balancer. One draw per optimizer step: the pieces of a
+    micro-batched step share it (it is dropped in ``after_step``)."""
 
     def __init__(self, task_names: Sequence[str], seed: int = 0) -> None:
         super().__init__(task_names)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"RLW: seed must be an int, got {seed!r}")
         self.generator = torch.Generator().manual_seed(seed)
+        self._step_weights: torch.Tensor | None = None
 
     def weights(self, losses: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        w = torch.softmax(torch.randn(len(self.task_names), generator=self.generator,
-                                      dtype=torch.float64), dim=0)
+        if self._step_weights is None:
+            self._step_weights = torch.softmax(torch.randn(
+                len(self.task_names), generator=self.generator, dtype=torch.float64), dim=0)
+        w = self._step_weights
         return {k: w[i].to(dtype=losses[k].dtype, device=losses[k].device)
                 for i, k in enumerate(self.task_names)}
+
+    def after_step(self, losses: Mapping[str, torch.Tensor],
+                   recompute: Callable[[], Mapping[str, torch.Tensor]]) -> None:
+        self._step_weights = None  # the next step draws anew
 
     def get_extra_state(self) -> Any:
         return {"generator": self.generator.get_state()}

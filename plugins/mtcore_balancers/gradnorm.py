@@ -66,6 +66,7 @@ class GradNorm(GradientWeighting):
         self.loss_weights = nn.Parameter(torch.ones(k))
         self.register_buffer("initial_losses", torch.full((k,), math.nan))  # float32: any device
         self.register_buffer("active", torch.zeros(k, dtype=torch.bool))
+        self._first_step = False  # L_k(0) was just taken from a piece: after_step takes the batch's
 
     def current_weights(self) -> torch.Tensor:
         return self.loss_weights.detach().to("cpu", torch.float64)
@@ -77,6 +78,7 @@ class GradNorm(GradientWeighting):
         if torch.isnan(initial).all():  # the first step: L_k(0)
             initial = vals.clone()
             self.initial_losses.copy_(initial)
+            self._first_step = True
         active = active_rows(grads).cpu()
         self.active.copy_(active)
         w = self.current_weights()
@@ -104,6 +106,9 @@ class GradNorm(GradientWeighting):
                    recompute: Callable[[], Mapping[str, torch.Tensor]]) -> None:
         """Floor the weights that take part at ``min_weight`` and rescale them to sum to their
         number; the others are reset to 1 (weight decay would otherwise shrink them)."""
+        if self._first_step:  # L_k(0) is the first batch's, not its first micro-batch's
+            self.initial_losses.copy_(torch.tensor([float(losses[k]) for k in self.task_names]))
+            self._first_step = False
         with torch.no_grad():
             w, active = self.loss_weights, self.active
             if active.any():

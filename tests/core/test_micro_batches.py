@@ -69,6 +69,35 @@ def test_pieces_give_the_whole_batchs_gradients_and_logs(size):
         assert logs[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
 
 
+def test_random_loss_weights_are_drawn_once_a_step():
+    """RLW draws one set of weights per optimizer step, which every piece uses: the step is the
+    whole batch's, and its logged weights are the draw's."""
+    whole, whole_logs = _grads_at_each_step(0, "rlw")
+    pieces, logs = _grads_at_each_step(8, "rlw")
+    for k, g in whole["main"].items():
+        torch.testing.assert_close(pieces["main"][k], g, rtol=1e-4, atol=1e-6, msg=k)
+    for task in TASKS:
+        assert logs[f"{task}.weight"] == pytest.approx(whole_logs[f"{task}.weight"], rel=1e-12)
+
+
+def test_gradnorms_initial_losses_are_the_first_batchs():
+    whole, _ = _trained_balancer(0, "gradnorm")
+    pieces, _ = _trained_balancer(8, "gradnorm")
+    torch.testing.assert_close(pieces.initial_losses, whole.initial_losses, rtol=1e-5, atol=1e-6)
+
+
+def _trained_balancer(micro_batch_size: int, balancer: str):
+    torch.manual_seed(0)
+    tasks = {k: TASKS[k] for k in ("cls", "cls2")}
+    exp = mtcore.build({"tasks": tasks}, [*SETTINGS, f'balancer.name="{balancer}"',
+                                          f"train.micro_batch_size={micro_batch_size}"])
+    trainer = Trainer(exp, None, progress=False)
+    batch = next(iter(trainer._loader(trainer.train_set, True)))
+    trainer.model.train()
+    logs = trainer.train_step(batch)
+    return trainer.balancer, logs
+
+
 def test_a_gradient_method_combines_each_piece():
     """MGDA finds each piece's min-norm direction: the step's gradient is the pieces' combined
     gradients weighted by their shares, which differs from the whole batch's combination."""

@@ -69,11 +69,14 @@ def test_rlw_draws_softmax_normal_weights_and_resumes_the_stream():
     bal = RLW(TASKS, seed=3)
     gen = torch.Generator().manual_seed(3)
     model = Toy()
-    for _ in range(3):
+    for _ in range(3):  # a step: backward (once per micro-batch: one draw for all), after_step
         want = torch.softmax(torch.randn(3, generator=gen, dtype=torch.float64), dim=0)
-        res = bal.backward(model.losses(), model.shared_params())
-        assert [res.weights[k] for k in TASKS] == pytest.approx(want.tolist())
+        for _piece in range(2):
+            losses = model.losses()
+            res = bal.backward(losses, model.shared_params())
+            assert [res.weights[k] for k in TASKS] == pytest.approx(want.tolist())
         assert sum(res.weights.values()) == pytest.approx(1.0)
+        bal.after_step(losses, lambda losses=losses: losses)
     state = bal.state_dict()
     nxt = bal.backward(model.losses(), model.shared_params()).weights
     other = RLW(TASKS, seed=99)
