@@ -38,20 +38,42 @@ def open_image(path: str | Path) -> Image.Image:
 
 def upright_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of a picture file as :func:`open_image` reads it (upright), from its
-    header without decoding it: cheap, for checks over many files (a PNG's EXIF after its
-    pixel data, which the PNG spec advises against, is not seen here). An unreadable file is a
-    DataError naming it."""
+    header without decoding it: cheap, for checks over many files (for a PNG whose EXIF chunk
+    comes after the pixel data, the chunks' headers are walked to it, the pixels skipped). An
+    unreadable file is a DataError naming it."""
     try:
         with Image.open(path) as image:
             width, height = image.size
             try:  # the base class reads what the header gave (PNG's own would decode the file)
-                exif = Image.Image.getexif(image)
-                turned = exif.get(ORIENTATION, 1) in (5, 6, 7, 8)  # a quarter turn
+                orientation = Image.Image.getexif(image).get(ORIENTATION)
+                if orientation is None and image.format == "PNG":
+                    orientation = _png_tail_orientation(path)
             except (SyntaxError, ValueError, KeyError):  # malformed EXIF: open_image keeps it
-                turned = False
+                orientation = None
     except (OSError, UnidentifiedImageError) as err:
         raise DataError(f"unreadable image {path}: {err}") from err
+    turned = orientation in (5, 6, 7, 8)  # a quarter turn
     return (height, width) if turned else (width, height)
+
+
+def _png_tail_orientation(path: str | Path) -> int | None:
+    """The EXIF orientation of a PNG whose ``eXIf`` chunk follows its image data (Pillow reads
+    that only when it decodes the pixels): the chunks' 8-byte headers are read and their data
+    skipped, up to ``eXIf`` or ``IEND``."""
+    with open(path, "rb") as fh:
+        fh.seek(8)  # the PNG signature
+        while True:
+            head = fh.read(8)
+            if len(head) < 8:
+                return None
+            length, kind = int.from_bytes(head[:4], "big"), head[4:]
+            if kind == b"IEND":
+                return None
+            if kind == b"eXIf":
+                exif = Image.Exif()
+                exif.load(b"Exif\x00\x00" + fh.read(length))
+                return exif.get(ORIENTATION)
+            fh.seek(length + 4, 1)  # the data and its CRC
 
 
 def image_pixels(image: Image.Image, channels: int, size: tuple[int, int]) -> np.ndarray:

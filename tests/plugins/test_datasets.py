@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -475,6 +476,17 @@ def test_upright_size_reads_the_header_as_open_image_turns_the_picture(tmp_path,
             assert want[path] == ((4, 6) if orientation >= 5 else (6, 4))
     Image.fromarray(stored).save(tmp_path / "plain.png")  # no EXIF: Pillow's PNG would decode
     want[tmp_path / "plain.png"] = (6, 4)
+    # EXIF after the pixel data (an eXIf chunk before IEND), which the header does not show
+    png = (tmp_path / "plain.png").read_bytes()
+    exif = Image.Exif()
+    exif[ORIENTATION] = 6
+    payload = exif.tobytes().removeprefix(b"Exif\x00\x00")
+    chunk = (len(payload).to_bytes(4, "big") + b"eXIf" + payload
+             + zlib.crc32(b"eXIf" + payload).to_bytes(4, "big"))
+    end = png.rindex(b"IEND") - 4
+    (tmp_path / "tail.png").write_bytes(png[:end] + chunk + png[end:])
+    want[tmp_path / "tail.png"] = open_image(tmp_path / "tail.png").size
+    assert want[tmp_path / "tail.png"] == (4, 6)
 
     def no_decoding(self):
         raise AssertionError("upright_size decoded the pixels")
