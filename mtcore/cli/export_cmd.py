@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtcore.cli.paths import add_tasks_option, task_names
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -18,8 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a run's checkpoints/best.pt or last.pt")
     p.add_argument("--out", default="model.pt2", metavar="PT2",
                    help="the program's file, ending in .pt2 (default: %(default)s)")
-    p.add_argument("--tasks", default=None, metavar="A,B",
-                   help="only these tasks (default: every task that predicts from an image)")
+    add_tasks_option(p)
     p.set_defaults(func=run)
 
 
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     from mtcore.api import export
     from mtcore.deploy import check_export_path
 
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    tasks = task_names(args.tasks)
     out = check_export_path(args.out)  # before the checkpoint loads
     description = export(args.checkpoint, out, tasks=tasks)
     what = ", ".join(f"{key} ({o['dtype']} [{', '.join(map(str, o['shape']))}])"

@@ -1,7 +1,9 @@
-"""Checks of the CLI's output paths, made before any work so a bad --out costs nothing."""
+"""The CLI's shared options: checks of output paths, made before any work so a bad --out costs
+nothing, and the --tasks list of the commands that run a checkpoint's heads."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from PIL import Image
@@ -32,3 +34,14 @@ def out_file(path: str | Path, image: bool = False) -> Path:
                               ".png, .jpg or .webp")
     out_folder(out.parent)
     return out
+
+
+def add_tasks_option(p: argparse.ArgumentParser) -> None:
+    """``--tasks A,B``: only these tasks of the checkpoint."""
+    p.add_argument("--tasks", default=None, metavar="A,B",
+                   help="only these tasks (default: every task that predicts from an image)")
+
+
+def task_names(value: str | None) -> list[str] | None:
+    """``--tasks``'s names (None: not given)."""
+    return [t.strip() for t in value.split(",") if t.strip()] if value else None

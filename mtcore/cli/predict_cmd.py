@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from mtcore.cli.paths import add_tasks_option, task_names
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,8 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="a run's checkpoints/best.pt or last.pt")
     p.add_argument("--out", default="predictions", metavar="DIR",
                    help="output folder (default: %(default)s)")
-    p.add_argument("--tasks", default=None, metavar="A,B",
-                   help="only these tasks (default: every task that predicts from an image)")
+    add_tasks_option(p)
     p.add_argument("--batch-size", type=int, default=64, metavar="N",
                    help="images loaded and predicted at a time (default: %(default)s)")
     p.set_defaults(func=run)
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size: expected a positive number, got {args.batch_size}")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    tasks = task_names(args.tasks)
     files = image_files(args.inputs)
     check_distinct_names(files)
     check_out_dir(args.out, files)

@@ -116,8 +116,13 @@ def test_discriminator_and_generator_steps_alternate():
                                                      seen["g_before_d"].values(), strict=True))
 
 
-def test_resume_is_bit_exact(tmp_path):
-    sets = TINY + ["train.gen_metrics=\"none\"", "train.samples_every=0"]
+@pytest.mark.parametrize("extra", [[], ['data.augment=[{name="flip"}, {name="random_resized_crop"}, '
+                                           '{name="color_jitter", params={brightness=0.3}}]']],
+                         ids=["plain", "augmented"])
+def test_resume_is_bit_exact(tmp_path, extra):
+    """A run stopped after epoch 1 and resumed ends as an uninterrupted one, to the bit; with
+    training-time augmentation too (its draws come from the saved training stream)."""
+    sets = TINY + ["train.gen_metrics=\"none\"", "train.samples_every=0", *extra]
     full = Trainer(mtcore.build(None, sets), tmp_path / "full", progress=False)
     full.fit()
     part = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)

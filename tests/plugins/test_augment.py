@@ -1,6 +1,6 @@
 """Training-time augmentation (``data.augment``): each first-party augmentation against a hand
 computation, the batch contract, the config checks, and the trainer applying it to training
-batches only, with a resumed run augmenting exactly as an uninterrupted one."""
+batches only (a resumed run augmenting exactly as an uninterrupted one: test_training)."""
 
 from __future__ import annotations
 
@@ -202,20 +202,3 @@ def test_config_errors_name_the_list_item():
         with pytest.raises((ConfigError, ComponentNotFoundError)) as err:
             mtcore.build(None, [*TINY, override])
         assert message in str(err.value), override
-
-
-def test_a_resumed_run_augments_as_an_uninterrupted_one(tmp_path):
-    sets = [*TINY, 'data.augment=[{name="flip"}, {name="random_resized_crop"}, '
-                   '{name="color_jitter", params={brightness=0.3}}]']
-    full = Trainer(mtcore.build(None, sets), tmp_path / "full", progress=False)
-    full.fit()
-    part = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)
-    part.fit(stop_after=1)
-    resumed = Trainer(mtcore.build(None, sets), tmp_path / "part", progress=False)
-    resumed.fit(resume=True)
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    plain = Trainer(mtcore.build(None, TINY), None, progress=False)
-    plain.fit()
-    assert any(not torch.equal(a[k], plain.model.state_dict()[k]) for k in a)  # it did augment
