@@ -36,6 +36,23 @@ def save_atomic(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def write_text_atomic(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` as :func:`save_atomic` writes checkpoints: a reader (another
+    process of a data-parallel run reading ``config.toml``, a user's tail) never sees half of
+    it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = _new_file(path)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
 def _new_file(path: Path) -> tuple[int, Path]:
     """A new hidden temp file next to ``path``, opened for writing. Created with mode 0666, so
     the kernel applies the umask (a checkpoint reads as any file would; mkstemp's 0600 would

@@ -553,7 +553,7 @@ class Trainer:
                               *(self.out / "samples").glob("epoch_*.png")]:
                     stale.unlink(missing_ok=True)
             if self.out is not None:
-                (self.out / "config.toml").write_text(dumps(self.cfg))
+                ckpt_io.write_text_atomic(dumps(self.cfg), self.out / "config.toml")
             return self._run(epochs, stop_after, monitored, probe if monitored else {})
         finally:
             for label, logger in self.loggers:  # however the run ends, each one
@@ -624,7 +624,7 @@ class Trainer:
         if init:
             result["untrained"] = {k: v for k, v in init.items() if k not in ("epoch", "split")}
         if self.out is not None:
-            (self.out / "metrics.json").write_text(json.dumps(result, indent=2))
+            ckpt_io.write_text_atomic(json.dumps(result, indent=2), self.out / "metrics.json")
             artifacts.plot_curves(self.history, self.out / "curves.png")
         return result
 
