@@ -112,6 +112,7 @@ class Trainer:
         self.in_stage = self.updated = list(self.heads)
         self.monitor = Monitor.from_config(tcfg, self.heads)  # picks best.pt; train.patience
         self.best: float | None = None  # the monitor's best score so far (higher is better)
+        self.best_pt_epoch: int | None = None  # the epoch checkpoints/best.pt holds
         self.history: list[dict[str, Any]] = []
         self.loggers: list[tuple[str, RunLogger]] = []  # (config label, logger) while fit() runs
 
@@ -619,7 +620,10 @@ class Trainer:
         best, best_epoch, _ = self.monitor.best(self.history, self.val_split)
         result = {"epochs": self.epoch, "split": self.val_split, "metrics": final,
                   "best": {"metric": self.monitor.name, "value": self.monitor.value(best),
-                           "epoch": best_epoch},
+                           "epoch": best_epoch,
+                           # the same unless train.monitor changed on a resume and the new
+                           # metric has not beaten its best since
+                           "best_pt_epoch": self.best_pt_epoch},
                   "stopped_early": stopped, "train_seconds": round(time.perf_counter() - t0, 1)}
         if init:
             result["untrained"] = {k: v for k, v in init.items() if k not in ("epoch", "split")}
@@ -669,6 +673,7 @@ class Trainer:
                     for (n, g), (o, s, _) in self.aux.items()},
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "rng": ckpt_io.rng_state(), "best": self.best, "history": self.history,
+            "best_pt_epoch": self.best_pt_epoch,
             **({"rank_rngs": rank_rngs} if rank_rngs else {}),
         }
 
@@ -678,7 +683,7 @@ class Trainer:
         score = self.monitor.score(val)
         improved = score is not None and (self.best is None or score > self.best)
         if improved:
-            self.best = score
+            self.best, self.best_pt_epoch = score, self.epoch
         state = self.state(rank_rngs)
         if improved:  # first: an interrupt in between leaves last.pt behind, which resumes
             ckpt_io.save_atomic(state, self.out / "checkpoints" / "best.pt")
@@ -805,6 +810,7 @@ class Trainer:
         self.history = list(state["history"])
         # the best so far by this run's monitor (its own history: a changed train.monitor too)
         self.best = self.monitor.best(self.history, self.val_split)[0]
+        self.best_pt_epoch = state.get("best_pt_epoch", _saved_best_epoch(saved, self))
         if _monitored(saved) != _monitored(self.cfg):
             warnings.warn(f"{path}: train.monitor changed ({_monitored(saved)} -> "
                           f"{_monitored(self.cfg)}); checkpoints/best.pt holds the old choice "
@@ -823,6 +829,16 @@ _LAYOUT_ONLY = ("model.channels_last",)
 _FIXED_ON_RESUME = ("balancer", "transfer")
 # Hyperparameters of a parameter group that a resumed run takes from its own (new) config.
 _HYPER = ("initial_lr", "weight_decay", "betas", "momentum", "eps")
+
+
+def _saved_best_epoch(saved: Mapping[str, Any], trainer: Trainer) -> int | None:
+    """The epoch best.pt holds, for a checkpoint from before it was kept: the best epoch by
+    the checkpoint's own monitor (None if that cannot be told)."""
+    try:
+        monitor = Monitor.from_config(saved.get("train", {}), trainer.heads)
+        return monitor.best(trainer.history, trainer.val_split)[1]
+    except (ConfigError, KeyError, ValueError):
+        return None
 
 
 def _silent(_: str) -> None:

@@ -96,7 +96,8 @@ def test_patience_stops_a_run_and_best_pt_holds_the_best_epoch(tmp_path, monkeyp
     result = trainer.fit()
     # best 0.6 at epoch 2; epoch 3 (0.55) and epoch 4 (0.6, a tie) do not beat it: stop after 4
     assert trainer.epoch == 4 and result["epochs"] == 4 and result["stopped_early"]
-    assert result["best"] == {"metric": "cls.accuracy", "value": 0.6, "epoch": 2}
+    assert result["best"] == {"metric": "cls.accuracy", "value": 0.6, "epoch": 2,
+                              "best_pt_epoch": 2}
     assert json.loads((tmp_path / "metrics.json").read_text())["best"]["epoch"] == 2
     assert any("early stopping: cls.accuracy has not improved in 2 evaluation(s) "
                "(train.patience=2); best 0.6 at epoch 2" in line for line in lines)
@@ -113,7 +114,8 @@ def test_patience_stops_a_run_and_best_pt_holds_the_best_epoch(tmp_path, monkeyp
     scripted(more, monkeypatch, values[4:])
     result = more.fit(resume=True)
     assert more.epoch == 8 and not result["stopped_early"]
-    assert result["best"] == {"metric": "cls.accuracy", "value": 1.0, "epoch": 8}
+    assert result["best"] == {"metric": "cls.accuracy", "value": 1.0, "epoch": 8,
+                              "best_pt_epoch": 8}
     assert ckpt_io.load(tmp_path / "checkpoints" / "best.pt")["epoch"] == 8
 
 
@@ -123,7 +125,8 @@ def test_a_loss_monitor_keeps_the_epoch_of_the_lowest_loss(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     val = {r["epoch"]: r["vae.loss"] for r in rows if r["split"] == "val"}
     lowest = min(val, key=val.get)
-    assert result["best"] == {"metric": "vae.loss", "value": val[lowest], "epoch": lowest}
+    assert result["best"] == {"metric": "vae.loss", "value": val[lowest], "epoch": lowest,
+                              "best_pt_epoch": lowest}
     assert ckpt_io.load(tmp_path / "checkpoints" / "best.pt")["epoch"] == lowest
 
 
@@ -160,7 +163,8 @@ def test_a_generation_metric_is_monitored_only_when_measured_at_every_evaluation
     result = run.fit()
     fids = {r["epoch"]: r["gan.fid"] for r in run.history if r["split"] == "val"}
     best = min(fids, key=fids.get)
-    assert result["best"] == {"metric": "gan.fid", "value": fids[best], "epoch": best}
+    assert result["best"] == {"metric": "gan.fid", "value": fids[best], "epoch": best,
+                              "best_pt_epoch": None}  # no run folder, no best.pt
 
 
 def test_resuming_with_another_monitor_warns_and_rescores_the_history(tmp_path):
@@ -178,6 +182,26 @@ def test_resuming_with_another_monitor_warns_and_rescores_the_history(tmp_path):
         same = Trainer(mtcore.build(None, sets), tmp_path, progress=False)
         same._resume()
     assert same.best == first["seg.miou"]
+
+
+def test_metrics_json_says_which_epoch_best_pt_holds_after_the_monitor_changed(tmp_path,
+                                                                             monkeypatch):
+    """best.pt keeps the old monitor's choice until the new one beats its best: metrics.json
+    names the best epoch by the new monitor and, apart, the epoch best.pt holds."""
+    sets = [*TINY, "optim.epochs=3", 'train.monitor="cls.accuracy"']
+    first = Trainer(mtcore.build(None, sets), tmp_path, progress=False, log=lambda _: None)
+    scripted(first, monkeypatch, [0.5, 0.6])
+    first.fit(stop_after=2)  # best.pt: epoch 2 (0.6, higher is better)
+    then = Trainer(mtcore.build(None, [*sets, 'train.monitor_mode="min"']), tmp_path,
+                   progress=False, log=lambda _: None)
+    scripted(then, monkeypatch, [0.7])
+    with pytest.warns(RuntimeWarning, match="train.monitor changed"):
+        result = then.fit(resume=True)
+    # lower is better now: epoch 1's 0.5; epoch 3's 0.7 beats nothing, so best.pt stays at 2
+    assert result["best"] == {"metric": "cls.accuracy", "value": 0.5, "epoch": 1,
+                              "best_pt_epoch": 2}
+    assert json.loads((tmp_path / "metrics.json").read_text())["best"] == result["best"]
+    assert ckpt_io.load(tmp_path / "checkpoints" / "best.pt")["epoch"] == 2
 
 
 def test_a_run_patience_stops_ends_as_a_finished_run_does(tmp_path, monkeypatch):
