@@ -53,8 +53,15 @@ def world_from_env() -> World:
         # gloo for CPU tensors always (some results are gathered on the CPU), NCCL for CUDA
         # ones; an hour's patience: the others wait while the main process evaluates (the
         # first time also training the evaluator network FID needs)
-        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=timedelta(hours=1))
+        try:
+            dist.init_process_group(
+                "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+                timeout=timedelta(hours=1))
+        except (ValueError, RuntimeError) as exc:  # e.g. no MASTER_ADDR: not under torchrun
+            raise ConfigError(
+                f"WORLD_SIZE={size} in the environment, but the process group did not start "
+                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); start "
+                "the processes with torchrun, or unset WORLD_SIZE for one process") from exc
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 

@@ -149,3 +149,14 @@ def test_a_batch_that_does_not_split_is_a_config_error(monkeypatch):
     with pytest.raises(ConfigError, match=r"data.batch_size = 16 does not split evenly over 3 "
                                           r"processes; use a multiple of 3"):
         Trainer(mtcore.build(None, TINY), None, progress=False)
+
+
+def test_a_world_size_without_torchrun_is_a_clear_error(monkeypatch):
+    from mtcore.distributed import world_from_env
+
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"WORLD_SIZE=2 in the environment, but the process "
+                                          r"group did not start .*unset WORLD_SIZE"):
+        world_from_env()
