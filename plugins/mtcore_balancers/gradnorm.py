@@ -107,7 +107,7 @@ class GradNorm(GradientWeighting):
         """Floor the weights that take part at ``min_weight`` and rescale them to sum to their
         number; the others are reset to 1 (weight decay would otherwise shrink them)."""
         if self._first_step:  # L_k(0) is the first batch's, not its first micro-batch's
-            self.initial_losses.copy_(torch.tensor([float(losses[k]) for k in self.task_names]))
+            self.initial_losses.copy_(torch.tensor([float(losses[k].detach()) for k in self.task_names]))
             self._first_step = False
         with torch.no_grad():
             w, active = self.loss_weights, self.active
