@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mtcore.distributed import process_mean
+from mtcore.distributed import mean_over_processes, process_mean
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,7 @@ class LossBalancer(nn.Module):
         self._check(losses)
         scaled = {k: scale(losses[k]) if scale is not None else losses[k] for k in self.task_names}
         # the whole batch's losses in a data-parallel run (each process holds a share)
-        values = process_mean(torch.stack([losses[k].detach().float() for k in self.task_names]))
-        detached = {k: v.to(losses[k].dtype) for k, v in zip(self.task_names, values, strict=True)}
+        detached = mean_over_processes({k: losses[k] for k in self.task_names})
         return scaled, detached, [p for p in shared_params if p.requires_grad]
 
     def task_gradients(

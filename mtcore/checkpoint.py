@@ -6,6 +6,7 @@ import dataclasses
 import os
 import random
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,31 +22,27 @@ FORMAT_VERSION = 1
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """Write ``obj`` to ``path`` via a temp file in the same folder and ``os.replace``: a crash
     mid-write leaves the previous checkpoint intact, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = _new_file(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    return _write_atomic(path, "wb", lambda f: torch.save(obj, f))
 
 
 def write_text_atomic(text: str, path: str | Path) -> Path:
     """Write ``text`` to ``path`` as :func:`save_atomic` writes checkpoints: a reader (another
     process of a data-parallel run reading ``config.toml``, a user's tail) never sees half of
     it."""
+    return _write_atomic(path, "w", lambda f: f.write(text))
+
+
+def _write_atomic(path: str | Path, mode: str, write: Callable[[Any], Any]) -> Path:
+    """``write(file)`` into a new temp file next to ``path``, synced, then renamed over it; on
+    any failure the temp file goes and ``path`` stays as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _new_file(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

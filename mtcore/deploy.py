@@ -48,13 +48,19 @@ class InferenceModel(nn.Module):
         return {task: self.model.heads[task].predictions(outputs[task]) for task in self.tasks}
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {}
-        for task, preds in self.predictions(images).items():
-            for name, pred in preds.items():
-                out[f"{task}.{name}"] = pred.value
-                if pred.scores is not None:
-                    out[f"{task}.{name}.scores"] = pred.scores
-        return out
+        return flat(self.predictions(images))
+
+
+def flat(preds: Mapping[str, Mapping[str, Prediction]]) -> dict[str, torch.Tensor]:
+    """Predictions by task and name as the program returns them: ``"<task>.<name>"`` and, for
+    a label, ``"<task>.<name>.scores"``."""
+    out: dict[str, torch.Tensor] = {}
+    for task, by_name in preds.items():
+        for name, pred in by_name.items():
+            out[f"{task}.{name}"] = pred.value
+            if pred.scores is not None:
+                out[f"{task}.{name}.scores"] = pred.scores
+    return out
 
 
 def check_export_path(path: str | Path) -> Path:
@@ -83,8 +89,8 @@ def export_model(model: MultiTaskModel, info: DatasetInfo, path: str | Path, *,
     example = torch.rand(2, channels, height, width, generator=torch.Generator().manual_seed(0))
     # standard ops only: what a plain torch can run
     with kernels.using_backend("reference"), torch.no_grad():
-        description = _describe(info, inference.predictions(example))
-        expected = inference(example)
+        preds = inference.predictions(example)  # one pass: the description and the expectation
+        description, expected = _describe(info, preds), flat(preds)
         single = inference(example[:1])  # the program must give this for a batch of one
         batch = torch.export.Dim("batch", min=1)
         try:
@@ -134,10 +140,6 @@ def _portable_copy(model: MultiTaskModel, tasks: Collection[str]) -> MultiTaskMo
     for name in [n for n in copied.heads if n not in keep]:
         del copied.heads[name]
     copied._order = [n for n in copied._order if n in keep]
-    for m in copied.modules():  # to() keeps a 4-d parameter's layout when it reuses storage
-        for name, p in list(m.named_parameters(recurse=False)):
-            if p.dim() == 4 and not p.is_contiguous():
-                setattr(m, name, nn.Parameter(p.contiguous()))
     return copied.eval().requires_grad_(False)
 
 

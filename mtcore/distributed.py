@@ -7,7 +7,7 @@ them, and then nothing here runs."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -74,6 +74,14 @@ def process_mean(t: torch.Tensor) -> torch.Tensor:
     out = t.detach().clone()
     dist.all_reduce(out)
     return out / dist.get_world_size()
+
+
+def mean_over_processes(values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Scalar tensors by name, detached, each the mean over the processes of a data-parallel run
+    (as they are in one process), in one collective; dtypes kept."""
+    names = list(values)
+    means = process_mean(torch.stack([values[k].detach().float() for k in names]))
+    return {k: v.to(values[k].dtype) for k, v in zip(names, means, strict=True)}
 
 
 def shutdown() -> None:

@@ -356,12 +356,7 @@ class Trainer:
     def _batch_mean(self, losses: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """Losses of this process's share of the batch -> the whole batch's (one process: as
         they are)."""
-        if not self.world.active:
-            return losses
-        names = sorted(losses)
-        values = torch.stack([losses[k].detach().float() for k in names])
-        dist_.average_([values], self.world)
-        return dict(zip(names, values.unbind(), strict=True))
+        return dist_.mean_over_processes(losses) if self.world.active else losses
 
     def _scale(self, share: float) -> Callable[[torch.Tensor], torch.Tensor] | None:
         """What a piece's losses are multiplied by before ``.backward()``: the AMP loss scale
@@ -444,8 +439,8 @@ class Trainer:
         bar.close()
         if self.world.active:  # every process's share: the epoch's means over the whole batches
             names = sorted(sums)
-            means = torch.tensor([sums[k] / max(n, 1) for k in names], dtype=torch.float64)
-            dist_.average_([means], self.world)
+            means = dist_.process_mean(torch.tensor([sums[k] / max(n, 1) for k in names],
+                                                    dtype=torch.float64))
             out = dict(zip(names, means.tolist(), strict=True))
             dist_.broadcast_buffers(self.model, self.world)  # one set of BatchNorm statistics
         else:
