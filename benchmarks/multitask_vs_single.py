@@ -67,6 +67,9 @@ def main() -> None:
         if params.get("share_decoder"):
             # alone, a generator cannot borrow another task's decoder: it gets its own
             off.append(f"tasks.{task}.head.params.share_decoder=\"\"")
+        if params.get("seg_task"):
+            # alone, a layout GAN has no segmenter to judge its images: its discriminator only
+            off.append(f"tasks.{task}.head.params.seg_task=\"\"")
         if params.get("from_task"):
             # alone, a classifier cannot read another task's output: it gets the pooled head
             off += [f"tasks.{task}.head.params.from_task=\"\"",

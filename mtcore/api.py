@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
@@ -17,8 +18,10 @@ import torch
 from mtcore import checkpoint as ckpt_io
 from mtcore.checkpoint import saved_info
 from mtcore.config import load_toml
+from mtcore.data import DatasetInfo
 from mtcore.errors import CheckpointError
 from mtcore.experiment import Experiment, build_experiment
+from mtcore.heads import TaskHead
 from mtcore.predict import Predictions, check_images, image_files, predict_images, run_predictions
 from mtcore.registry import Registry
 from mtcore.trainer import Trainer
@@ -69,10 +72,8 @@ def evaluate(checkpoint: str | Path, split: str = "val", *,
     return metrics
 
 
-def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: str | None = None,
-           seed: int = 0, *, registry: Registry | None = None) -> torch.Tensor:
-    """``n`` images from a checkpoint's generative head (``task``: which one; default the first
-    GAN-like head), optionally all of class ``label``."""
+def _generative_head(checkpoint: str | Path, task: str | None,
+                     registry: Registry | None) -> tuple[Trainer, str, TaskHead]:
     trainer = load(checkpoint, splits=(), registry=registry)
     heads = trainer.model.generative_heads()
     if not heads:
@@ -80,20 +81,59 @@ def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: 
     if task is not None and task not in heads:
         raise CheckpointError(f"--task {task!r}: generative heads are {', '.join(heads)}")
     name = task or next((k for k, h in heads.items() if h.task_type == "gan"), next(iter(heads)))
-    head = heads[name]
-    labels = None
-    info = trainer.exp.info
-    if label is not None:
-        if not info.num_labels or not 0 <= label < info.num_labels:
-            raise CheckpointError(f"--label {label}: the dataset has labels 0..{info.num_labels - 1}"
-                                  if info.num_labels else "--label: the dataset has no labels")
-        if not head.conditional:
-            raise CheckpointError(f"--label {label}: the {name!r} head is not class-conditional "
-                                  "(its samples would ignore the label)")
-        labels = torch.full((n,), label, dtype=torch.long)
     trainer.model.eval()
+    return trainer, name, heads[name]
+
+
+def _check_label(label: int, info: DatasetInfo, head: TaskHead, name: str) -> None:
+    if not info.num_labels or not 0 <= label < info.num_labels:
+        raise CheckpointError(f"--label {label}: the dataset has labels 0..{info.num_labels - 1}"
+                              if info.num_labels else "--label: the dataset has no labels")
+    if not head.conditional:
+        raise CheckpointError(f"--label {label}: the {name!r} head is not class-conditional "
+                              "(its samples would ignore the label)")
+
+
+def sample(checkpoint: str | Path, n: int = 64, label: int | None = None, task: str | None = None,
+           seed: int = 0, *, registry: Registry | None = None) -> torch.Tensor:
+    """``n`` images from a checkpoint's generative head (``task``: which one; default the first
+    GAN-like head), optionally all of class ``label``."""
+    trainer, name, head = _generative_head(checkpoint, task, registry)
+    labels = None
+    if label is not None:
+        _check_label(label, trainer.exp.info, head, name)
+        labels = torch.full((n,), label, dtype=torch.long)
     gen = torch.Generator().manual_seed(seed)
     return head.sample(n, labels=labels, generator=gen)
+
+
+def sample_rows(checkpoint: str | Path, n: int = 64, label: int | None = None,
+                task: str | None = None, seed: int = 0, *,
+                registry: Registry | None = None) -> dict[str, torch.Tensor]:
+    """Titled rows of generated images for a grid (``mtcore sample``). A class-conditional head
+    without ``label``: one row per class of ``ceil(n / classes)`` images asked for it, titled
+    by the class name; otherwise ``n`` images (all of class ``label`` if given) in rows of
+    ``ceil(sqrt(n))``, titled ``"<class> #<first index>"`` (``"#<first index>"`` without)."""
+    from mtcore.artifacts import label_names
+
+    trainer, name, head = _generative_head(checkpoint, task, registry)
+    info = trainer.exp.info
+    gen = torch.Generator().manual_seed(seed)
+    if label is None and head.conditional and info.num_labels:
+        per = math.ceil(n / info.num_labels)
+        return {title: head.sample(per, labels=torch.full((per,), k, dtype=torch.long),
+                                   generator=gen)
+                for k, title in enumerate(label_names(info))}
+    labels = None
+    prefix = ""
+    if label is not None:
+        _check_label(label, info, head, name)
+        labels = torch.full((n,), label, dtype=torch.long)
+        prefix = f"{label_names(info)[label]} "
+    images = head.sample(n, labels=labels, generator=gen)
+    cols = math.ceil(math.sqrt(n))
+    return {f"{prefix}#{i * cols}": images[i * cols:(i + 1) * cols]
+            for i in range(math.ceil(n / cols))}
 
 
 def predict(checkpoint: str | Path, images: str | Path | Sequence[str | Path] | torch.Tensor, *,

@@ -55,7 +55,8 @@ def save_grid(rows: Mapping[str, torch.Tensor], path: str | Path, **kw: Any) -> 
 
 @torch.no_grad()
 def write_samples(trainer: Trainer, path: Path) -> Path:
-    """Inputs and what every head made of them (masks, reconstructions), then generated samples."""
+    """Inputs and what every head made of them (masks, reconstructions), then generated samples:
+    a class-conditional head's one row per label ("gan: circle"), asked for that label."""
     n = trainer.cfg["train"]["num_samples"]
     ds = trainer.val_set if trainer.val_set is not None else trainer.train_set
     batch = {k: torch.stack([ds[i][k] for i in range(min(n, len(ds)))]).to(trainer.device)
@@ -70,14 +71,27 @@ def write_samples(trainer: Trainer, path: Path) -> Path:
             for title, imgs in head.visuals(outputs[name], batch).items():
                 rows[f"{name} {title}"] = imgs
         gen = torch.Generator(device="cpu").manual_seed(trainer.cfg["seed"])
+        info = trainer.exp.info
         for name, head in model.generative_heads().items():
-            labels = None
-            if trainer.exp.info.num_labels:
-                labels = torch.arange(n) % trainer.exp.info.num_labels
+            if head.conditional and info.num_labels:  # one row per class, titled by its name
+                for k, label_name in enumerate(label_names(info)):
+                    imgs = head.sample(n, labels=torch.full((n,), k, dtype=torch.long),
+                                       generator=gen)
+                    if imgs is not None:
+                        rows[f"{name}: {label_name}"] = imgs
+                continue
+            labels = torch.arange(n) % info.num_labels if info.num_labels else None
             imgs = head.sample(n, labels=labels, generator=gen)
             if imgs is not None:
                 rows[f"{name} samples"] = imgs
     return save_grid(rows, path)
+
+
+def label_names(info: Any) -> list[str]:
+    """The dataset's label names (its indices where it names none), each made unique."""
+    names = list(getattr(info, "label_names", ()) or ())[: info.num_labels]
+    names += [str(i) for i in range(len(names), info.num_labels)]
+    return [n if names.count(n) == 1 else f"{n} ({i})" for i, n in enumerate(names)]
 
 
 Series = tuple[str, list[Any], list[Any], str]  # label, epochs, values, line style
@@ -86,9 +100,12 @@ Series = tuple[str, list[Any], list[Any], str]  # label, epochs, values, line st
 def curve_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[Series]]]:
     """The panels of ``curves.png`` from a run's history rows (``metrics.jsonl``): the losses
     (train solid, validation dashed), the task weights when the balancer changes them from 1
-    (each epoch's mean), then one panel per validation metric."""
+    (each epoch's mean), then one panel per validation metric, the untrained generator's
+    metrics (split "init") at epoch 0. A metric's real-vs-real baseline (``gan.fid_real`` beside
+    ``gan.fid``) is a dotted level line in the metric's own panel."""
     train = [h for h in history if h.get("split") == "train"]
     val = [h for h in history if h.get("split") not in ("train", "init")]
+    evaluated = [h for h in history if h.get("split") != "train"]  # the init row too
 
     def series(rows, k, label, style="-") -> Series:
         pts = [(h["epoch"], h[k]) for h in rows if isinstance(h.get(k), int | float)]
@@ -101,10 +118,21 @@ def curve_panels(history: Sequence[Mapping[str, Any]]) -> list[tuple[str, list[S
     if any(h[k] != 1.0 for h in train for k in weight_keys if isinstance(h.get(k), int | float)):
         panels.append(("task weights (train, epoch mean)",
                        [series(train, k, k.removesuffix(".weight")) for k in weight_keys]))
-    metric_keys = sorted({k for h in val for k, v in h.items()
+    metric_keys = sorted({k for h in evaluated for k, v in h.items()
                           if not k.endswith(".loss") and k not in ("epoch", "split")
                           and isinstance(v, int | float)})
-    panels += [(k, [series(val, k, k, "o-")]) for k in metric_keys]
+    epochs = [h["epoch"] for h in evaluated if isinstance(h.get("epoch"), int | float)]
+    for k in metric_keys:
+        base = k.removesuffix("_real")
+        if base != k and base in metric_keys:
+            continue  # drawn in its metric's panel
+        lines = [series(evaluated, k, k, "o-")]
+        real = f"{k}_real"
+        if real in metric_keys and epochs:
+            value = next(h[real] for h in reversed(evaluated)
+                         if isinstance(h.get(real), int | float))
+            lines.append(("real vs real", [min(epochs), max(epochs)], [value, value], ":"))
+        panels.append((k, lines))
     return panels
 
 

@@ -160,6 +160,23 @@ def default_config() -> dict[str, Any]:
     return tomllib.loads(text)
 
 
+def presets() -> dict[str, dict[str, Any]]:
+    """The named override sets shipped in ``mtcore/configs/presets.toml`` (``--preset NAME``)."""
+    text = resources.files("mtcore.configs").joinpath("presets.toml").read_text()
+    return tomllib.loads(text)
+
+
+def preset_overrides(name: str | None) -> list[str]:
+    """The ``--set`` overrides of preset ``name`` (none for None); a clear error naming the
+    presets for an unknown one."""
+    if name is None:
+        return []
+    known = presets()
+    if name not in known:
+        raise ConfigError(f"--preset {name!r}: no such preset; presets: {', '.join(known)}")
+    return list(known[name]["set"])
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
     """Parse a config file, naming the file and the TOML error on failure."""
     path = Path(path)

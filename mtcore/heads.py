@@ -97,6 +97,11 @@ class TaskHead(nn.Module):
         """Called once after all heads are built, e.g. for a GAN to share the VAE's decoder or a
         head to set ``reads``."""
 
+    def link_backbone(self, backbone: nn.Module) -> None:
+        """Called once with the model's shared backbone, for a head that runs it on images of its
+        own (a generator judged by the segmenter it shares the backbone with). Hold it without
+        registering it as a submodule (a plain list): it is the model's, saved once."""
+
     #: names of the tasks whose outputs this head reads: the model runs them first and calls
     #: ``forward(features, batch, upstream)`` with ``upstream = {task: outputs}`` (set by ``link``)
     reads: tuple[str, ...] = ()
@@ -135,9 +140,12 @@ class TaskHead(nn.Module):
         return None
 
     def generation_metrics(self, datasets: Mapping[str, Any], split: str, num_samples: int,
-                           seed: int) -> dict[str, float]:
+                           seed: int, final: bool = True) -> dict[str, float]:
         """Metrics of generated samples against ``datasets[split]`` (e.g. FID; an evaluator may be
-        trained on ``datasets["train"]``); {} if the head does not generate."""
+        trained on ``datasets["train"]``); {} if the head does not generate. ``final`` is False
+        for the cheap per-epoch call (``train.gen_metrics = "every"``), True for the untrained,
+        the last and any stand-alone evaluation, where costly metrics (e.g. a two-sample test)
+        belong. An override may leave ``final`` out: the trainer then calls it without."""
         return {}
 
     def predictions(self, outputs: Outputs) -> dict[str, Prediction]:

@@ -24,6 +24,7 @@ class MultiTaskModel(nn.Module):
             head.task_name = name
         for head in self.heads.values():
             head.link(dict(self.heads.items()))
+            head.link_backbone(self.backbone)
         self._order = _run_order({name: tuple(h.reads) for name, h in self.heads.items()})
         self._checked = False
 

@@ -4,6 +4,7 @@ joint loss, evaluation every epoch, atomic checkpoints and exact resume."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import itertools
 import json
 import time
@@ -479,16 +480,19 @@ class Trainer:
                 out[f"{k}.{m}"] = v
         return out
 
-    def generation_metrics(self, split: str | None = None) -> dict[str, float]:
-        """FID/precision/recall etc. of every generative head, in the evaluator's feature space."""
+    def generation_metrics(self, split: str | None = None, final: bool = True) -> dict[str, float]:
+        """FID/precision/recall etc. of every generative head, in the evaluator's feature space;
+        ``final=False``: the cheap per-epoch set (passed to heads whose method takes ``final``)."""
         split = split or self.val_split
         self.model.eval()
         out: dict[str, float] = {}
         with torch.random.fork_rng(devices=self._rng_devices()):
             for name, head in self.heads.items():
+                takes_final = "final" in inspect.signature(head.generation_metrics).parameters
                 vals = head.generation_metrics(self.exp.datasets, split,
                                                self.cfg["train"]["gen_metric_samples"],
-                                               seed=self.cfg["seed"])
+                                               seed=self.cfg["seed"],
+                                               **({"final": final} if takes_final else {}))
                 out.update({f"{name}.{k}": v for k, v in vals.items()})
         return out
 
@@ -584,13 +588,14 @@ class Trainer:
             if (e + 1) % tcfg["eval_every"] == 0 or last:
                 val = self._on_main(self.evaluate)
                 if tcfg["gen_metrics"] == "every":
-                    val.update(self._on_main(self.generation_metrics))
+                    val.update(self._on_main(lambda f=last: self.generation_metrics(final=f)))
                 row = {"epoch": e + 1, "split": self.val_split, **val}
                 # the last epoch of a run that patience stops gets the end-of-run work too
                 stopped = not last and patience > 0 and self._patience_spent(
                     patience, epochs, [*self.history, row], epoch=e + 1)
                 last = last or stopped
-                if tcfg["gen_metrics"] == "final" and last:
+                if last and (tcfg["gen_metrics"] == "final"
+                             or (tcfg["gen_metrics"] == "every" and stopped)):
                     val.update(self._on_main(self.generation_metrics))
                 self._record({"epoch": e + 1, "split": self.val_split, **val})
             self.epoch = e + 1

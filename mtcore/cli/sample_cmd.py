@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 
 from mtcore.cli.paths import out_file
 from mtcore.errors import ConfigError
@@ -12,7 +11,8 @@ from mtcore.errors import ConfigError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="draw generated images from a checkpoint",
                        description="Write a grid PNG of n generated images (optionally all of "
-                       "one class) from the checkpoint's generative head.")
+                       "one class) from the checkpoint's generative head. Without --label a "
+                       "class-conditional head draws one row per class, titled by its name.")
     p.add_argument("--checkpoint", required=True, metavar="CKPT")
     p.add_argument("-n", type=int, default=64, help="number of images (default: %(default)s)")
     p.add_argument("--out", default="samples.png", metavar="PNG")
@@ -23,15 +23,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mtcore.api import sample
+    from mtcore import api
     from mtcore.artifacts import save_grid
 
     if args.n < 1:
         raise ConfigError(f"-n: expected a positive number of images, got {args.n}")
     out_file(args.out, image=True)
-    images = sample(args.checkpoint, args.n, label=args.label, task=args.task, seed=args.seed)
-    cols = math.ceil(math.sqrt(args.n))
-    rows = {f"{i * cols}": images[i * cols:(i + 1) * cols] for i in range(math.ceil(args.n / cols))}
+    rows = api.sample_rows(args.checkpoint, args.n, label=args.label, task=args.task,
+                           seed=args.seed)
     path = save_grid(rows, args.out)
-    print(f"wrote {args.n} samples to {path}")
+    total = sum(len(v) for v in rows.values())
+    print(f"wrote {total} samples to {path}" + (f" (rows: {', '.join(rows)})"
+                                                if len(rows) <= 10 else ""))
     return 0

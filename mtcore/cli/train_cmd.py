@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from mtcore.cli.config_cmd import add_config_args
+from mtcore.cli.config_cmd import add_config_args, overrides
 from mtcore.cli.paths import out_folder
 from mtcore.config import load_toml, resolve_config
 from mtcore.errors import ConfigError
@@ -35,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
         saved = out / "config.toml"
         if not saved.exists():
             raise ConfigError(f"--resume: {saved} does not exist; nothing to resume in {out}")
-        if args.config:
-            raise ConfigError("--resume uses the run's own config.toml; drop --config")
+        if args.config or args.preset:
+            raise ConfigError("--resume uses the run's own config.toml; drop --config/--preset")
         cfg = resolve_config(load_toml(saved), args.overrides)
     else:
-        cfg = resolve_config(load_toml(args.config) if args.config else None, args.overrides)
+        cfg = resolve_config(load_toml(args.config) if args.config else None, overrides(args))
     exp = build_experiment(cfg, resolved=True, restoring=args.resume)
     cfg = exp.config  # as the transfer strategy configured it (structure transfer: its backbone)
     try:

@@ -23,6 +23,7 @@ from mtcore.plugin import (
 from . import metrics as M
 from .generators import Discriminator, ImageDecoder, ema_update, frozen_norm_stats
 from .losses import AdversarialLoss, ClsCrossEntropy, SegCrossEntropy, VAELoss, r1_penalty
+from .vae_nets import SpatialDecoder, SpatialEncoder
 
 Batch = Mapping[str, torch.Tensor]
 
@@ -263,61 +264,117 @@ class ClassificationHead(TaskHead):
 
 
 def _generation_metrics(head: TaskHead, datasets: Mapping[str, Any], split: str,
-                        num_samples: int, seed: int, conditional: bool) -> dict[str, float]:
-    """FID / precision / recall (+ class consistency) in the cached evaluator's feature space."""
-    from .evaluator import cache_key_for, get_evaluator
-    from .generation_metrics import class_consistency, frechet_distance, precision_recall
+                        num_samples: int, seed: int, conditional: bool,
+                        final: bool = True) -> dict[str, float]:
+    """FID / precision / recall (+ class consistency; + C2ST and real baselines when ``final``)
+    in the cached evaluator's feature space: ``generation_metrics.head_generation_metrics``."""
+    from .generation_metrics import head_generation_metrics
 
-    train, ref = datasets.get("train"), datasets[split]
-    info = ref.info
-    device = next(head.parameters()).device
-    ev = get_evaluator(train if train is not None else ref, cache_key_for(info), seed=0,
-                       device=device)
-    n = min(num_samples, len(ref))
-    real = torch.stack([ref[i]["image"] for i in range(n)]).to(device)
-    gen = torch.Generator().manual_seed(seed + 7)
-    labels = None
-    if conditional and info.num_labels:
-        labels = torch.arange(n) % info.num_labels
-    fake = head.sample(n, labels=labels, generator=gen)
-    rf, ff = ev.features(real), ev.features(fake)
-    p, r = precision_recall(rf, ff)
-    out = {"fid": float(frechet_distance(rf, ff)), "precision": float(p), "recall": float(r)}
-    if labels is not None:
-        out["class_consistency"] = float(class_consistency(ev, fake, labels.to(device)))
-    return out
+    return head_generation_metrics(head, datasets, split, num_samples, seed, conditional, final)
 
 
 class VAEHead(TaskHead):
-    """Features -> (mu, logvar) -> reparameterised z -> decoder -> image (Kingma & Welling 2014)."""
+    """Features -> (mu, logvar) -> reparameterised z -> decoder -> image (Kingma & Welling 2014).
+
+    ``latent = "vector"`` (default): one ``latent_dim`` vector per image, read through a 4x4
+    average pool of ``in_feature`` and decoded from a 4x4 map (:class:`.generators.ImageDecoder`,
+    which a GAN head may share). ``latent = "spatial"``: a latent *map* of ``latent_channels``
+    channels on a ``latent_grid`` x ``latent_grid`` grid (the image side over a power of 2;
+    default: half the side, i.e. stride 2, and 4 channels), encoded by strided convs and decoded
+    by upsampling convs (:mod:`.vae_nets`), so the latent keeps where the edges and textures are
+    (convolutional / hierarchical VAEs, e.g. Vahdat & Kautz 2020); ``mu`` and
+    ``logvar`` are then ``[N, latent_channels, g, g]``. Both are Gaussian VAEs with the KL to
+    N(0, I) summed over every latent element and the reparameterisation trick; ``sample()`` decodes
+    z ~ N(0, I) of the latent's shape (a spatial latent's prior samples draw every cell alone, so
+    they look like texture patches more than like images). ``kl_warmup_steps`` ramps the KL term
+    in over that many steps (Bowman et al. 2016). ``latent_dim`` sizes only the vector latent and
+    ``latent_grid`` / ``latent_channels`` only the spatial one; the other layout's are ignored.
+    """
 
     task_type = "vae"
     targets = ("image",)
+    LATENTS = ("vector", "spatial")
 
     def __init__(self, features: Sequence[FeatureInfo], info: DatasetInfo,
-                 loss: nn.Module | None = None, latent_dim: int = 32, width: int = 32,
-                 in_feature: str | None = None, kl_warmup_steps: int = 0) -> None:
+                 loss: nn.Module | None = None, latent_dim: int | None = None, width: int = 32,
+                 in_feature: str | None = None, kl_warmup_steps: int = 0,
+                 latent: str = "vector", latent_grid: int | None = None,
+                 latent_channels: int | None = None) -> None:
         super().__init__()
         if kl_warmup_steps < 0:
             raise ValueError(f"vae head: kl_warmup_steps must be >= 0, got {kl_warmup_steps}")
-        self.kl_warmup_steps = kl_warmup_steps
+        if latent not in self.LATENTS:
+            raise ValueError(f"vae head: latent must be one of {list(self.LATENTS)}, got {latent!r}")
+        # the other layout's sizes are checked too but unused, so one config switches layouts
+        # with a single `--set tasks.vae.head.params.latent=...`
+        for name, value in (("latent_dim", latent_dim), ("latent_grid", latent_grid),
+                            ("latent_channels", latent_channels), ("width", width)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):
+                raise ValueError(f"vae head: {name} must be a positive integer, got {value!r}")
+        self.kl_warmup_steps, self.latent = kl_warmup_steps, latent
         # steps taken, a buffer so checkpoints resume the KL warm-up exactly
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         f = _pick(features, in_feature, "vae head") if in_feature else _deepest(features)
-        self.in_feature, self.latent_dim, self.info = f.name, latent_dim, info
+        self.in_feature, self.info = f.name, info
         self.loss_fn = loss if loss is not None else VAELoss()
         self.bernoulli = getattr(self.loss_fn, "recon", "mse") == "bernoulli"
-        self.encode = nn.Sequential(nn.Conv2d(f.channels, width, 3, padding=1), nn.ReLU(inplace=True),
-                                    nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-                                    nn.Linear(width * 16, 2 * latent_dim))
-        self.decoder = ImageDecoder(latent_dim, info.channels, info.image_size, width)
+        if latent == "vector":
+            self.latent_dim = latent_dim = latent_dim or 32
+            self.latent_shape: tuple[int, ...] = (latent_dim,)
+            self.encode = nn.Sequential(nn.Conv2d(f.channels, width, 3, padding=1),
+                                        nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(4),
+                                        nn.Flatten(), nn.Linear(width * 16, 2 * latent_dim))
+            self.decoder = ImageDecoder(latent_dim, info.channels, info.image_size, width)
+        else:
+            g, c = latent_grid or max(info.image_size[0] // 2, 1), latent_channels or 4
+            up, down = self._spatial_levels(info.image_size, f, g)
+            self.latent_grid, self.latent_channels = g, c
+            self.latent_shape = (c, g, g)
+            self.latent_dim = c * g * g  # the number of latent variables
+            self.spatial_encoder = SpatialEncoder(f.channels, c, width, down)
+            self.spatial_decoder = SpatialDecoder(c, info.channels, width, up)
+
+    @staticmethod
+    def _spatial_levels(size, f: FeatureInfo, grid: int) -> tuple[int, int]:
+        """(decoder upsamplings, encoder downsamplings) for a ``grid`` x ``grid`` latent map."""
+        h, w = size
+        ratio = h // grid
+        if h != w or h % grid or ratio & (ratio - 1):
+            raise IncompatibleComponentsError(
+                f"vae head: latent_grid {grid} must be the side of the square image ({h}x{w}) "
+                "over a power of 2 (e.g. " + ", ".join(str(h >> k) for k in range(1, 4) if h >> k)
+                + ")")
+        if f.stride > ratio or ratio % f.stride:
+            raise IncompatibleComponentsError(
+                f"vae head: latent_grid {grid} (stride {ratio}) is finer than in_feature "
+                f"{f.name!r} (stride {f.stride}); use latent_grid <= {h // f.stride} or a finer "
+                "in_feature")
+        return ratio.bit_length() - 1, (ratio // f.stride).bit_length() - 1
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The module mapping z to image logits (the vector latent's may be shared by a GAN)."""
+        return self._modules["decoder"] if self.latent == "vector" else self.spatial_decoder
+
+    def link(self, heads):
+        for name, h in heads.items():
+            if getattr(h, "share_decoder", None) == self.task_name and self.latent != "vector":
+                raise IncompatibleComponentsError(
+                    f"tasks.{name}.head.params.share_decoder = {self.task_name!r}: only a vector "
+                    f"latent's decoder can be shared, and this vae head has latent = "
+                    f"{self.latent!r}; set latent = \"vector\" or give the GAN its own generator")
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output in [0, 1] (sigmoid of the logits)."""
         return torch.sigmoid(self.decoder(z))
 
     def forward(self, features, batch):
-        mu, logvar = self.encode(features[self.in_feature]).float().chunk(2, dim=1)
+        x = features[self.in_feature]
+        if self.latent == "vector":
+            mu, logvar = self.encode(x).float().chunk(2, dim=1)
+        else:
+            mu, logvar = self.spatial_encoder(x)
         logvar = logvar.clamp(-10, 10)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if self.training else mu
         logits = self.decoder(z)
@@ -344,17 +401,19 @@ class VAEHead(TaskHead):
                                                          reduction="none").reshape(n, -1).sum(1)
             else:
                 rec = ((r - x) ** 2).reshape(n, -1).sum(1)
-            kl = -0.5 * (1 + o["logvar"] - o["mu"] ** 2 - o["logvar"].exp()).sum(1)
+            mu, logvar = o["mu"].flatten(1), o["logvar"].flatten(1)
+            kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
             m.update(r, x, rec, kl)
         return _MetricAdapter(M.ReconstructionMetrics(), update)
 
     @torch.no_grad()
     def sample(self, n, labels=None, generator=None):
-        z = torch.randn(n, self.latent_dim, generator=generator).to(next(self.parameters()).device)
-        return self.decode(z)
+        z = torch.randn(n, *self.latent_shape, generator=generator)
+        return self.decode(z.to(next(self.parameters()).device))
 
-    def generation_metrics(self, datasets, split, num_samples, seed):
-        return _generation_metrics(self, datasets, split, num_samples, seed, conditional=False)
+    def generation_metrics(self, datasets, split, num_samples, seed, final=True):
+        return _generation_metrics(self, datasets, split, num_samples, seed, conditional=False,
+                                   final=final)
 
     def predictions(self, outputs):
         return {"reconstruction": Prediction("image", outputs["recon"])}
@@ -544,5 +603,6 @@ class GANHead(TaskHead):
             labels = torch.randint(0, self.info.num_labels, (n,), generator=generator)
         return torch.sigmoid(self.ema(self._z(n, labels, generator, ema=True)))
 
-    def generation_metrics(self, datasets, split, num_samples, seed):
-        return _generation_metrics(self, datasets, split, num_samples, seed, self.conditional)
+    def generation_metrics(self, datasets, split, num_samples, seed, final=True):
+        return _generation_metrics(self, datasets, split, num_samples, seed, self.conditional,
+                                   final=final)

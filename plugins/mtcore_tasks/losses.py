@@ -296,10 +296,12 @@ class VAELoss(nn.Module):
 
     Via the fused kernel ``mtcore.kernels.vae_loss``: rec is the per-sample sum of squared errors
     ("mse") or of Bernoulli NLL ("bernoulli": ``recon`` are logits, ``image`` in [0, 1]); kl is the
-    per-sample KL(q(z|x) || N(0, I)); both averaged over the batch. With ``normalize=True`` total,
-    rec and kl are all divided by D, the number of elements per image (C*H*W), so the loss is on a
-    per-pixel scale comparable with cross entropy (beta keeps its meaning: the KL/rec ratio is
-    unchanged); with ``normalize=False`` they are on the per-sample ELBO scale.
+    per-sample KL(q(z|x) || N(0, I)), summed over every latent element (``mu`` and ``logvar`` are
+    ``[N, Z]`` or a latent map ``[N, C, h, w]``); both averaged over the batch. With
+    ``normalize=True`` total, rec and kl are all divided by D, the number of elements per image
+    (C*H*W), so the loss is on a per-pixel scale comparable with cross entropy (beta keeps its
+    meaning: the KL/rec ratio is unchanged); with ``normalize=False`` they are on the per-sample
+    ELBO scale. With "mse", beta is ``2 sigma^2`` of the Gaussian pixel likelihood it amounts to.
     """
 
     def __init__(self, recon: str = "mse", beta: float = 1.0, normalize: bool = True) -> None:
@@ -320,11 +322,13 @@ class VAELoss(nn.Module):
                 f"recon and image must have the same shape [N, C, H, W], got recon "
                 f"{_desc(recon)} and image {_desc(image)}"
             )
-        if mu.dim() != 2 or mu.shape != logvar.shape or mu.shape[0] != recon.shape[0]:
+        if mu.dim() < 2 or mu.shape != logvar.shape or mu.shape[0] != recon.shape[0]:
             raise ValueError(
                 f"mu and logvar must both be [N, Z] with N = {recon.shape[0]} (recon "
-                f"{tuple(recon.shape)}), got mu {_desc(mu)} and logvar {_desc(logvar)}"
+                f"{tuple(recon.shape)}; or both [N, *], a latent map), got mu {_desc(mu)} and "
+                f"logvar {_desc(logvar)}"
             )
+        mu, logvar = mu.flatten(1), logvar.flatten(1)  # a latent map: every element is a latent
         if self.recon == "bernoulli" and image.numel():
             lo, hi = float(image.min()), float(image.max())
             if not (lo >= 0.0 and hi <= 1.0):

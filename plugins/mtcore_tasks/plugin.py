@@ -3,6 +3,7 @@
 from mtcore.plugin import HeadSpec, LossSpec, hookimpl
 
 from .heads import ClassificationHead, GANHead, SegmentationHead, VAEHead
+from .layout_gan import LayoutGANHead
 from .losses import (
     AdversarialLoss,
     ClsCrossEntropy,
@@ -22,6 +23,9 @@ def mtcore_heads():
     yield HeadSpec("vae", VAEHead, "Variational autoencoder: mu/logvar, sample, decode.",
                    task_type="vae")
     yield HeadSpec("gan", GANHead, "Generator vs discriminator (own optimizer), EMA sampling.",
+                   task_type="gan")
+    yield HeadSpec("layout_gan", LayoutGANHead,
+                   "Layout-to-image generator judged by the shared segmenter (OASIS).",
                    task_type="gan")
 
 

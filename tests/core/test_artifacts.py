@@ -25,7 +25,8 @@ def test_curve_panels_show_losses_weights_and_metrics(tmp_path):
     assert losses["val vae.loss"] == ([], [])  # no validation loss of the VAE in this history
     weights = {label: ys for label, _, ys, _ in panels["task weights (train, epoch mean)"]}
     assert weights == {"seg": [1.0, 0.8], "vae": [1.0, 1.2]}
-    assert panels["seg.miou"][0][1:3] == ([1, 2], [0.5, 0.7])  # the init row is not validation
+    # the init row (the untrained model, epoch 0) starts a metric's curve
+    assert panels["seg.miou"][0][1:3] == ([0, 1, 2], [0.1, 0.5, 0.7])
     assert plot_curves(HISTORY, tmp_path / "c.png").stat().st_size > 0
 
 

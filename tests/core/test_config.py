@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mtcore.config import default_config, dumps, load_toml, parse_override, resolve_config
+from mtcore.config import (
+    default_config,
+    dumps,
+    load_toml,
+    parse_override,
+    resolve_config,
+    tomllib,
+)
 from mtcore.errors import ConfigError
 
 
@@ -88,3 +95,19 @@ def test_config_cannot_name_an_import_path():
 
     with pytest.raises(ComponentNotFoundError, match="unknown backbone 'os.system'"):
         build_experiment({"model": {"backbone": {"name": "os.system"}}}, splits=())
+
+
+def test_a_preset_is_its_overrides_before_the_users(capsys):
+    """`--preset quality` resolves as its listed overrides would, and --set still wins."""
+    from mtcore.cli.main import main
+    from mtcore.config import preset_overrides, presets
+
+    assert "quality" in presets()
+    want = resolve_config(None, preset_overrides("quality"))
+    assert want["optim"]["epochs"] == 40  # the preset trains 4x the default's 10 epochs
+    assert main(["config", "--preset", "quality"]) == 0
+    assert tomllib.loads(capsys.readouterr().out) == want
+    assert main(["config", "--preset", "quality", "--set", "optim.epochs=3"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["optim"]["epochs"] == 3
+    with pytest.raises(ConfigError, match="--preset 'nope': no such preset; presets: quality"):
+        preset_overrides("nope")

@@ -121,5 +121,8 @@ def test_the_readmes_own_images_config_builds_as_it_says(tmp_path):
     (root / "masks").rmdir()
     config.write_text(config.read_text().replace(
         ', class_names = ["background", "cat", "dog"]', ""))
-    exp = mtcore.build(config, [own, "tasks.seg.enabled=false"])
+    noise_gan = re.search(r"--set '(tasks\.gan\.head=\{.*?\})'", section).group(1)
+    with pytest.raises(IncompatibleComponentsError, match="has no masks.*" + re.escape(noise_gan)):
+        mtcore.build(config, [own, "tasks.seg.enabled=false"])
+    exp = mtcore.build(config, [own, "tasks.seg.enabled=false", noise_gan])
     assert list(exp.model.heads) == ["cls", "vae", "gan"]

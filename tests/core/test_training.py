@@ -40,11 +40,12 @@ def test_default_config_tiny_run_writes_every_artefact(tmp_path):
     for task in ("seg", "cls", "vae", "gan"):
         assert f"{task}.loss" in rows[1] and rows[1][f"{task}.weight"] == 1.0
     assert json.loads((out / "metrics.json").read_text())["metrics"] == result["metrics"]
-    # the grid: input row + seg masks + vae recon + vae and gan samples, 4 columns of 32-px tiles
+    # the grid: input row + seg masks + vae recon + the GAN's images of the input masks + vae
+    # samples + one row of GAN samples per label (3), 4 columns of 32-px tiles
     grid = Image.open(out / "samples" / "epoch_002.png")
     grid.verify()
     w, h = Image.open(out / "samples" / "epoch_002.png").size
-    assert (w, h) == (96 + 4 * (32 + 2) + 2, 5 * (32 + 2) + 2)
+    assert (w, h) == (96 + 4 * (32 + 2) + 2, 8 * (32 + 2) + 2)
     assert Image.open(out / "curves.png").size[0] > 100
     # the saved config is the resolved one and reloads to the same
     from mtcore.config import load_toml, resolve_config
@@ -335,7 +336,8 @@ def test_sampling_a_label_needs_a_conditional_generator(tmp_path):
     from mtcore.errors import CheckpointError
 
     fast = [*TINY, "optim.epochs=1", 'train.gen_metrics="none"', "train.samples_every=0",
-            "tasks.seg.enabled=false", "tasks.cls.enabled=false", "tasks.vae.enabled=false"]
+            "tasks.seg.enabled=false", "tasks.cls.enabled=false", "tasks.vae.enabled=false",
+            'tasks.gan={head={name="gan", params={width=8, d_width=8}}, loss={name="adversarial"}}']
     for conditional in (True, False):
         out = tmp_path / str(conditional)
         flag = f"tasks.gan.head.params.conditional={str(conditional).lower()}"

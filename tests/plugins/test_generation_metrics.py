@@ -1,5 +1,6 @@
 """Offline generation metrics: FID against scipy and closed forms, k-NN precision/recall against
-hand-made point sets and a brute-force reference, and the cached per-dataset evaluator."""
+hand-made point sets and a brute-force reference, the cached per-dataset evaluator (masks and
+labels), and what the generative heads report beside their real-vs-real baselines."""
 
 from __future__ import annotations
 
@@ -11,12 +12,23 @@ import pytest
 import torch
 
 from mtcore.data import DatasetInfo
+from mtcore_datasets.shapes import ShapesDataset
 from mtcore_tasks import evaluator as evaluator_mod
-from mtcore_tasks.evaluator import Evaluator, default_cache_dir, get_evaluator, train_evaluator
+from mtcore_tasks import generation_metrics as gm_mod
+from mtcore_tasks.evaluator import (
+    FEATURE_DIM,
+    FEATURE_GROUPS,
+    Evaluator,
+    default_cache_dir,
+    get_evaluator,
+    train_evaluator,
+)
 from mtcore_tasks.generation_metrics import (
     GenerationMetrics,
     class_consistency,
     frechet_distance,
+    grouped_frechet_distance,
+    head_generation_metrics,
     precision_recall,
 )
 
@@ -108,6 +120,25 @@ def test_frechet_independent_dims_add_up():
         for ma, mb, sa, sb in zip(means_a, means_b, stds_a, stds_b, strict=True)
     )
     assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(expected)
+
+
+def test_grouped_frechet_is_the_sum_over_groups_and_ignores_cross_group_covariance():
+    rng = np.random.default_rng(3)
+    a = torch.from_numpy(rng.normal(size=(300, 5)))
+    b = torch.from_numpy(rng.normal(size=(300, 5)) * 1.5 + 0.5)
+    assert grouped_frechet_distance(a, b, (5,)) == pytest.approx(frechet_distance(a, b))
+    assert grouped_frechet_distance(a, b, (2, 3)) == pytest.approx(
+        frechet_distance(a[:, :2], b[:, :2]) + frechet_distance(a[:, 2:], b[:, 2:]))
+    # mixing the two groups of b with each other changes only the cross-group covariance
+    # (same marginals per group: both groups of b are i.i.d. copies of one distribution)
+    c = torch.from_numpy(rng.normal(size=(300, 2)))
+    d = torch.cat([c, c], dim=1)  # the groups perfectly correlated
+    e = torch.cat([c, torch.from_numpy(rng.normal(size=(300, 2)))], dim=1)  # independent
+    assert grouped_frechet_distance(d, e, (2, 2)) < 0.2 < frechet_distance(d, e)
+    with pytest.raises(ValueError, match=r"groups \(2, 2\) add up to 4, but the features have 5"):
+        grouped_frechet_distance(a, b, (2, 2))
+    with pytest.raises(ValueError, match="groups must be positive ints"):
+        grouped_frechet_distance(a, b, (5, 0))
 
 
 @pytest.mark.parametrize("n", [500, 20])  # 20 < D: a rank-deficient covariance
@@ -221,7 +252,8 @@ def test_evaluator_learns_the_labels(bars, bars_evaluator):
     shuffled = val.labels[torch.randperm(len(val), generator=torch.Generator().manual_seed(0))]
     assert class_consistency(bars_evaluator, val.images, shuffled) < 0.45
     feats = bars_evaluator.features(val.images[:10])
-    assert feats.shape == (10, 128) and feats.dtype == torch.float32
+    assert feats.shape == (10, FEATURE_DIM) and feats.dtype == torch.float32
+    assert bars_evaluator.mode == "labels"  # the bars have no masks
 
 
 def test_evaluator_second_call_loads_from_disk(bars, bars_evaluator, cache_dir, monkeypatch):
@@ -296,7 +328,7 @@ def test_unlabelled_dataset_uses_rotation_pretext(tmp_path):
     data = BarsDataset(64, size=16, seed=2, labelled=False)
     ev = get_evaluator(data, "unlabelled", cache_dir=tmp_path, epochs=1)
     assert ev.mode == "rotation" and ev.num_labels == 0
-    assert ev.features(data.images[:5]).shape == (5, 128)
+    assert ev.features(data.images[:5]).shape == (5, FEATURE_DIM)
     with pytest.raises(ValueError, match="rotation pretext task"):
         ev.predict(data.images[:5])
 
@@ -344,3 +376,190 @@ def test_an_evaluator_trains_on_batches_of_two_or_more():
     """BatchNorm needs two samples: batch_size 1 skipped every batch and cached an untrained net."""
     with pytest.raises(ValueError, match="batch_size must be >= 2, got 1"):
         evaluator_mod.TrainConfig(batch_size=1).validate()
+
+
+# ---------------------------------------------------------------- masks and labels: shapes
+
+
+def blur(x: torch.Tensor, k: int = 5) -> torch.Tensor:
+    """A k x k box blur (edges replicated): shapes turn into soft blobs and the noise goes."""
+    w = torch.ones(x.shape[1], 1, k, k) / (k * k)
+    return torch.nn.functional.conv2d(torch.nn.functional.pad(x, (k // 2,) * 4, mode="replicate"),
+                                      w, groups=x.shape[1])
+
+
+class Unmasked:
+    """A dataset without its masks: images and labels only, what the v1 evaluator trained on."""
+
+    def __init__(self, data):
+        import dataclasses
+
+        self.data = data
+        self.info = dataclasses.replace(data.info, num_seg_classes=0, seg_class_names=())
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.data[i]
+        return {"image": item["image"], "label": item["label"]}
+
+
+def test_each_feature_group_has_total_variance_1_on_the_training_images(bars, bars_evaluator):
+    feats = bars_evaluator.features(bars[0].images).double()
+    assert bars_evaluator.feature_groups == tuple(d for _, d in FEATURE_GROUPS)
+    for (name, _), group in zip(FEATURE_GROUPS, feats.split(bars_evaluator.feature_groups, 1),
+                                strict=True):
+        assert float(group.var(0).sum()) == pytest.approx(1.0, rel=1e-3), name
+        assert float(group.mean(0).abs().max()) < 1e-3, name
+    assert feats.shape[1] == FEATURE_DIM
+
+
+def test_a_dataset_with_masks_and_labels_trains_both():
+    data = ShapesDataset("train", size=16, num_samples=64)
+    ev = train_evaluator(data, evaluator_mod.TrainConfig(epochs=1))
+    assert ev.mode == "masks+labels" and ev.num_labels == 3
+    out = ev.net(data.images[:5])
+    assert out["seg"].shape == (5, 4, 16, 16)  # 16x16 images: segmented at full resolution
+    assert out["logits"].shape == (5, 3) and ev.predict(data.images[:5]).shape == (5,)
+    assert ev.meta["classifier_input"] in ("shares", "probe", "probe+shares")
+    assert set(ev.meta["classifier_cv_accuracy"]) == {"shares", "probe", "probe+shares"}
+    # a masks-only dataset: a segmenter, no classifier
+    masks_only = Unlabelled(data)
+    ev = train_evaluator(masks_only, evaluator_mod.TrainConfig(epochs=1))
+    assert ev.mode == "masks" and ev.num_labels == 0 and ev.features(data.images[:3]).shape == (
+        3, FEATURE_DIM)
+    with pytest.raises(ValueError, match="trained on 'masks' .*cannot predict labels"):
+        ev.predict(data.images[:3])
+
+
+class Unlabelled(Unmasked):
+    """A dataset without its labels: images and masks only."""
+
+    def __init__(self, data):
+        import dataclasses
+
+        self.data = data
+        self.info = dataclasses.replace(data.info, num_labels=0, label_names=())
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        item = self.data[i]
+        return {"image": item["image"], "mask": item["mask"]}
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    return ShapesDataset("train", num_samples=1000), ShapesDataset("val", num_samples=300)
+
+
+@pytest.fixture(scope="module")
+def shapes_evaluator(shapes, cache_dir) -> Evaluator:
+    return get_evaluator(shapes[0], "shapes-test", cache_dir=cache_dir, epochs=8)
+
+
+@pytest.mark.slow
+def test_shapes_evaluator_learns_masks_and_labels(shapes, shapes_evaluator):
+    """1000 training images (the default run has 4000 and names 0.95-0.96 of the labels)."""
+    train, val = shapes
+    ev = shapes_evaluator
+    assert ev.mode == "masks+labels"
+    # the label is the kind covering the most pixels: the classifier reads the pixel shares
+    assert ev.meta["classifier_input"] == "shares"
+    with torch.no_grad():
+        seg = ev.net(val.images)["seg"].argmax(1)  # one cell per 2x2 pixels at 32x32
+    target = val.masks[:, ::2, ::2].long()
+    shape = target > 0
+    assert (seg[shape] == target[shape]).double().mean() > 0.6  # the kind of shape pixels
+    assert ev.accuracy_on(val) > 0.7  # chance: about 1/3
+
+
+@pytest.mark.slow
+def test_features_see_the_blur_that_label_only_features_miss(shapes, shapes_evaluator, cache_dir):
+    """Blurred real images (what the GAN's textured blobs look like) against real ones, in units
+    of the real-vs-real FID: twice as far apart in the new features as in the features the old
+    evaluator used (the deepest block's mean of a net trained on the labels only)."""
+    train, val = shapes
+    label_only = get_evaluator(Unmasked(train), "shapes-labels-only", cache_dir=cache_dir,
+                               epochs=8)
+    assert label_only.mode == "labels"
+    deep = slice(FEATURE_DIM - FEATURE_GROUPS[-1][1], FEATURE_DIM)
+
+    def ratio(feats, fid) -> float:
+        real_a, real_b = feats(train.images[:300]), feats(val.images)
+        return fid(real_b, feats(blur(val.images))) / fid(real_a, real_b)
+
+    groups = shapes_evaluator.feature_groups
+    new = ratio(shapes_evaluator.features, lambda a, b: grouped_frechet_distance(a, b, groups))
+    old = ratio(lambda x: label_only.features(x)[:, deep], frechet_distance)
+    assert new > 10 and new > 1.6 * old, (new, old)
+
+
+def test_the_cache_name_follows_the_arch_version(tmp_path, monkeypatch):
+    data = BarsDataset(40, size=8, seed=0)
+    old = get_evaluator(data, "v", cache_dir=tmp_path, epochs=1)
+    monkeypatch.setattr(evaluator_mod, "ARCH_VERSION", evaluator_mod.ARCH_VERSION + 1)
+    new = get_evaluator(data, "v", cache_dir=tmp_path, epochs=1)
+    assert new.cache_path != old.cache_path and old.cache_path.exists()
+    assert new.meta["arch_version"] == evaluator_mod.ARCH_VERSION
+    # an older version's file under the new name is not trusted
+    new.cache_path.write_bytes(old.cache_path.read_bytes())
+    with pytest.warns(RuntimeWarning, match=r"arch_version \d+ != \d+; retraining"):
+        get_evaluator(data, "v", cache_dir=tmp_path, epochs=1)
+
+
+class StubGenerator(torch.nn.Module):
+    """A stand-in generative head: real training images of the label asked for (a perfect
+    conditional generator), optionally passed through ``transform``."""
+
+    def __init__(self, data, start: int, transform=None) -> None:
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # where the metrics run
+        self.images, self.labels = data.images[start:], data.labels[start:]
+        self.transform = transform or (lambda x: x)
+
+    def sample(self, n, labels=None, generator=None):
+        if labels is None:
+            return self.transform(self.images[:n])
+        picks, used = [], {}
+        for k in labels.tolist():
+            pool = (self.labels == k).nonzero().flatten()
+            picks.append(int(pool[used.get(k, 0) % len(pool)]))
+            used[k] = used.get(k, 0) + 1
+        return self.transform(self.images[picks])
+
+
+@pytest.mark.slow
+def test_head_metrics_come_beside_their_real_baselines(shapes, shapes_evaluator, monkeypatch):
+    """Real images of the asked label score like the real-vs-real baseline; blurred ones do not;
+    the per-epoch call leaves out the C2ST and the baselines, and the baseline is computed once."""
+    train, val = shapes
+    monkeypatch.setattr(gm_mod, "get_evaluator", lambda *a, **k: shapes_evaluator)
+    monkeypatch.setattr(gm_mod, "_REFERENCES", type(gm_mod._REFERENCES)())
+    calls = []
+    c2st = gm_mod.c2st_accuracy
+    monkeypatch.setattr(gm_mod, "c2st_accuracy", lambda *a: calls.append(1) or c2st(*a))
+    datasets = {"train": train, "val": val}
+    real = head_generation_metrics(StubGenerator(train, 300), datasets, "val", 300, seed=0,
+                                   conditional=True)
+    metrics = ("fid", "precision", "recall", "class_consistency", "c2st")
+    assert set(real) == {*metrics, *(f"{k}_real" for k in metrics)}
+    # the baseline: train[:300] against val[:300]; class consistency of real images = accuracy
+    assert real["class_consistency_real"] == pytest.approx(shapes_evaluator.accuracy_on(val))
+    assert abs(real["c2st_real"] - 0.5) < 0.1 and real["precision_real"] > 0.6
+    assert real["fid"] < 2 * real["fid_real"] and abs(real["c2st"] - 0.5) < 0.1
+    assert real["class_consistency"] > 0.7
+    blobs = head_generation_metrics(StubGenerator(train, 300, blur), datasets, "val", 300,
+                                    seed=0, conditional=True)
+    assert {k: blobs[k] for k in blobs if k.endswith("_real")} == {
+        k: real[k] for k in real if k.endswith("_real")}
+    assert blobs["fid"] > 8 * blobs["fid_real"] and blobs["c2st"] > 0.9, blobs
+    assert blobs["precision"] < blobs["precision_real"] and blobs["recall"] < blobs["recall_real"]
+    assert len(calls) == 3  # the real baseline's C2ST once, then one per final call
+    per_epoch = head_generation_metrics(StubGenerator(train, 300, blur), datasets, "val", 300,
+                                        seed=0, conditional=True, final=False)
+    assert per_epoch == {k: blobs[k] for k in ("fid", "precision", "recall", "class_consistency")}
+    assert len(calls) == 3
+    unconditional = head_generation_metrics(StubGenerator(train, 300), datasets, "val", 300,
+                                            seed=0, conditional=False)
+    assert "class_consistency" not in unconditional
+    assert "class_consistency_real" not in unconditional

@@ -8,8 +8,13 @@ import torch
 import mtcore
 from mtcore.errors import IncompatibleComponentsError
 
+# the noise-to-image GAN these tests are about (the default config's GAN is the layout GAN)
+NOISE_GAN = ('tasks.gan={head={name="gan", params={latent_dim=32, width=16, d_width=16}}, '
+             'loss={name="adversarial"}}')
 BASE = ["data.dataset.params.size=16", "data.dataset.params.num_samples=8",
-        "model.backbone.params.width=8", "kernels=\"reference\""]
+        "model.backbone.params.width=8", "kernels=\"reference\"", NOISE_GAN,
+        # the vector-latent VAE these tests are about (the default config's is spatial)
+        'tasks.vae.head.params.latent="vector"', 'tasks.vae.loss.params.recon="bernoulli"']
 
 
 def _vae_only(extra=()):
