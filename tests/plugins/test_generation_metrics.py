@@ -463,8 +463,9 @@ def test_shapes_evaluator_learns_masks_and_labels(shapes, shapes_evaluator):
     train, val = shapes
     ev = shapes_evaluator
     assert ev.mode == "masks+labels"
-    # the label is the kind covering the most pixels: the classifier reads the pixel shares
-    assert ev.meta["classifier_input"] == "shares"
+    # the classifier input is the cross-validated best of the probe and the pixel shares
+    scores = ev.meta["classifier_cv_accuracy"]
+    assert ev.meta["classifier_input"] == max(scores, key=scores.get)
     with torch.no_grad():
         seg = ev.net(val.images)["seg"].argmax(1)  # one cell per 2x2 pixels at 32x32
     target = val.masks[:, ::2, ::2].long()
@@ -474,24 +475,21 @@ def test_shapes_evaluator_learns_masks_and_labels(shapes, shapes_evaluator):
 
 
 @pytest.mark.slow
-def test_features_see_the_blur_that_label_only_features_miss(shapes, shapes_evaluator, cache_dir):
-    """Blurred real images (what the GAN's textured blobs look like) against real ones, in units
-    of the real-vs-real FID: twice as far apart in the new features as in the features the old
-    evaluator used (the deepest block's mean of a net trained on the labels only)."""
+def test_features_separate_blurred_from_real_images(shapes, shapes_evaluator):
+    """Blurred real images (what the GAN's textured blobs look like) against real ones lie more
+    than 10x the real-vs-real FID apart in the evaluator's grouped features (measured 14x with
+    1000 training images; the deepest block of a labels-only net gave 30x in the same setting,
+    so this does not show the new features see blur better than the old ones did: the C2ST
+    is the metric that calls blur out, tests/plugins/test_c2st.py)."""
     train, val = shapes
-    label_only = get_evaluator(Unmasked(train), "shapes-labels-only", cache_dir=cache_dir,
-                               epochs=8)
-    assert label_only.mode == "labels"
-    deep = slice(FEATURE_DIM - FEATURE_GROUPS[-1][1], FEATURE_DIM)
-
-    def ratio(feats, fid) -> float:
-        real_a, real_b = feats(train.images[:300]), feats(val.images)
-        return fid(real_b, feats(blur(val.images))) / fid(real_a, real_b)
-
     groups = shapes_evaluator.feature_groups
-    new = ratio(shapes_evaluator.features, lambda a, b: grouped_frechet_distance(a, b, groups))
-    old = ratio(lambda x: label_only.features(x)[:, deep], frechet_distance)
-    assert new > 10 and new > 1.6 * old, (new, old)
+    feats = shapes_evaluator.features
+
+    def fid(a, b):
+        return grouped_frechet_distance(a, b, groups)
+
+    real_a, real_b = feats(train.images[:300]), feats(val.images)
+    assert fid(real_b, feats(blur(val.images))) > 10 * fid(real_a, real_b)
 
 
 def test_the_cache_name_follows_the_arch_version(tmp_path, monkeypatch):
