@@ -22,7 +22,7 @@ from mtcore.plugin import (
 
 from . import metrics as M
 from .generators import Discriminator, ImageDecoder, ema_update, frozen_norm_stats
-from .losses import AdversarialLoss, ClsCrossEntropy, SegCrossEntropy, VAELoss, r1_penalty
+from .losses import AdversarialLoss, ClsCrossEntropy, SegCrossEntropy, VAELoss, lazy_r1
 from .vae_nets import SpatialDecoder, SpatialEncoder
 
 Batch = Mapping[str, torch.Tensor]
@@ -570,11 +570,11 @@ class GANHead(TaskHead):
             ac = self.ac_loss(real_classes.float(), labels)
             out["d_ac"] = ac
             loss = loss + self.ac_weight * ac
-        if self.r1_gamma > 0 and step % self.r1_every == 0:
-            x = real.detach().requires_grad_(True)
-            r1 = r1_penalty(x, self.discriminator(x, labels).float(), self.r1_gamma)
+        r1 = lazy_r1(lambda x: self.discriminator(x, labels), real, self.r1_gamma,
+                     self.r1_every, step)
+        if r1 is not None:
             out["r1"] = r1
-            loss = loss + r1 * self.r1_every  # lazy regularisation (Karras et al. 2020)
+            loss = loss + r1 * self.r1_every
         out["loss"] = loss
         return out
 

@@ -36,7 +36,7 @@ from mtcore.plugin import DatasetInfo, FeatureInfo, IncompatibleComponentsError,
 
 from .generators import Discriminator, ema_update, num_upsamples
 from .heads import _generation_metrics
-from .losses import AdversarialLoss, r1_penalty
+from .losses import AdversarialLoss, lazy_r1
 
 
 class SPADE(nn.Module):
@@ -383,11 +383,10 @@ class LayoutGANHead(TaskHead):
                                      self._judge(fake, layout).float())
         out = {"d_loss": d_loss}
         loss = d_loss
-        if self.r1_gamma > 0 and step % self.r1_every == 0:
-            x = real.detach().requires_grad_(True)
-            r1 = r1_penalty(x, self._judge(x, layout).float(), self.r1_gamma)
+        r1 = lazy_r1(lambda x: self._judge(x, layout), real, self.r1_gamma, self.r1_every, step)
+        if r1 is not None:
             out["r1"] = r1
-            loss = loss + r1 * self.r1_every  # lazy regularisation (Karras et al. 2020)
+            loss = loss + r1 * self.r1_every
         out["loss"] = loss
         return out
 

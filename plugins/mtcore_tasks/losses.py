@@ -379,6 +379,15 @@ class AdversarialLoss(nn.Module):
         return self.g_loss(fake_logits)
 
 
+def lazy_r1(judge, real: Tensor, gamma: float, every: int, step: int) -> Tensor | None:
+    """The R1 penalty of ``judge`` (images -> logits) on ``real`` at every ``every``-th step, else
+    None (lazy regularisation, Karras et al. 2020: the caller scales it by ``every``)."""
+    if gamma <= 0 or step % every:
+        return None
+    x = real.detach().requires_grad_(True)
+    return r1_penalty(x, judge(x).float(), gamma)
+
+
 def r1_penalty(real_images: Tensor, real_logits: Tensor, gamma: float) -> Tensor:
     """R1 gradient penalty (Mescheder et al. 2018): gamma/2 * E_x[ ||grad_x D(x)||^2 ].
 
